@@ -1,0 +1,121 @@
+"""The one typed configuration of a fedaiot run.
+
+Flower hands the apps a flat ``run_config`` mapping with kebab-case keys (from
+``[tool.flwr.app.config]`` merged with ``--run-config`` overrides); the ``fedaiot`` CLI
+builds the same mapping. Both go through :meth:`RunConfig.from_run_config`, so a bad value is
+refused with one clear line wherever it comes from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+PartitionerName = Literal["iid", "dirichlet", "pathological"]
+
+
+class ConfigError(ValueError):
+    """A run configuration value is missing, malformed or out of range."""
+
+
+def fedaiot_home() -> Path:
+    """Where relative paths of a run are anchored: ``$FEDAIOT_HOME`` or ``~/.fedaiot``."""
+    return Path(os.environ.get("FEDAIOT_HOME", Path.home() / ".fedaiot")).expanduser()
+
+
+class RunConfig(BaseModel):
+    """Everything that defines one federated training run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    task: str = "digits"
+    num_rounds: int = Field(15, ge=1, le=10_000)
+    partitioner: PartitionerName = "dirichlet"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    classes_per_node: int = Field(2, ge=1)
+    seed: int = 42
+
+    private: bool = True
+    epsilon: float = 3.0
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+
+    local_epochs: int = Field(1, ge=1, le=100)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(0.1, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1)
+
+    strategy: StrategyName = "fedavg"
+    proximal_mu: float = Field(0.01, ge=0)
+    server_learning_rate: float = Field(0.05, gt=0)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_available_nodes: int = Field(2, ge=1)
+    round_timeout: float = Field(600.0, gt=0)
+
+    output_dir: str = "runs/flwr-run"
+
+    @field_validator("epsilon")
+    @classmethod
+    def _epsilon_positive(cls, value: float) -> float:
+        if not value > 0 or math.isnan(value):
+            raise ValueError("epsilon must be > 0 (use private=false for a non-private baseline)")
+        return value
+
+    @field_validator("task")
+    @classmethod
+    def _task_known(cls, value: str) -> str:
+        from fedaiot.tasks import get_task
+
+        get_task(value)
+        return value
+
+    @model_validator(mode="after")
+    def _nodes_consistent(self) -> RunConfig:
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ValueError(
+                f"min-train-nodes ({self.min_train_nodes}) exceeds "
+                f"min-available-nodes ({self.min_available_nodes})"
+            )
+        return self
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Validate a Flower-style mapping (kebab-case keys) into a RunConfig."""
+        fields = {str(key).replace("-", "_"): value for key, value in run_config.items()}
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """The mapping Flower's ``--run-config`` takes (kebab-case keys)."""
+        return {key.replace("_", "-"): value for key, value in self.model_dump().items()}
+
+    @property
+    def output_path(self) -> Path:
+        path = Path(self.output_dir).expanduser()
+        return path if path.is_absolute() else fedaiot_home() / path
+
+    def fingerprint(self) -> str:
+        """A stable hash of what makes two runs the same run (output location excluded)."""
+        fields = self.model_dump(exclude={"output_dir", "round_timeout"})
+        blob = json.dumps(fields, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = "-".join(str(p).replace("_", "-") for p in error["loc"]) or "config"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "invalid run config: " + "; ".join(parts)

@@ -1,0 +1,102 @@
+"""Privacy accounting for DP-SGD on a node: planning the noise and measuring what was spent.
+
+The guarantee. A node that trains only through :func:`fedaiot.training.train_private` with the
+noise multiplier from :func:`plan_noise` gives *record-level* (epsilon, delta)-differential
+privacy for its local data set: whatever the coordinator (or anyone who sees every update the
+node ever sent) learns, it would have learned with about the same probability had any one
+record been absent. The accounting is Rényi DP of the sub-sampled Gaussian mechanism (Mironov
+et al. 2019, as in Opacus' ``RDPAccountant``) with Poisson sampling at rate ``q``.
+
+What the caller must do for this to hold:
+
+* keep *one* history per data set across every round and every run (see
+  :class:`fedaiot.privacy.ledger.PrivacyLedger`); a fresh accountant per round under-reports;
+* plan the noise once for the whole participation, against the history already spent;
+* never train on the data outside the planned steps (each extra step costs epsilon);
+* pick ``delta`` well below ``1 / n`` for ``n`` records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from opacus.accountants import RDPAccountant
+
+# (noise multiplier, sample rate, steps), exactly Opacus' accountant history format.
+HistoryEntry = tuple[float, float, int]
+
+
+class BudgetExhaustedError(RuntimeError):
+    """The next planned training would spend more than the node's privacy budget."""
+
+
+def epsilon_spent(history: Sequence[HistoryEntry], delta: float) -> float:
+    """Epsilon of the composed history at ``delta`` (0 for an empty history)."""
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def plan_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    spent: Sequence[HistoryEntry] = (),
+    tolerance: float = 0.005,
+) -> float:
+    """The smallest noise multiplier whose ``steps`` after ``spent`` stay within the budget.
+
+    Bisection over sigma on the composed history: the result never overshoots
+    ``target_epsilon``, and lies within ``tolerance`` (relative) of it.
+    """
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    already = epsilon_spent(spent, delta)
+    if already >= target_epsilon:
+        raise BudgetExhaustedError(
+            f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}"
+        )
+
+    def total(sigma: float) -> float:
+        return epsilon_spent([*spent, (sigma, sample_rate, steps)], delta)
+
+    low, high = 0.0, 1.0
+    while total(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise BudgetExhaustedError(
+                f"no noise level keeps {steps} more steps within epsilon {target_epsilon}"
+            )
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        if total(mid) > target_epsilon:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def epsilon_independent(history: Sequence[HistoryEntry], delta: float) -> float:
+    """Epsilon recomputed with Google's ``dp_accounting`` library, as a cross-check.
+
+    Same mechanism (Poisson-sampled Gaussian, RDP), different implementation and order grid:
+    the two agree to well under 1 % on DP-SGD histories.
+    """
+    if not history:
+        return 0.0
+    import dp_accounting
+
+    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
+    accountant = dp_accounting.rdp.RdpAccountant(orders)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+    value = float(accountant.get_epsilon(delta))
+    return value if math.isfinite(value) else math.inf

@@ -1,0 +1,176 @@
+"""Local training (DP-SGD through Opacus, or plain SGD for baselines) and evaluation."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedaiot.privacy.accounting import HistoryEntry
+from fedaiot.tasks import ArrayData
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class LocalSchedule:
+    """How a node trains in one round; ``proximal_mu`` > 0 pulls towards the global model."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float = 0.0
+    proximal_mu: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    state: StateDict
+    loss: float
+    steps: int
+    history: list[HistoryEntry]
+
+
+def batches_per_epoch(examples: int, batch_size: int) -> int:
+    return max(1, math.ceil(examples / batch_size))
+
+
+def sample_rate(examples: int, batch_size: int) -> float:
+    """Opacus' Poisson rate for this loader: one expected batch per ``1/q`` steps."""
+    return 1.0 / batches_per_epoch(examples, batch_size)
+
+
+def _loader(data: ArrayData, batch_size: int, seed: int) -> DataLoader[tuple[torch.Tensor, ...]]:
+    tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(tensors, batch_size=batch_size, shuffle=True, generator=generator)
+
+
+def train_private(
+    model: nn.Module,
+    data: ArrayData,
+    schedule: LocalSchedule,
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    history: list[HistoryEntry],
+    seed: int,
+) -> TrainOutcome:
+    """DP-SGD over ``data``: per-sample clipping to ``max_grad_norm``, Gaussian noise, Poisson
+    sampling. The accountant starts from ``history`` and the returned history includes this round.
+    """
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=schedule.learning_rate, momentum=schedule.momentum
+    )
+    engine = PrivacyEngine(accountant="rdp")
+    engine.accountant.history = list(history)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "secure RNG turned off": see docs/privacy.md
+        private_model, private_optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=_loader(data, schedule.batch_size, seed),
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+        )
+    anchor = _anchor(model, schedule)
+    loss, steps = _run_epochs(private_model, private_optimizer, loader, schedule, anchor, model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainOutcome(state=state, loss=loss, steps=steps, history=list(engine.accountant.history))
+
+
+def train_plain(
+    model: nn.Module, data: ArrayData, schedule: LocalSchedule, *, seed: int
+) -> TrainOutcome:
+    """Non-private SGD, for baselines: no clipping, no noise, no accounting."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=schedule.learning_rate, momentum=schedule.momentum
+    )
+    loader = _loader(data, schedule.batch_size, seed)
+    loss, steps = _run_epochs(model, optimizer, loader, schedule, _anchor(model, schedule), model)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return TrainOutcome(state=state, loss=loss, steps=steps, history=[])
+
+
+def _anchor(model: nn.Module, schedule: LocalSchedule) -> list[torch.Tensor] | None:
+    if schedule.proximal_mu <= 0:
+        return None
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _run_epochs(
+    trained: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader[tuple[torch.Tensor, ...]],
+    schedule: LocalSchedule,
+    anchor: list[torch.Tensor] | None,
+    base: nn.Module,
+) -> tuple[float, int]:
+    criterion = nn.CrossEntropyLoss()
+    trained.train()
+    total, count, steps = 0.0, 0, 0
+    for _ in range(schedule.epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            output = trained(x)
+            # Poisson sampling can draw an empty batch: it is still a (noised, accounted) step.
+            loss = criterion(output, y) if len(y) else output.sum()
+            loss.backward()
+            optimizer.step()
+            if anchor is not None:
+                _proximal_step(base, anchor, schedule.learning_rate * schedule.proximal_mu)
+            total += float(loss) * len(y)
+            count += len(y)
+            steps += 1
+    return (total / count if count else math.nan), steps
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, anchor: list[torch.Tensor], strength: float) -> None:
+    """FedProx's pull towards the global weights, applied after the (private) step.
+
+    The proximal term does not depend on any record, so applying its gradient outside the
+    clipped, noised per-sample gradients is post-processing and costs no privacy.
+    """
+    for param, global_param in zip(model.parameters(), anchor, strict=True):
+        param.sub_(strength * (param - global_param))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: ArrayData, *, positive_class: int = 1, batch_size: int = 512
+) -> dict[str, float]:
+    """Loss and accuracy; for two classes also AUC, sensitivity and specificity."""
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    loss = float(criterion(logits, y)) / len(y)
+    predicted = logits.argmax(dim=1)
+    metrics = {"loss": loss, "accuracy": float((predicted == y).float().mean())}
+    if logits.shape[1] == 2:
+        truth = (y == positive_class).numpy()
+        score = torch.softmax(logits, dim=1)[:, positive_class].numpy()
+        said = (predicted == positive_class).numpy()
+        positives, negatives = truth.sum(), (~truth).sum()
+        metrics["sensitivity"] = float((said & truth).sum() / positives) if positives else math.nan
+        metrics["specificity"] = (
+            float((~said & ~truth).sum() / negatives) if negatives else math.nan
+        )
+        both = positives and negatives
+        metrics["auc"] = float(roc_auc_score(truth, score)) if both else math.nan
+    return metrics
+
+
+def flat_size(state: StateDict) -> int:
+    return int(sum(np.prod(v.shape) for v in state.values()))

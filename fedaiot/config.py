@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedaiot.tasks.partition import PartitionerName
+
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
-PartitionerName = Literal["iid", "dirichlet", "pathological"]
 
 
 class ConfigError(ValueError):

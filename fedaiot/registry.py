@@ -93,7 +93,9 @@ class ModelRegistry:
         try:
             tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
             save_file(tensors, str(staging / WEIGHTS))
-            manifest = manifest.model_copy(update={"weights_sha256": sha256_file(staging / WEIGHTS)})
+            manifest = manifest.model_copy(
+                update={"weights_sha256": sha256_file(staging / WEIGHTS)}
+            )
             (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
             os.rename(staging, final)
         except BaseException:
@@ -108,9 +110,7 @@ class ModelRegistry:
         try:
             return Manifest.model_validate_json(path.read_bytes())
         except (ValidationError, ValueError) as exc:
-            raise RegistryError(
-                f"corrupt manifest {path}: {str(exc).splitlines()[0]}"
-            ) from None
+            raise RegistryError(f"corrupt manifest {path}: {str(exc).splitlines()[0]}") from None
 
     def load(self, version: str) -> tuple[dict[str, torch.Tensor], Manifest]:
         """Weights and manifest of a version, after checking the weights against their hash."""
@@ -133,7 +133,9 @@ class ModelRegistry:
         folder = self.root / "versions"
         if not folder.is_dir():
             return []
-        names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        names = sorted(
+            p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+        )
         return [n for n in names if run is None or n.rsplit("-r", 1)[0] == run]
 
     def refs(self) -> dict[str, str]:

@@ -85,7 +85,9 @@ def train_private(
     anchor = _anchor(model, schedule)
     loss, steps = _run_epochs(private_model, private_optimizer, loader, schedule, anchor, model)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return TrainOutcome(state=state, loss=loss, steps=steps, history=list(engine.accountant.history))
+    return TrainOutcome(
+        state=state, loss=loss, steps=steps, history=list(engine.accountant.history)
+    )
 
 
 def train_plain(

@@ -38,7 +38,9 @@ def test_plan_accounts_for_what_was_already_spent() -> None:
 
 def test_plan_refuses_a_spent_budget() -> None:
     with pytest.raises(BudgetExhaustedError, match="already spent"):
-        plan_noise(target_epsilon=0.5, delta=DELTA, sample_rate=0.5, steps=10, spent=[(0.5, 0.5, 200)])
+        plan_noise(
+            target_epsilon=0.5, delta=DELTA, sample_rate=0.5, steps=10, spent=[(0.5, 0.5, 200)]
+        )
 
 
 def test_independent_recomputation_agrees_within_one_percent() -> None:

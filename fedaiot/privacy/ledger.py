@@ -117,7 +117,9 @@ def summarize(path: Path) -> dict[str, Any]:
     try:
         record = LedgerRecord.model_validate_json(Path(path).read_bytes())
     except (ValidationError, ValueError, OSError) as exc:
-        raise LedgerError(f"privacy ledger {path} is unreadable: {str(exc).splitlines()[0]}") from None
+        raise LedgerError(
+            f"privacy ledger {path} is unreadable: {str(exc).splitlines()[0]}"
+        ) from None
     delta = record.rounds[-1].delta if record.rounds else 1e-5
     return {
         "node": record.node,

@@ -1,0 +1,194 @@
+"""The ``fedaiot`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from fedaiot.config import ConfigError, RunConfig
+from fedaiot.journal import jsonable
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+ledger_app = typer.Typer(no_args_is_help=True, help="Read and verify node privacy ledgers.")
+registry_app = typer.Typer(no_args_is_help=True, help="Inspect and verify a model registry.")
+app.add_typer(ledger_app, name="ledger")
+app.add_typer(registry_app, name="registry")
+
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUDGET = 1, 2, 3
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    err.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def simulate(
+    task: Annotated[str, typer.Option(help="breast-cancer, digits, fashion-mnist, ...")] = "digits",
+    nodes: Annotated[int, typer.Option(help="simulated institutions")] = 10,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = 15,
+    epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = 3.0,
+    delta: Annotated[float, typer.Option()] = 1e-5,
+    private: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD or plain SGD")] = True,
+    partitioner: Annotated[str, typer.Option(help="iid, dirichlet or pathological")] = "dirichlet",
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
+    classes_per_node: Annotated[int, typer.Option(help="for pathological")] = 2,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = "fedavg",
+    local_epochs: Annotated[int, typer.Option()] = 1,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    lr: Annotated[float, typer.Option(help="local learning rate")] = 0.1,
+    max_grad_norm: Annotated[float, typer.Option(help="per-record clipping norm")] = 1.0,
+    fraction: Annotated[float, typer.Option(help="fraction of nodes per round")] = 1.0,
+    seed: Annotated[int, typer.Option()] = 42,
+    output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+) -> None:
+    """Train one model across simulated institutions with Flower's simulation engine."""
+    output = output or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        cfg = RunConfig.from_run_config(
+            {
+                "task": task, "num-rounds": rounds, "epsilon": epsilon, "delta": delta,
+                "private": private, "partitioner": partitioner, "dirichlet-alpha": alpha,
+                "classes-per-node": classes_per_node, "strategy": strategy,
+                "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": lr,
+                "max-grad-norm": max_grad_norm, "fraction-train": fraction, "seed": seed,
+                "min-train-nodes": min(2, nodes), "min-available-nodes": nodes,
+                "output-dir": str(output.resolve()),
+            }
+        )  # fmt: skip
+        _preflight(cfg, nodes)
+    except (ConfigError, ValueError, RuntimeError) as exc:
+        raise fail(str(exc)) from None
+
+    from fedaiot.display import RoundProgress, summary_tables
+    from fedaiot.simulation import SimulationError
+    from fedaiot.simulation import simulate as run_simulation
+
+    console = Console(stderr=as_json)
+    console.print(
+        f"fedaiot: {cfg.task}, {nodes} nodes, {cfg.num_rounds} rounds, "
+        + (f"epsilon {cfg.epsilon:g} per node" if cfg.private else "non-private")
+        + f", {cfg.partitioner} partitions -> {cfg.output_path}",
+        highlight=False,
+    )
+    try:
+        with RoundProgress(console, cfg.num_rounds) as progress:
+            outcome = run_simulation(cfg, nodes, on_event=progress)
+    except SimulationError as exc:
+        raise fail(str(exc), EXIT_FAILED) from None
+    summary: dict[str, Any] = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
+    summary["output_dir"] = str(cfg.output_path)
+    if outcome.status == "failed":
+        raise fail(f"the run failed: {outcome.error} (log: {outcome.log})", EXIT_FAILED)
+    if as_json:
+        print(json.dumps(jsonable(summary), allow_nan=False))
+    else:
+        for table in summary_tables(summary):
+            console.print(table)
+    if outcome.status == "budget-exhausted":
+        raise fail("every node refused to train: their privacy budgets are spent", EXIT_BUDGET)
+
+
+def _preflight(cfg: RunConfig, nodes: int) -> None:
+    """Refuse what would only fail later inside Flower, with the same clear message."""
+    from fedaiot.tasks import federate, get_task
+
+    if nodes < 1:
+        raise ValueError(f"--nodes must be >= 1, got {nodes}")
+    federate(
+        get_task(cfg.task),
+        nodes,
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        classes_per_node=cfg.classes_per_node,
+        seed=cfg.seed,
+    )
+    out = cfg.output_path
+    if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not a fedaiot run folder")
+
+
+@ledger_app.command("show")
+def ledger_show(path: Path) -> None:
+    """Print a node's privacy ledger: rounds, history and epsilon spent."""
+    from fedaiot.privacy.ledger import LedgerError, summarize
+
+    try:
+        print(json.dumps(jsonable(summarize(path)), indent=2))
+    except LedgerError as exc:
+        raise fail(str(exc)) from None
+
+
+@ledger_app.command("verify")
+def ledger_verify(paths: list[Path]) -> None:
+    """Recompute each ledger's epsilon with dp-accounting and compare it with what it reported."""
+    from fedaiot.privacy.accounting import epsilon_independent
+    from fedaiot.privacy.ledger import LedgerRecord
+
+    worst = 0.0
+    for path in paths:
+        try:
+            record = LedgerRecord.model_validate_json(path.read_bytes())
+        except (ValueError, OSError) as exc:
+            raise fail(f"{path}: unreadable ledger: {str(exc).splitlines()[0]}") from None
+        if not record.rounds:
+            continue
+        last = record.rounds[-1]
+        recomputed = epsilon_independent(record.history, last.delta)
+        gap = abs(recomputed - last.epsilon) / max(last.epsilon, 1e-12)
+        worst = max(worst, gap)
+        print(f"{record.node}: reported {last.epsilon:.4f}, recomputed {recomputed:.4f} "
+              f"(relative gap {gap:.2e})")  # fmt: skip
+    if not math.isfinite(worst) or worst > 0.01:
+        raise fail(f"epsilon disagrees by {worst:.2%} (> 1 %)", EXIT_FAILED)
+
+
+@registry_app.command("list")
+def registry_list(root: Path) -> None:
+    """List a registry's versions with round, accuracy and refs."""
+    from fedaiot.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(root)
+    try:
+        refs = registry.refs()
+        for version in registry.versions():
+            manifest = registry.manifest(version)
+            marks = ",".join(k for k, v in refs.items() if v == version)
+            accuracy = manifest.metrics.get("accuracy", math.nan)
+            print(f"{version}\tround {manifest.round}\taccuracy {accuracy:.4f}\t{marks}")
+    except RegistryError as exc:
+        raise fail(str(exc)) from None
+
+
+@registry_app.command("verify")
+def registry_verify(root: Path) -> None:
+    """Check every version's weights against its manifest hash."""
+    from fedaiot.registry import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(root)
+    problems = 0
+    for version in registry.versions():
+        try:
+            registry.load(version)
+            print(f"ok\t{version}")
+        except RegistryError as exc:
+            problems += 1
+            err.print(f"[red]bad[/]\t{exc}", highlight=False)
+    if problems:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

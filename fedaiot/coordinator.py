@@ -1,0 +1,198 @@
+"""The coordinator's round loop: sample, collect, check, aggregate, evaluate, register.
+
+Flower's strategies choose the nodes and combine the updates (FedAvg, FedProx, FedAdam); this
+loop adds what a deployment needs around them: every reply is checked before it can touch the
+global model, nodes that refuse on privacy grounds are recorded and skipped, every round's model
+goes into the registry, and a restarted coordinator resumes after the last registered round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from fedaiot.config import ConfigError, RunConfig
+from fedaiot.journal import Journal
+from fedaiot.messages import ReceivedReply, receive
+from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.tasks import ArrayData, Task, federate, get_task
+from fedaiot.training import evaluate
+
+
+def build_strategy(cfg: RunConfig) -> FedAvg:
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": 0.0,  # evaluation is central, on the held-out set
+        "min_train_nodes": cfg.min_train_nodes,
+        "min_available_nodes": cfg.min_available_nodes,
+    }
+    if cfg.strategy == "fedprox":
+        return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedadam":
+        return FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
+    return FedAvg(**common)
+
+
+@dataclass
+class RunState:
+    """What the coordinator knows between rounds; rebuilt from the registry on a restart."""
+
+    round: int = 0
+    nodes: dict[str, NodePrivacy] = field(default_factory=dict)
+    best_accuracy: float = -math.inf
+
+
+class Coordinator:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.task: Task = get_task(cfg.task)
+        self.run = cfg.output_path.name
+        self.run_key = f"{self.run}:{cfg.fingerprint()}"
+        self.registry = ModelRegistry(cfg.output_path / "registry")
+        self.journal = Journal(cfg.output_path)
+        held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed)
+        self.test: ArrayData = held_out.test
+        self.input_schema = self.task.input_schema(held_out.normalization)
+
+    def initial_state(self) -> tuple[ArrayRecord, RunState]:
+        """The fresh model, or the last registered round of this run (its hash checked)."""
+        versions = self.registry.versions(run=self.run)
+        if not versions:
+            torch.manual_seed(self.cfg.seed)
+            return ArrayRecord(self.task.build_model().state_dict()), RunState()
+        weights, manifest = self.registry.load(versions[-1])
+        if manifest.config.get("fingerprint") != self.cfg.fingerprint():
+            raise ConfigError(
+                f"run '{self.run}' already exists in {self.cfg.output_path} with a different "
+                "configuration: choose another output directory (nothing was overwritten)"
+            )
+        best = max(self.registry.manifest(v).metrics.get("accuracy", -math.inf) for v in versions)
+        state = RunState(manifest.round, {n.id: n for n in manifest.nodes}, best)
+        return ArrayRecord(weights), state
+
+    def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        arrays, state = self.initial_state()
+        strategy = build_strategy(self.cfg)
+        self.journal.append(
+            "start", run=self.run, rounds=self.cfg.num_rounds, resumed_after=state.round
+        )
+        status = "completed"
+        while state.round < self.cfg.num_rounds:
+            server_round = state.round + 1
+            started = time.perf_counter()
+            train_config = ConfigRecord({"run-key": self.run_key})
+            messages = strategy.configure_train(server_round, arrays, train_config, grid)
+            replies = [
+                receive(reply, arrays)
+                for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+            ]
+            accepted = [r.message for r in replies if r.message is not None]
+            if accepted:
+                aggregated, _ = strategy.aggregate_train(server_round, accepted)
+                arrays = aggregated if aggregated is not None else arrays
+            metrics = self.evaluate(arrays)
+            self._account(state, replies, server_round)
+            self._register(arrays, state, server_round, metrics)
+            state.round = server_round
+            self.journal.append(
+                "round",
+                round=server_round,
+                metrics=metrics,
+                seconds=time.perf_counter() - started,
+                replies=[_describe(r) for r in replies],
+            )
+            if replies and not accepted and all(r.status == "refused" for r in replies):
+                status = "budget-exhausted"
+                break
+        return self.summary(state, status)
+
+    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
+        model = self.task.build_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return evaluate(model, self.test, positive_class=self.task.positive_class)
+
+    def _account(self, state: RunState, replies: list[ReceivedReply], server_round: int) -> None:
+        for reply in replies:
+            if reply.status not in ("trained", "refused"):
+                continue
+            previous = state.nodes.get(reply.node)
+            epsilon = reply.metrics.get("epsilon", math.nan)
+            state.nodes[reply.node] = NodePrivacy(
+                id=reply.node,
+                examples=int(reply.metrics.get("num-examples", 0)),
+                epsilon=epsilon if math.isfinite(epsilon) else None,
+                delta=reply.metrics.get("delta", self.cfg.delta),
+                noise_multiplier=reply.metrics.get("noise-multiplier", 0.0),
+                rounds=(previous.rounds if previous else 0) + (reply.status == "trained"),
+            )
+
+    def _register(
+        self, arrays: ArrayRecord, state: RunState, server_round: int, metrics: dict[str, float]
+    ) -> None:
+        version = version_name(self.run, server_round)
+        self.registry.register(
+            arrays.to_torch_state_dict(),
+            Manifest(
+                version=version,
+                run=self.run,
+                task=self.task.name,
+                architecture=self.task.architecture,
+                input_schema=self.input_schema,
+                round=server_round,
+                metrics=metrics,
+                nodes=sorted(state.nodes.values(), key=lambda n: n.id),
+                config={**self.cfg.model_dump(), "fingerprint": self.cfg.fingerprint()},
+                weights_sha256="",
+                created=time.time(),
+            ),
+        )
+        refs = {"latest": version}
+        if metrics["accuracy"] > state.best_accuracy:
+            state.best_accuracy = metrics["accuracy"]
+            refs["best"] = version
+        self.registry.set_refs(**refs)
+
+    def summary(self, state: RunState, status: str) -> dict[str, Any]:
+        versions = self.registry.versions(run=self.run)
+        latest = self.registry.manifest(versions[-1]) if versions else None
+        summary = {
+            "status": status,
+            "run": self.run,
+            "task": self.task.name,
+            "rounds": state.round,
+            "accuracy": latest.metrics["accuracy"] if latest else math.nan,
+            "loss": latest.metrics["loss"] if latest else math.nan,
+            "metrics": latest.metrics if latest else {},
+            "model_version": latest.version if latest else None,
+            "registry": str(self.registry.root),
+            "nodes": [n.model_dump() for n in sorted(state.nodes.values(), key=lambda n: n.id)],
+        }
+        self.journal.write_summary(summary)
+        self.journal.append("end", status=status)
+        return summary
+
+
+def _describe(reply: ReceivedReply) -> dict[str, Any]:
+    return {
+        "node": reply.node,
+        "status": reply.status,
+        "epsilon": reply.metrics.get("epsilon"),
+        "examples": reply.metrics.get("num-examples"),
+        "problem": reply.problem,
+    }
+
+
+def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    """The ServerApp's body: run the rounds, and journal any failure before re-raising it."""
+    try:
+        return Coordinator(cfg).run_rounds(grid)
+    except Exception as exc:
+        Journal(cfg.output_path).append("failed", error=f"{type(exc).__name__}: {exc}")
+        raise

@@ -1,0 +1,193 @@
+"""What a node does in a round: check its budget, train privately, account, and reply.
+
+Flower-free on purpose: ``clients/client_app.py`` turns messages into calls of
+:func:`train_round`, and tests call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fedaiot.config import RunConfig
+from fedaiot.privacy.accounting import BudgetExhaustedError, epsilon_spent, plan_noise
+from fedaiot.privacy.ledger import NoisePlan, PrivacyLedger, RoundEntry
+from fedaiot.tasks import ArrayData, Task, federate, get_task
+from fedaiot.training import (
+    LocalSchedule,
+    StateDict,
+    batches_per_epoch,
+    sample_rate,
+    train_plain,
+    train_private,
+)
+
+
+@dataclass(frozen=True)
+class NodeReply:
+    """``status`` is "trained" (``state`` holds the update) or "refused" (``reason`` says why)."""
+
+    status: str
+    node: str
+    examples: int
+    metrics: dict[str, float]
+    state: StateDict | None = None
+    reason: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def dataset_fingerprint(data: ArrayData) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(data.x.shape).encode())
+    digest.update(data.x.tobytes())
+    digest.update(data.y.tobytes())
+    return digest.hexdigest()
+
+
+def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
+    """The data a simulated node holds: its partition of the task's training pool."""
+    fed = federate(
+        get_task(cfg.task),
+        num_partitions,
+        partitioner=cfg.partitioner,
+        alpha=cfg.dirichlet_alpha,
+        classes_per_node=cfg.classes_per_node,
+        seed=cfg.seed,
+    )
+    return fed.partitions[partition_id]
+
+
+def schedule_of(cfg: RunConfig, proximal_mu: float = 0.0) -> LocalSchedule:
+    return LocalSchedule(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        momentum=cfg.momentum,
+        proximal_mu=proximal_mu,
+    )
+
+
+def _plan(cfg: RunConfig, ledger: PrivacyLedger, run_key: str, examples: int) -> NoisePlan:
+    """The run's noise plan: read from the ledger, or made once against what is already spent."""
+    with ledger.update() as record:
+        if run_key in record.plans:
+            return record.plans[run_key]
+        q = sample_rate(examples, cfg.batch_size)
+        steps = cfg.local_epochs * batches_per_epoch(examples, cfg.batch_size)
+        sigma = plan_noise(
+            target_epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            sample_rate=q,
+            steps=steps * cfg.num_rounds,
+            spent=record.history,
+        )
+        plan = NoisePlan(
+            noise_multiplier=sigma,
+            sample_rate=q,
+            steps_per_round=steps,
+            rounds=cfg.num_rounds,
+            target_epsilon=cfg.epsilon,
+            delta=cfg.delta,
+        )
+        record.plans[run_key] = plan
+        return plan
+
+
+def train_round(
+    cfg: RunConfig,
+    *,
+    node: str,
+    data: ArrayData,
+    global_state: StateDict,
+    server_round: int,
+    run_key: str,
+    ledger_path: Path,
+    proximal_mu: float = 0.0,
+) -> NodeReply:
+    """One round of local training, or a refusal when it would overrun the privacy budget."""
+    torch.set_num_threads(1)  # nodes share the machine's cores with each other
+    task: Task = get_task(cfg.task)
+    model = task.build_model()
+    model.load_state_dict(global_state)
+    schedule = schedule_of(cfg, proximal_mu)
+    seed = cfg.seed * 100_003 + server_round * 1_009 + zlib.crc32(node.encode()) % 997
+    started = time.perf_counter()
+
+    if not cfg.private:
+        outcome = train_plain(model, data, schedule, seed=seed)
+        metrics = _metrics(len(data), outcome.loss, math.inf, cfg.delta, 0.0, started)
+        return NodeReply("trained", node, len(data), metrics, outcome.state)
+
+    ledger = PrivacyLedger(ledger_path, node=node, dataset=dataset_fingerprint(data))
+    try:
+        plan = _plan(cfg, ledger, run_key, len(data))
+    except BudgetExhaustedError as exc:
+        spent = ledger.epsilon(cfg.delta)
+        return _refusal(node, len(data), cfg, spent, f"{node}: {exc}", started)
+
+    history = ledger.read().history
+    spent = epsilon_spent(history, cfg.delta)
+    step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
+    after = epsilon_spent([*history, step], cfg.delta)
+    if after > cfg.epsilon:
+        reason = (
+            f"{node}: privacy budget exhausted: this round would raise epsilon from "
+            f"{spent:.3f} to {after:.3f}, over the budget of {cfg.epsilon:.3f} "
+            f"(delta {cfg.delta:g})"
+        )
+        return _refusal(node, len(data), cfg, spent, reason, started)
+
+    outcome = train_private(
+        model,
+        data,
+        schedule,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        history=history,
+        seed=seed,
+    )
+    epsilon = epsilon_spent(outcome.history, cfg.delta)
+    with ledger.update() as record:
+        record.history = outcome.history
+        record.rounds.append(
+            RoundEntry(
+                run=run_key,
+                round=server_round,
+                noise_multiplier=plan.noise_multiplier,
+                sample_rate=plan.sample_rate,
+                steps=outcome.steps,
+                epsilon=epsilon,
+                delta=cfg.delta,
+                examples=len(data),
+            )
+        )
+    metrics = _metrics(len(data), outcome.loss, epsilon, cfg.delta, plan.noise_multiplier, started)
+    metrics["sample-rate"] = plan.sample_rate
+    metrics["steps"] = float(outcome.steps)
+    return NodeReply("trained", node, len(data), metrics, outcome.state)
+
+
+def _metrics(
+    examples: int, loss: float, epsilon: float, delta: float, sigma: float, started: float
+) -> dict[str, float]:
+    return {
+        "num-examples": float(examples),
+        "train-loss": loss,
+        "epsilon": epsilon,
+        "delta": delta,
+        "noise-multiplier": sigma,
+        "train-seconds": time.perf_counter() - started,
+    }
+
+
+def _refusal(
+    node: str, examples: int, cfg: RunConfig, spent: float, reason: str, started: float
+) -> NodeReply:
+    metrics = _metrics(examples, math.nan, spent, cfg.delta, 0.0, started)
+    return NodeReply("refused", node, examples, metrics, reason=reason)

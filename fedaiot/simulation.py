@@ -1,0 +1,167 @@
+"""Run the project's Flower apps through Flower's simulation engine, as ``flwr run`` does.
+
+``fedaiot simulate`` must exercise exactly what ``flwr run .`` exercises, so it drives the same
+command line: it starts its own SuperLink (simulation mode, loopback, free ports, a private
+``FLWR_HOME``) as a child it owns, submits the app with ``flwr run`` against it, follows the
+coordinator's journal for progress, and stops everything it started. The outcome is read from
+the journal, not from ``flwr run``'s exit code (which is 0 even for a failed run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+import fedaiot
+from fedaiot.config import RunConfig
+from fedaiot.journal import Journal
+
+
+class SimulationError(RuntimeError):
+    """The simulation could not start, or ended without a result."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: str  # the coordinator's status ("completed", "budget-exhausted") or "failed"
+    summary: dict[str, Any]
+    error: str
+    wall_seconds: float
+    log: Path
+
+
+def project_dir() -> Path:
+    """The folder whose pyproject.toml declares the Flower app (an editable install's root)."""
+    root = Path(fedaiot.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").exists() or not (root / "server" / "server_app.py").exists():
+        raise SimulationError(
+            f"the Flower app is not found next to {root}: install fedaiot from its source "
+            "checkout with `pip install -e .`"
+        )
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def simulate(
+    cfg: RunConfig,
+    num_nodes: int,
+    *,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    node_cpus: float = 1.0,
+) -> Outcome:
+    out = cfg.output_path
+    flwr_home = out / "flower"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    http_port, control_port = _free_port(), _free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    overrides = flwr_home / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
+    federation: dict[str, Any] = {"address": ":local:", "options": {"num-supernodes": num_nodes}}
+    federation["options"]["backend"] = {"client-resources": {"num-cpus": node_cpus}}
+    connections = {"superlink": {"default": "local", "local": federation}}
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(connections))
+    log = out / "flower.log"
+    journal = Journal(out)
+    _, offset = journal.events()  # follow only what this attempt adds
+    started = time.perf_counter()
+    with open(log, "ab") as log_file:
+        superlink = _start_superlink(env, http_port, control_port, flwr_home, log_file)
+        try:
+            command = [
+                "flwr", "run", str(project_dir()), "local", "--stream",
+                "--run-config", str(overrides),
+            ]  # fmt: skip
+            runner = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            events = _follow(journal, offset, runner, on_event)
+        finally:
+            _stop(superlink)
+    wall = time.perf_counter() - started
+    failed = next((e for e in events if e["event"] == "failed"), None)
+    end = next((e for e in events if e["event"] == "end"), None)
+    if failed or end is None:
+        error = failed["error"] if failed else f"the run ended without a result: see {log}"
+        return Outcome("failed", journal.read_summary() or {}, error, wall, log)
+    return Outcome(end["status"], journal.read_summary() or {}, "", wall, log)
+
+
+def _start_superlink(
+    env: dict[str, str], http_port: int, control_port: int, home: Path, log_file: Any
+) -> subprocess.Popen[bytes]:
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{control_port}",
+        "--host", "127.0.0.1", "--port", str(http_port),
+        "--database", str(home / "state.db"),
+    ]  # fmt: skip
+    process = subprocess.Popen(
+        command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"flower-superlink exited with code {process.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    _stop(process)
+    raise SimulationError("flower-superlink did not become ready within 60 s")
+
+
+def _follow(
+    journal: Journal,
+    offset: int,
+    runner: subprocess.Popen[bytes],
+    on_event: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    while True:
+        finished = runner.poll() is not None
+        events, offset = journal.events(offset)
+        for event in events:
+            seen.append(event)
+            on_event(event)
+        if finished or any(e["event"] in ("end", "failed") for e in events):
+            if not finished:
+                runner.wait(timeout=60)
+            return seen
+        time.sleep(0.25)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a child and everything it started (Ray, the app processes) in its session."""
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -187,7 +188,12 @@ def registry_verify(root: Path) -> None:
         raise typer.Exit(EXIT_FAILED)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so that every started process is stopped on the way out
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
     except KeyboardInterrupt:

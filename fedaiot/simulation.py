@@ -9,8 +9,8 @@ the journal, not from ``flwr run``'s exit code (which is 0 even for a failed run
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import tomli_w
 
 import fedaiot
@@ -62,40 +63,44 @@ def simulate(
     num_nodes: int,
     *,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-    node_cpus: float = 1.0,
+    node_cpus: int = 1,
 ) -> Outcome:
     out = cfg.output_path
     flwr_home = out / "flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    http_port, control_port = _free_port(), _free_port()
+    http_port = _free_port()
     env = {
         **os.environ,
         "FLWR_HOME": str(flwr_home),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
     }
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
-    federation: dict[str, Any] = {"address": ":local:", "options": {"num-supernodes": num_nodes}}
-    federation["options"]["backend"] = {"client-resources": {"num-cpus": node_cpus}}
-    connections = {"superlink": {"default": "local", "local": federation}}
+    connections = {"superlink": {"default": "local", "local": {"address": ":local:"}}}
     (flwr_home / "config.toml").write_text(tomli_w.dumps(connections))
     log = out / "flower.log"
     journal = Journal(out)
     _, offset = journal.events()  # follow only what this attempt adds
     started = time.perf_counter()
     with open(log, "ab") as log_file:
-        superlink = _start_superlink(env, http_port, control_port, flwr_home, log_file)
+        superlink = _start_superlink(env, http_port, flwr_home, log_file)
         try:
             command = [
                 "flwr", "run", str(project_dir()), "local", "--stream",
                 "--run-config", str(overrides),
+                "--federation-config",
+                f"num-supernodes={num_nodes} client-resources-num-cpus={node_cpus}",
             ]  # fmt: skip
-            runner = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-            events = _follow(journal, offset, runner, on_event)
+            runner = subprocess.Popen(
+                command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+            )
+            try:
+                events = _follow(journal, offset, runner, on_event)
+            finally:
+                _stop(runner)
         finally:
             _stop(superlink)
     wall = time.perf_counter() - started
@@ -108,11 +113,10 @@ def simulate(
 
 
 def _start_superlink(
-    env: dict[str, str], http_port: int, control_port: int, home: Path, log_file: Any
+    env: dict[str, str], http_port: int, home: Path, log_file: Any
 ) -> subprocess.Popen[bytes]:
     command = [
         "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--control-api-address", f"127.0.0.1:{control_port}",
         "--host", "127.0.0.1", "--port", str(http_port),
         "--database", str(home / "state.db"),
     ]  # fmt: skip
@@ -154,14 +158,22 @@ def _follow(
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a child and everything it started (Ray, the app processes) in its session."""
-    if process.poll() is not None:
-        return
+    """Stop a child and every process below it.
+
+    Flower's SuperLink starts its executor in a session of its own, and Ray's helpers ignore
+    SIGTERM, so the whole tree is collected first and whatever outlives SIGTERM gets SIGKILL.
+    """
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5)
+    process.poll()

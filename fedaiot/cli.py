@@ -50,6 +50,7 @@ def simulate(
     fraction: Annotated[float, typer.Option(help="fraction of nodes per round")] = 1.0,
     seed: Annotated[int, typer.Option()] = 42,
     output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
+    stop_after: Annotated[int, typer.Option(help="pause after this round; rerun to go on")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
 ) -> None:
     """Train one model across simulated institutions with Flower's simulation engine."""
@@ -63,15 +64,16 @@ def simulate(
                 "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": lr,
                 "max-grad-norm": max_grad_norm, "fraction-train": fraction, "seed": seed,
                 "min-train-nodes": min(2, nodes), "min-available-nodes": nodes,
-                "output-dir": str(output.resolve()),
+                "output-dir": str(output.resolve()), "stop-after-round": stop_after,
             }
         )  # fmt: skip
-        _preflight(cfg, nodes)
+        done = _preflight(cfg, nodes)
     except (ConfigError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
 
     from fedaiot.display import RoundProgress, summary_tables
-    from fedaiot.simulation import SimulationError
+    from fedaiot.journal import Journal
+    from fedaiot.simulation import Outcome, SimulationError
     from fedaiot.simulation import simulate as run_simulation
 
     console = Console(stderr=as_json)
@@ -81,9 +83,14 @@ def simulate(
         + f", {cfg.partitioner} partitions -> {cfg.output_path}",
         highlight=False,
     )
+    finished = Journal(cfg.output_path).read_summary() if done >= cfg.num_rounds else None
     try:
-        with RoundProgress(console, cfg.num_rounds) as progress:
-            outcome = run_simulation(cfg, nodes, on_event=progress)
+        if finished is not None:  # nothing left to train: report the run as it ended
+            console.print(f"run {cfg.output_path.name} already completed its {done} rounds")
+            outcome = Outcome("completed", finished, "", 0.0, cfg.output_path / "flower.log")
+        else:
+            with RoundProgress(console, cfg.num_rounds) as progress:
+                outcome = run_simulation(cfg, nodes, on_event=progress)
     except SimulationError as exc:
         raise fail(str(exc), EXIT_FAILED) from None
     summary: dict[str, Any] = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
@@ -99,8 +106,12 @@ def simulate(
         raise fail("every node refused to train: their privacy budgets are spent", EXIT_BUDGET)
 
 
-def _preflight(cfg: RunConfig, nodes: int) -> None:
-    """Refuse what would only fail later inside Flower, with the same clear message."""
+def _preflight(cfg: RunConfig, nodes: int) -> int:
+    """Refuse what would only fail later inside Flower, with the same clear message.
+
+    Returns how many rounds of this run are already registered (0 for a new run).
+    """
+    from fedaiot.coordinator import resume_point
     from fedaiot.tasks import federate, get_task
 
     if nodes < 1:
@@ -116,6 +127,8 @@ def _preflight(cfg: RunConfig, nodes: int) -> None:
     out = cfg.output_path
     if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a fedaiot run folder")
+    resumed = resume_point(cfg)
+    return resumed[1].round if resumed else 0
 
 
 @ledger_app.command("show")

@@ -61,6 +61,8 @@ class RunConfig(BaseModel):
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(600.0, gt=0)
+    # Run this many rounds now and pause (0: run to the end); the same config resumes later.
+    stop_after_round: int = Field(0, ge=0)
 
     output_dir: str = "runs/flwr-run"
 
@@ -107,8 +109,8 @@ class RunConfig(BaseModel):
         return path if path.is_absolute() else fedaiot_home() / path
 
     def fingerprint(self) -> str:
-        """A stable hash of what makes two runs the same run (output location excluded)."""
-        fields = self.model_dump(exclude={"output_dir", "round_timeout"})
+        """A stable hash of what makes two runs the same run (where and how long excluded)."""
+        fields = self.model_dump(exclude={"output_dir", "round_timeout", "stop_after_round"})
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -49,6 +49,26 @@ class RunState:
     best_accuracy: float = -math.inf
 
 
+def resume_point(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], Manifest] | None:
+    """The last registered round of the run in ``cfg.output_path``, checked, or None if new.
+
+    Raises RegistryError for a corrupt or tampered version and ConfigError when the folder
+    holds a run of another configuration: a run is never continued on the wrong footing.
+    """
+    run = cfg.output_path.name
+    registry = ModelRegistry(cfg.output_path / "registry")
+    versions = registry.versions(run=run)
+    if not versions:
+        return None
+    weights, manifest = registry.load(versions[-1])
+    if manifest.config.get("fingerprint") != cfg.fingerprint():
+        raise ConfigError(
+            f"run '{run}' already exists in {cfg.output_path} with a different "
+            "configuration: choose another output directory (nothing was overwritten)"
+        )
+    return weights, manifest
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -63,16 +83,12 @@ class Coordinator:
 
     def initial_state(self) -> tuple[ArrayRecord, RunState]:
         """The fresh model, or the last registered round of this run (its hash checked)."""
-        versions = self.registry.versions(run=self.run)
-        if not versions:
+        resumed = resume_point(self.cfg)
+        if resumed is None:
             torch.manual_seed(self.cfg.seed)
             return ArrayRecord(self.task.build_model().state_dict()), RunState()
-        weights, manifest = self.registry.load(versions[-1])
-        if manifest.config.get("fingerprint") != self.cfg.fingerprint():
-            raise ConfigError(
-                f"run '{self.run}' already exists in {self.cfg.output_path} with a different "
-                "configuration: choose another output directory (nothing was overwritten)"
-            )
+        weights, manifest = resumed
+        versions = self.registry.versions(run=self.run)
         best = max(self.registry.manifest(v).metrics.get("accuracy", -math.inf) for v in versions)
         state = RunState(manifest.round, {n.id: n for n in manifest.nodes}, best)
         return ArrayRecord(weights), state
@@ -110,6 +126,9 @@ class Coordinator:
             )
             if replies and not accepted and all(r.status == "refused" for r in replies):
                 status = "budget-exhausted"
+                break
+            if server_round == self.cfg.stop_after_round < self.cfg.num_rounds:
+                status = "paused"
                 break
         return self.summary(state, status)
 

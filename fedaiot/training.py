@@ -70,10 +70,10 @@ def train_private(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=schedule.learning_rate, momentum=schedule.momentum
     )
-    engine = PrivacyEngine(accountant="rdp")
-    engine.accountant.history = list(history)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "secure RNG turned off": see docs/privacy.md
+        engine = PrivacyEngine(accountant="rdp")
+        engine.accountant.history = list(history)
         private_model, private_optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -127,11 +127,14 @@ def _run_epochs(
             output = trained(x)
             # Poisson sampling can draw an empty batch: it is still a (noised, accounted) step.
             loss = criterion(output, y) if len(y) else output.sum()
-            loss.backward()
+            with warnings.catch_warnings():
+                # Opacus' hooks on a first layer whose input needs no gradient: expected.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                loss.backward()
             optimizer.step()
             if anchor is not None:
                 _proximal_step(base, anchor, schedule.learning_rate * schedule.proximal_mu)
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             count += len(y)
             steps += 1
     return (total / count if count else math.nan), steps

@@ -85,3 +85,10 @@ def test_ledger_write_is_plain_json(tmp_path: Path) -> None:
         record.history = [(1.0, 0.1, 10)]
     assert json.loads(path.read_text())["history"] == [[1.0, 0.1, 10]]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_sliver_of_budget_is_not_spent_on_pure_noise() -> None:
+    spent = [(1.0, 0.2, 100)]
+    nearly_all = epsilon_spent(spent, DELTA) + 0.001
+    with pytest.raises(BudgetExhaustedError, match="cannot pay"):
+        plan_noise(target_epsilon=nearly_all, delta=DELTA, sample_rate=0.2, steps=50, spent=spent)

@@ -48,11 +48,14 @@ def plan_noise(
     steps: int,
     spent: Sequence[HistoryEntry] = (),
     tolerance: float = 0.005,
+    max_noise: float = 20.0,
 ) -> float:
     """The smallest noise multiplier whose ``steps`` after ``spent`` stay within the budget.
 
     Bisection over sigma on the composed history: the result never overshoots
-    ``target_epsilon``, and lies within ``tolerance`` (relative) of it.
+    ``target_epsilon``, and lies within ``tolerance`` (relative) of it. A remainder of budget
+    so small that it needs more noise than ``max_noise`` counts as exhausted: training under
+    such noise would spend the last of the budget on updates that carry nothing.
     """
     if not 0 < sample_rate <= 1:
         raise ValueError(f"sample rate must be in (0, 1], got {sample_rate}")
@@ -67,13 +70,14 @@ def plan_noise(
     def total(sigma: float) -> float:
         return epsilon_spent([*spent, (sigma, sample_rate, steps)], delta)
 
+    if total(max_noise) > target_epsilon:
+        raise BudgetExhaustedError(
+            f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}, "
+            f"and the rest cannot pay for {steps} more steps below noise {max_noise:g}"
+        )
     low, high = 0.0, 1.0
     while total(high) > target_epsilon:
         low, high = high, high * 2
-        if high > 1e4:
-            raise BudgetExhaustedError(
-                f"no noise level keeps {steps} more steps within epsilon {target_epsilon}"
-            )
     while high - low > tolerance * high:
         mid = (low + high) / 2
         if total(mid) > target_epsilon:

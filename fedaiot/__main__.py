@@ -1,0 +1,3 @@
+from fedaiot.cli import main
+
+main()

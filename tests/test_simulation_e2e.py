@@ -1,0 +1,96 @@
+"""End to end through Flower's simulation engine: the real SuperLink, Ray, apps and CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fedaiot.config import RunConfig
+from fedaiot.privacy.accounting import epsilon_independent
+from fedaiot.registry import ModelRegistry
+from fedaiot.simulation import simulate
+
+pytestmark = pytest.mark.slow
+FEDAIOT = [sys.executable, "-m", "fedaiot"]
+RUN = ["simulate", "--task", "breast-cancer", "--nodes", "3", "--rounds", "2", "--epsilon", "1"]
+
+
+def _fedaiot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FEDAIOT, *args], capture_output=True, text=True, timeout=600, env=env or os.environ.copy()
+    )
+
+
+def _journal_rounds(run: Path) -> list[int]:
+    lines = (run / "journal.jsonl").read_text().splitlines()
+    return [e["round"] for e in map(json.loads, lines) if e["event"] == "round"]
+
+
+def test_three_nodes_two_rounds_paused_then_resumed(tmp_path: Path) -> None:
+    run = tmp_path / "bc"
+    first = _fedaiot(*RUN, "--output", str(run), "--stop-after", "1", "--json")
+    assert first.returncode == 0, first.stderr
+    paused: dict[str, Any] = json.loads(first.stdout)
+    assert (paused["status"], paused["rounds"]) == ("paused", 1)
+
+    second = _fedaiot(*RUN, "--output", str(run), "--json")
+    assert second.returncode == 0, second.stderr
+    summary: dict[str, Any] = json.loads(second.stdout)
+    assert {"accuracy", "loss", "rounds", "wall_seconds", "model_version", "nodes"} <= set(summary)
+    assert (summary["status"], summary["rounds"]) == ("completed", 2)
+    assert 0.5 < summary["accuracy"] <= 1.0
+    assert "auc" in summary["metrics"] and "sensitivity" in summary["metrics"]
+
+    # no round repeated, none lost, across the pause
+    assert _journal_rounds(run) == [1, 2]
+    registry = ModelRegistry(run / "registry")
+    assert registry.versions() == ["bc-r0001", "bc-r0002"]
+    assert registry.refs()["latest"] == "bc-r0002" == summary["model_version"]
+    assert registry.refs()["best"] in registry.versions()
+    _, manifest = registry.load("bc-r0002")
+    assert manifest.task == "breast-cancer" and manifest.round == 2
+    assert manifest.input_schema["shape"] == [30]
+
+    # every node's epsilon: within budget, counted once per round, and independently reproducible
+    assert [n["id"] for n in summary["nodes"]] == ["node-0", "node-1", "node-2"]
+    for node in summary["nodes"]:
+        ledger = json.loads((run / "ledgers" / f"{node['id']}.json").read_text())
+        assert [entry["round"] for entry in ledger["rounds"]] == [1, 2]
+        assert node["epsilon"] <= 1.0
+        assert node["epsilon"] == pytest.approx(ledger["rounds"][-1]["epsilon"])
+        independent = epsilon_independent([tuple(h) for h in ledger["history"]], node["delta"])
+        assert abs(independent - node["epsilon"]) / node["epsilon"] < 0.01
+    verify = _fedaiot("ledger", "verify", *map(str, sorted((run / "ledgers").glob("*.json"))))
+    assert verify.returncode == 0, verify.stderr
+
+    # the same command again: nothing left to do, nothing rewritten
+    before = sorted(p.stat().st_mtime_ns for p in (run / "registry").rglob("*"))
+    again = _fedaiot(*RUN, "--output", str(run), "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["model_version"] == "bc-r0002"
+    assert sorted(p.stat().st_mtime_ns for p in (run / "registry").rglob("*")) == before
+
+    # a tampered model file stops a resume with one clear line, and is left as it was
+    weights = run / "registry" / "versions" / "bc-r0002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x00")
+    tampered = weights.read_bytes()
+    broken = _fedaiot(*RUN, "--output", str(run))
+    assert broken.returncode == 2
+    assert "hash mismatch" in broken.stderr
+    assert weights.read_bytes() == tampered
+    assert _journal_rounds(run) == [1, 2]
+
+
+def test_a_run_that_fails_inside_flower_is_reported_as_failed(tmp_path: Path, monkeypatch) -> None:
+    """Flower's own `flwr run` exits 0 here; fedaiot reads the journal and says 'failed'."""
+    monkeypatch.setenv("FEDAIOT_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    cfg = RunConfig(task="fashion-mnist", num_rounds=1, output_dir=str(tmp_path / "fm"))
+    outcome = simulate(cfg, 2)
+    assert outcome.status == "failed"
+    assert "fashion-mnist data not found" in outcome.error

@@ -23,6 +23,7 @@ app.add_typer(ledger_app, name="ledger")
 app.add_typer(registry_app, name="registry")
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_BUDGET = 1, 2, 3
+_DEFAULT = RunConfig()  # the CLI's defaults are the run config's
 err = Console(stderr=True)
 
 
@@ -33,22 +34,34 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 @app.command()
 def simulate(
-    task: Annotated[str, typer.Option(help="breast-cancer, digits, fashion-mnist, ...")] = "digits",
+    task: Annotated[
+        str, typer.Option(help="breast-cancer, digits, fashion-mnist, ...")
+    ] = _DEFAULT.task,
     nodes: Annotated[int, typer.Option(help="simulated institutions")] = 10,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = 15,
-    epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = 3.0,
-    delta: Annotated[float, typer.Option()] = 1e-5,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = _DEFAULT.num_rounds,
+    epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = _DEFAULT.epsilon,
+    delta: Annotated[float, typer.Option()] = _DEFAULT.delta,
     private: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD or plain SGD")] = True,
-    partitioner: Annotated[str, typer.Option(help="iid, dirichlet or pathological")] = "dirichlet",
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration")] = 0.5,
-    classes_per_node: Annotated[int, typer.Option(help="for pathological")] = 2,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = "fedavg",
-    local_epochs: Annotated[int, typer.Option()] = 1,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    lr: Annotated[float, typer.Option(help="local learning rate")] = 0.1,
-    max_grad_norm: Annotated[float, typer.Option(help="per-record clipping norm")] = 1.0,
-    fraction: Annotated[float, typer.Option(help="fraction of nodes per round")] = 1.0,
-    seed: Annotated[int, typer.Option()] = 42,
+    partitioner: Annotated[
+        str, typer.Option(help="iid, dirichlet or pathological")
+    ] = _DEFAULT.partitioner,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration")
+    ] = _DEFAULT.dirichlet_alpha,
+    classes_per_node: Annotated[
+        int, typer.Option(help="for pathological")
+    ] = _DEFAULT.classes_per_node,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = _DEFAULT.strategy,
+    local_epochs: Annotated[int, typer.Option()] = _DEFAULT.local_epochs,
+    batch_size: Annotated[int, typer.Option()] = _DEFAULT.batch_size,
+    lr: Annotated[float, typer.Option(help="local learning rate")] = _DEFAULT.learning_rate,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="per-record clipping norm")
+    ] = _DEFAULT.max_grad_norm,
+    fraction: Annotated[
+        float, typer.Option(help="fraction of nodes per round")
+    ] = _DEFAULT.fraction_train,
+    seed: Annotated[int, typer.Option()] = _DEFAULT.seed,
     output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
     stop_after: Annotated[int, typer.Option(help="pause after this round; rerun to go on")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,

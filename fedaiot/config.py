@@ -38,7 +38,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     task: str = "digits"
-    num_rounds: int = Field(15, ge=1, le=10_000)
+    num_rounds: int = Field(30, ge=1, le=10_000)
     partitioner: PartitionerName = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_node: int = Field(2, ge=1)
@@ -51,7 +51,7 @@ class RunConfig(BaseModel):
 
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.1, gt=0)
+    learning_rate: float = Field(0.3, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
 
     strategy: StrategyName = "fedavg"

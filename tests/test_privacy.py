@@ -90,5 +90,5 @@ def test_ledger_write_is_plain_json(tmp_path: Path) -> None:
 def test_a_sliver_of_budget_is_not_spent_on_pure_noise() -> None:
     spent = [(1.0, 0.2, 100)]
     nearly_all = epsilon_spent(spent, DELTA) + 0.001
-    with pytest.raises(BudgetExhaustedError, match="cannot pay"):
+    with pytest.raises(BudgetExhaustedError, match="cannot pay for 50 steps"):
         plan_noise(target_epsilon=nearly_all, delta=DELTA, sample_rate=0.2, steps=50, spent=spent)

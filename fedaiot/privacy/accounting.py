@@ -72,8 +72,9 @@ def plan_noise(
 
     if total(max_noise) > target_epsilon:
         raise BudgetExhaustedError(
-            f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}, "
-            f"and the rest cannot pay for {steps} more steps below noise {max_noise:g}"
+            f"budget too small: with epsilon {already:.3f} of {target_epsilon:.3f} spent, the rest "
+            f"cannot pay for {steps} steps at sample rate {sample_rate:.3g} below noise "
+            f"{max_noise:g} (fewer rounds, larger batches or a larger budget would)"
         )
     low, high = 0.0, 1.0
     while total(high) > target_epsilon:

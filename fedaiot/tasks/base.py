@@ -69,6 +69,7 @@ class Task:
     load: Callable[[], tuple[ArrayData, ArrayData | None]] = field(repr=False)
     build_model: Callable[[], torch.nn.Module] = field(repr=False)
     normalize: bool = False
+    std_floor: float = 1e-8  # smallest standard deviation used when standardizing
     positive_class: int = 1  # for binary tasks: the class that sensitivity and AUC are about
 
     def input_schema(self, normalization: dict[str, list[float]]) -> dict[str, Any]:

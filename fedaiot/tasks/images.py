@@ -41,15 +41,14 @@ _IDX_DTYPES: dict[int, str] = {
 
 def _load_digits() -> tuple[ArrayData, ArrayData | None]:
     data = load_digits()
-    x = (np.asarray(data.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    x = np.asarray(data.data, dtype=np.float32) / 16.0
     y = np.asarray(data.target, dtype=np.int64)
     return ArrayData(x=x, y=y), None
 
 
 def _build_digits_model() -> nn.Module:
-    # Under DP-SGD this small tanh MLP beats small CNNs on 1.4k samples (about 93-94 % at eps 3).
+    # Under DP-SGD this small tanh MLP on standardized pixels beats small CNNs on 1.4k samples.
     return nn.Sequential(
-        nn.Flatten(),
         nn.Linear(64, 128),
         nn.Tanh(),
         nn.Linear(128, 10),
@@ -61,11 +60,14 @@ DIGITS = Task(
     description="Handwritten digits (scikit-learn): 1797 grey 8x8 images, 10 classes",
     num_classes=10,
     class_names=[str(i) for i in range(10)],
-    input_shape=(1, 8, 8),
-    feature_names=None,
+    input_shape=(64,),
+    feature_names=[f"pixel_{row}_{col}" for row in range(8) for col in range(8)],
     architecture="mlp-64-128-10-tanh",
     load=_load_digits,
     build_model=_build_digits_model,
+    # Per-pixel standardization; the floor keeps near-constant border pixels from exploding.
+    normalize=True,
+    std_floor=0.1,
 )
 
 

@@ -240,11 +240,11 @@ def _feature_axes(x: np.ndarray) -> tuple[int, ...]:
     return tuple(axis for axis in range(x.ndim) if axis != 1)
 
 
-def _standardizer(test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _standardizer(test_x: np.ndarray, floor: float) -> tuple[np.ndarray, np.ndarray]:
     axes = _feature_axes(test_x)
     mean = test_x.mean(axis=axes, dtype=np.float64)
     std = test_x.std(axis=axes, dtype=np.float64)
-    std = np.where(std < 1e-8, 1.0, std)
+    std = np.where(std < 1e-8, 1.0, np.maximum(std, floor))
     return mean, std
 
 
@@ -289,7 +289,7 @@ def federate(
     partitions = [take(index) for index in plan.partitions]
     normalization: dict[str, list[float]] = {}
     if task.normalize:
-        mean, std = _standardizer(test.x)
+        mean, std = _standardizer(test.x, task.std_floor)
         test = _apply(test, mean, std)
         partitions = [_apply(part, mean, std) for part in partitions]
         normalization = {"mean": mean.tolist(), "std": std.tolist()}

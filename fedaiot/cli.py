@@ -28,7 +28,7 @@ err = Console(stderr=True)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    err.print(f"[red]error:[/] {message}", highlight=False)
+    err.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -68,6 +68,8 @@ def simulate(
 ) -> None:
     """Train one model across simulated institutions with Flower's simulation engine."""
     output = output or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if nodes < 1:
+        raise fail(f"--nodes must be >= 1, got {nodes}")
     try:
         cfg = RunConfig.from_run_config(
             {
@@ -127,8 +129,6 @@ def _preflight(cfg: RunConfig, nodes: int) -> int:
     from fedaiot.coordinator import resume_point
     from fedaiot.tasks import federate, get_task
 
-    if nodes < 1:
-        raise ValueError(f"--nodes must be >= 1, got {nodes}")
     federate(
         get_task(cfg.task),
         nodes,

@@ -139,7 +139,7 @@ class Coordinator:
 
     def _account(self, state: RunState, replies: list[ReceivedReply], server_round: int) -> None:
         for reply in replies:
-            if reply.status not in ("trained", "refused"):
+            if not reply.metrics:  # a failed or unparseable reply says nothing about privacy
                 continue
             previous = state.nodes.get(reply.node)
             epsilon = reply.metrics.get("epsilon", math.nan)

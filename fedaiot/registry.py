@@ -44,7 +44,7 @@ class NodePrivacy(BaseModel):
     epsilon: float | None  # None for a non-private node
     delta: float
     noise_multiplier: float
-    rounds: int
+    rounds: int  # rounds whose update entered the global model
 
 
 class Manifest(BaseModel):

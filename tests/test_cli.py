@@ -1,0 +1,71 @@
+"""Bad input to the fedaiot command: one clear line, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fedaiot.cli import EXIT_BAD_INPUT, app
+from fedaiot.registry import Manifest, ModelRegistry
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "nope"], "unknown task 'nope': choose one of breast-cancer, digits"),
+        (["--epsilon", "0"], "epsilon must be > 0"),
+        (["--epsilon", "-2"], "epsilon must be > 0"),
+        (["--task", "basic-motions", "--nodes", "100"], "into 100 nodes"),
+        (["--nodes", "0"], "--nodes must be >= 1"),
+        (["--partitioner", "random"], "partitioner"),
+    ],
+)
+def test_bad_simulate_input(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", *args, "--output", str(out)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert message in result.output
+    assert result.output.strip().startswith("error:")
+    assert not out.exists()
+
+
+def test_missing_data_files_say_how_to_install_them(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDAIOT_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["simulate", "--task", "fashion-mnist", "--output", str(out)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "apt-get install dataset-fashion-mnist" in result.output
+    assert not out.exists()
+
+
+def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    result = runner.invoke(app, ["simulate", "--output", str(tmp_path)])
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "is not a fedaiot run folder" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_registry_verify_names_the_tampered_version(tmp_path: Path) -> None:
+    registry = ModelRegistry(tmp_path)
+    for round_number in (1, 2):
+        version = f"run-r{round_number:04d}"
+        manifest = Manifest(
+            version=version, run="run", task="digits", architecture="mlp", input_schema={},
+            round=round_number, metrics={"accuracy": 0.5}, config={}, weights_sha256="",
+            created=time.time(),
+        )  # fmt: skip
+        registry.register({"w": torch.ones(2)}, manifest)
+    assert runner.invoke(app, ["registry", "verify", str(tmp_path)]).exit_code == 0
+    weights = tmp_path / "versions" / "run-r0002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes().replace(b"\x00\x00\x80\x3f", b"\x00\x00\x00\x40"))
+    result = runner.invoke(app, ["registry", "verify", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "run-r0002" in result.output and "hash mismatch" in result.output
+    assert "ok\trun-r0001" in result.output

@@ -1,0 +1,124 @@
+"""The coordinator's loop with the real ClientApp handler, over an in-process grid (no Ray).
+
+Refusals, rejected updates and failures must be recorded while the round goes on with the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients.client_app import train
+from fedaiot.config import RunConfig
+from fedaiot.coordinator import Coordinator
+from fedaiot.node import dataset_fingerprint, simulated_partition
+from fedaiot.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+Handler = Callable[[Message, Context], Message]
+
+
+class InProcessGrid(Grid):
+    """Delivers each message straight to a ClientApp handler, node by node."""
+
+    def __init__(self, cfg: RunConfig, handlers: list[Handler]) -> None:
+        self.cfg, self.handlers = cfg, handlers
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(100, 100 + len(self.handlers))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
+        replies = []
+        for message in messages:
+            partition = message.metadata.dst_node_id - 100
+            context = Context(
+                run_id=1, node_id=message.metadata.dst_node_id,
+                node_config={"partition-id": partition, "num-partitions": len(self.handlers)},
+                state=RecordDict(), run_config=self.cfg.to_run_config(),
+            )  # fmt: skip
+            replies.append(self.handlers[partition](message, context))
+        return replies
+
+    # the rest of Grid's interface is not used by the coordinator
+    def set_run(self, run_id):
+        raise NotImplementedError  # type: ignore[no-untyped-def]
+
+    @property
+    def run(self):
+        raise NotImplementedError  # type: ignore[no-untyped-def]
+
+    def create_message(self, *a, **k):
+        raise NotImplementedError  # type: ignore[no-untyped-def]
+
+    def push_messages(self, messages):
+        raise NotImplementedError  # type: ignore[no-untyped-def]
+
+    def pull_messages(self, message_ids):
+        raise NotImplementedError  # type: ignore[no-untyped-def]
+
+
+def _poisoned(message: Message, context: Context) -> Message:
+    reply = train(message, context)
+    arrays: ArrayRecord = reply.content["arrays"]  # type: ignore[assignment]
+    state = arrays.to_torch_state_dict()
+    first = next(iter(state))
+    state[first] = torch.full_like(state[first], math.nan)
+    reply.content["arrays"] = ArrayRecord(state)
+    return reply
+
+
+def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        task="breast-cancer", num_rounds=2, epsilon=1.0, min_available_nodes=3,
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    # node-1 arrives with its budget already spent on an earlier run over the same data
+    spent = PrivacyLedger(
+        cfg.output_path / "ledgers" / "node-1.json",
+        node="node-1",
+        dataset=dataset_fingerprint(simulated_partition(cfg, 1, 3)),
+    )
+    with spent.update() as record:
+        record.history = [(0.5, 0.5, 500)]
+
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train, _poisoned]))
+
+    assert summary["status"] == "completed"
+    assert summary["rounds"] == 2
+    assert math.isfinite(summary["loss"])
+    nodes = {n["id"]: n for n in summary["nodes"]}
+    assert nodes["node-0"]["rounds"] == 2
+    assert nodes["node-1"]["rounds"] == 0
+    assert nodes["node-1"]["epsilon"] > cfg.epsilon  # what it had spent, reported as is
+    assert "node-2" in nodes  # trained (and was accounted), but its update never reached the model
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    replies = [r for e in events if e["event"] == "round" for r in e["replies"]]
+    statuses = {(r["node"], r["status"]) for r in replies}
+    assert statuses == {("node-0", "trained"), ("node-1", "refused"), ("node-2", "rejected")}
+    assert any("already spent" in r["problem"] for r in replies if r["node"] == "node-1")
+    assert any("NaN" in r["problem"] for r in replies if r["node"] == "node-2")
+
+
+def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        task="breast-cancer", num_rounds=3, epsilon=0.5, min_available_nodes=2,
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    for partition in range(2):
+        ledger = PrivacyLedger(
+            cfg.output_path / "ledgers" / f"node-{partition}.json",
+            node=f"node-{partition}",
+            dataset=dataset_fingerprint(simulated_partition(cfg, partition, 2)),
+        )
+        with ledger.update() as record:
+            record.history = [(0.5, 0.5, 500)]
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train]))
+    assert summary["status"] == "budget-exhausted"
+    assert summary["rounds"] == 1

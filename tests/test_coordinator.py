@@ -122,3 +122,21 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
     summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train]))
     assert summary["status"] == "budget-exhausted"
     assert summary["rounds"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy: str) -> None:
+    cfg = RunConfig(
+        task="breast-cancer", num_rounds=2, epsilon=2.0, strategy=strategy,  # type: ignore[arg-type]
+        min_available_nodes=2, output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    coordinator = Coordinator(cfg)
+    initial, _ = coordinator.initial_state()
+    summary = coordinator.run_rounds(InProcessGrid(cfg, [train, train]))
+    assert summary["status"] == "completed"
+    versions = coordinator.registry.versions()
+    assert versions == ["run-r0001", "run-r0002"]
+    final, _ = coordinator.registry.load("run-r0002")
+    moved = [not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items()]
+    assert all(moved)
+    assert all(torch.isfinite(t).all() for t in final.values())

@@ -127,16 +127,9 @@ def _preflight(cfg: RunConfig, nodes: int) -> int:
     Returns how many rounds of this run are already registered (0 for a new run).
     """
     from fedaiot.coordinator import resume_point
-    from fedaiot.tasks import federate, get_task
+    from fedaiot.node import simulated_federation
 
-    federate(
-        get_task(cfg.task),
-        nodes,
-        partitioner=cfg.partitioner,
-        alpha=cfg.dirichlet_alpha,
-        classes_per_node=cfg.classes_per_node,
-        seed=cfg.seed,
-    )
+    simulated_federation(cfg, nodes)
     out = cfg.output_path
     if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a fedaiot run folder")

@@ -18,7 +18,7 @@ import torch
 from fedaiot.config import RunConfig
 from fedaiot.privacy.accounting import BudgetExhaustedError, epsilon_spent, plan_noise
 from fedaiot.privacy.ledger import NoisePlan, PrivacyLedger, RoundEntry
-from fedaiot.tasks import ArrayData, Task, federate, get_task
+from fedaiot.tasks import ArrayData, FederatedData, Task, federate, get_task
 from fedaiot.training import (
     LocalSchedule,
     StateDict,
@@ -50,9 +50,9 @@ def dataset_fingerprint(data: ArrayData) -> str:
     return digest.hexdigest()
 
 
-def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
-    """The data a simulated node holds: its partition of the task's training pool."""
-    fed = federate(
+def simulated_federation(cfg: RunConfig, num_partitions: int) -> FederatedData:
+    """The run's split of its task into a held-out test set and one partition per node."""
+    return federate(
         get_task(cfg.task),
         num_partitions,
         partitioner=cfg.partitioner,
@@ -60,7 +60,11 @@ def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) 
         classes_per_node=cfg.classes_per_node,
         seed=cfg.seed,
     )
-    return fed.partitions[partition_id]
+
+
+def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
+    """The data a simulated node holds: its partition of the task's training pool."""
+    return simulated_federation(cfg, num_partitions).partitions[partition_id]
 
 
 def schedule_of(cfg: RunConfig, proximal_mu: float = 0.0) -> LocalSchedule:

@@ -13,6 +13,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,9 @@ def simulate(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
+        # Flower's processes start each other by name: find them next to this interpreter,
+        # whether or not its virtual environment is activated.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     }
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))

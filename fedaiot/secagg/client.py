@@ -1,0 +1,300 @@
+"""A node's side of one SecAgg+ round.
+
+The guarantee. Against an honest-but-curious server (it follows the protocol but keeps and
+studies every message it sees), and as long as the node's neighbours do not collude with it,
+what the server learns from this node is only its contribution to the total of the surviving
+nodes: the masked vector is indistinguishable from uniform without the self-mask seed ``b`` and
+the pairwise seeds, and the server only ever gets ``b`` (if the node survived) or its mask key
+(if it dropped), never both: each holder hands out one of its two shares of an owner, at least
+``threshold`` shares are needed, and the threshold exceeds half of the ``degree + 1`` holders.
+The node refuses to unmask (``unmask`` raises) when the request names a node both as survivor
+and dropped, names this node as dropped, lists fewer than ``threshold`` survivors, or lists
+survivors that are not connected in the round's graph; in each case unmasking could reveal
+less than a sum over all survivors.
+
+What the caller must do: create one :class:`SecAggClient` per round from the server's
+:class:`~fedaiot.secagg.setup.RoundSetup`, call the four stages in order, send each result to the
+server, and drop the object when the round ends or fails (never reuse it, nor retry a stage; a
+retried ``masked_input`` with another vector would leak the difference of the two). The server
+is not authenticated here: a *malicious* server that substitutes public keys or sends different
+nodes different survivor lists is outside this guarantee (SecAgg's consistency check and a PKI
+would be needed). Secrets live in this object's memory only and are dropped after ``unmask``;
+Python cannot guarantee that freed memory is wiped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from fedaiot.secagg import crypto, shamir
+from fedaiot.secagg.errors import (
+    AuthenticationError,
+    DisconnectedSurvivorsError,
+    ProtocolViolation,
+    SecAggError,
+    TooFewSurvivorsError,
+)
+from fedaiot.secagg.graph import components
+from fedaiot.secagg.messages import (
+    SHARE_PLAINTEXT_BYTES,
+    ForwardedShares,
+    KeyAdvert,
+    MaskedInput,
+    NeighbourKeys,
+    ShareBundle,
+    UnmaskRequest,
+    UnmaskShares,
+)
+from fedaiot.secagg.records import Record, RecordReader
+from fedaiot.secagg.setup import RoundSetup
+
+_STATE_FIELDS = (
+    "node_id", "stage", "enc_sk", "mask_sk", "b", "peer_ids", "peer_enc", "peer_mask",
+    "held_owners", "held_b", "held_sk",
+)  # fmt: skip
+
+SEED_BYTES = 32
+_SHARE_AD_LABEL = b"fedaiot-secagg-share"
+
+
+def share_associated_data(setup: RoundSetup, sender: int, recipient: int) -> bytes:
+    """What a share ciphertext is bound to: the round context (round id, nonce and every other
+    setup field), the sender and the recipient."""
+    return (
+        _SHARE_AD_LABEL + setup.context + sender.to_bytes(8, "big") + recipient.to_bytes(8, "big")
+    )
+
+
+class SecAggClient:
+    """One node in one round: :meth:`advertise`, :meth:`share_keys`, :meth:`masked_input`,
+    :meth:`unmask`, in this order, each exactly once."""
+
+    def __init__(self, node_id: int, setup: RoundSetup) -> None:
+        if node_id not in setup.node_ids:
+            raise ProtocolViolation(f"node {node_id} is not among the round's node ids")
+        self.node_id = node_id
+        self.setup = setup
+        self.neighbours = setup.graph[node_id]
+        self._stage = 0
+        self._enc_sk: X25519PrivateKey | None = None
+        self._mask_sk: X25519PrivateKey | None = None
+        self._peers: dict[int, tuple[bytes, bytes]] = {}
+        self._b: bytes | None = None
+        # owner -> (share of owner's b, share of owner's mask key), this node's own included.
+        self._held: dict[int, tuple[bytes, bytes]] = {}
+
+    def _enter(self, stage: int, round_id: int, what: str) -> None:
+        if self._stage != stage:
+            raise ProtocolViolation(
+                f"node {self.node_id}: {what} out of order (stage {stage}, but the node is at "
+                f"stage {self._stage}); a stage runs once per round"
+            )
+        if round_id != self.setup.round_id:
+            raise ProtocolViolation(
+                f"node {self.node_id}: {what} carries round_id {round_id}, this round is "
+                f"{self.setup.round_id} (a replay from another round?)"
+            )
+        self._stage = stage + 1
+
+    def advertise(self) -> KeyAdvert:
+        """Stage 1: two fresh X25519 key pairs, one to encrypt shares, one to agree masks."""
+        self._enter(0, self.setup.round_id, "advertise")
+        self._enc_sk, self._mask_sk = crypto.generate_private_key(), crypto.generate_private_key()
+        return KeyAdvert(
+            self.node_id,
+            self.setup.round_id,
+            crypto.public_bytes(self._enc_sk),
+            crypto.public_bytes(self._mask_sk),
+        )
+
+    def share_keys(self, neighbour_keys: NeighbourKeys) -> ShareBundle:
+        """Stage 3: Shamir-share a fresh self-mask seed and the mask private key among the
+        neighbours that advertised and this node; encrypt each neighbour's shares to it."""
+        self._enter(1, neighbour_keys.round_id, "share_keys")
+        assert self._enc_sk is not None and self._mask_sk is not None
+        peers = dict(neighbour_keys.keys)
+        strangers = sorted(set(peers) - self.neighbours)
+        if strangers:
+            raise ProtocolViolation(
+                f"node {self.node_id}: keys of {strangers}, which are not its neighbours"
+            )
+        t = self.setup.threshold
+        if len(peers) + 1 < t:
+            raise TooFewSurvivorsError(
+                f"node {self.node_id}: only {len(peers)} neighbours advertised keys; its shares "
+                f"need {t - 1} neighbours besides itself (threshold {t})"
+            )
+        self._peers = peers
+        self._b = os.urandom(SEED_BYTES)
+        holders = [*sorted(peers), self.node_id]
+        xs = {self.setup.share_id(h): h for h in holders}
+        b_shares = shamir.split(self._b, t, list(xs))
+        sk_shares = shamir.split(crypto.private_bytes(self._mask_sk), t, list(xs))
+        held = {xs[x]: (b_shares[x], sk_shares[x]) for x in xs}
+        self._held = {self.node_id: held[self.node_id]}
+        ctx = self.setup.context
+        ciphertexts = {}
+        for j, (enc_pub, _) in peers.items():
+            key = crypto.agree(self._enc_sk, enc_pub, crypto.ENC_INFO, ctx)
+            header = self.node_id.to_bytes(8, "big") + j.to_bytes(8, "big")
+            ad = share_associated_data(self.setup, self.node_id, j)
+            ciphertexts[j] = crypto.seal(key, header + held[j][0] + held[j][1], ad)
+        return ShareBundle(self.node_id, self.setup.round_id, ciphertexts)
+
+    def _open_shares(self, forwarded: ForwardedShares) -> None:
+        assert self._enc_sk is not None
+        for j, sealed in forwarded.ciphertexts.items():
+            if j not in self._peers:
+                raise ProtocolViolation(
+                    f"node {self.node_id}: a share from node {j}, which is not a neighbour "
+                    "whose keys it was sent"
+                )
+            key = crypto.agree(self._enc_sk, self._peers[j][0], crypto.ENC_INFO, self.setup.context)
+            try:
+                plain = crypto.open_sealed(
+                    key, sealed, share_associated_data(self.setup, j, self.node_id)
+                )
+            except AuthenticationError as exc:
+                raise AuthenticationError(f"node {self.node_id}: from node {j}: {exc}") from None
+            header = j.to_bytes(8, "big") + self.node_id.to_bytes(8, "big")
+            if len(plain) != SHARE_PLAINTEXT_BYTES or plain[:16] != header:
+                raise ProtocolViolation(f"node {self.node_id}: malformed share from node {j}")
+            cut = 16 + shamir.SHARE_BYTES
+            self._held[j] = (plain[16:cut], plain[cut:])
+
+    def masked_input(
+        self, forwarded: ForwardedShares, vector: npt.ArrayLike, weight: float
+    ) -> MaskedInput:
+        """Stage 5: mask ``concat(vector * weight, [weight])``, quantised.
+
+        Adds ``PRG(b)`` and, for each neighbour ``j`` whose shares arrived, ``+PRG(s_ij)`` if
+        this node's id is smaller, else ``-PRG(s_ij)``. Every forwarded share is decrypted and
+        authenticated first (:class:`AuthenticationError` names the sender). Raises
+        :class:`SecAggError` for a vector of the wrong shape or length, NaN/inf, a negative or
+        non-finite weight, or a value over ``max_abs``.
+        """
+        self._enter(2, forwarded.round_id, "masked_input")
+        assert self._mask_sk is not None and self._b is not None
+        setup, t = self.setup, self.setup.threshold
+        if len(forwarded.ciphertexts) + 1 < t:
+            raise TooFewSurvivorsError(
+                f"node {self.node_id}: shares arrived from only {len(forwarded.ciphertexts)} "
+                f"neighbours; its mask could not be removed with threshold {t}"
+            )
+        x = np.asarray(vector, dtype=np.float64)
+        if x.shape != (setup.vector_length,):
+            raise SecAggError(
+                f"node {self.node_id}: vector has shape {x.shape}, the round expects "
+                f"({setup.vector_length},)"
+            )
+        if not (math.isfinite(weight) and weight >= 0):
+            raise SecAggError(f"node {self.node_id}: weight must be finite and >= 0, got {weight}")
+        bad = np.flatnonzero(~np.isfinite(x))
+        if bad.size:
+            raise SecAggError(f"node {self.node_id}: vector[{bad[0]}] is {float(x[bad[0]])}")
+        self._open_shares(forwarded)
+        try:
+            y = setup.quantizer.encode(np.append(x * weight, weight))
+        except SecAggError as exc:
+            raise SecAggError(
+                f"node {self.node_id}: {exc} (index {setup.vector_length} is the weight)"
+            ) from None
+        m = setup.modulus_bits
+        np.add(y, crypto.expand(self._b, setup.masked_length, m), out=y)
+        for j in forwarded.ciphertexts:
+            seed = crypto.agree(self._mask_sk, self._peers[j][1], crypto.MASK_INFO, setup.context)
+            mask = crypto.expand(seed, setup.masked_length, m)
+            (np.add if self.node_id < j else np.subtract)(y, mask, out=y)
+        if m < 64:
+            np.bitwise_and(y, setup.quantizer.mask, out=y)
+        return MaskedInput(self.node_id, setup.round_id, y)
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskShares:
+        """Stage 7: shares of ``b`` for survivors and of the mask key for dropped nodes.
+
+        Raises :class:`ProtocolViolation` if a node is both survivor and dropped, if this node
+        is listed as dropped or not as survivor, or an id is unknown;
+        :class:`TooFewSurvivorsError` if fewer than ``threshold`` survived;
+        :class:`DisconnectedSurvivorsError` if the survivors are not connected in the graph.
+        """
+        self._enter(3, request.round_id, "unmask")
+        survivors, dropped = set(request.survivors), set(request.dropped)
+        setup, me = self.setup, self.node_id
+        both = sorted(survivors & dropped)
+        if both:
+            raise ProtocolViolation(
+                f"node {me}: refuses to unmask: {both} named both survivor and dropped (the "
+                "server would get both masks of a node and learn its input)"
+            )
+        unknown = sorted((survivors | dropped) - set(setup.node_ids))
+        if unknown or me in dropped or me not in survivors:
+            raise ProtocolViolation(
+                f"node {me}: refuses to unmask: unknown ids {unknown} or itself not a survivor"
+            )
+        if len(survivors) < setup.threshold:
+            raise TooFewSurvivorsError(
+                f"node {me}: refuses to unmask: {len(survivors)} survivors, fewer than the "
+                f"threshold {setup.threshold}"
+            )
+        groups = components(setup.graph, survivors)
+        if len(groups) > 1:
+            raise DisconnectedSurvivorsError(
+                f"node {me}: refuses to unmask: the survivors split into {len(groups)} groups "
+                f"of sizes {[len(g) for g in groups]} joined by no mask"
+            )
+        b_shares = {o: s[0] for o, s in self._held.items() if o in survivors}
+        sk_shares = {o: s[1] for o, s in self._held.items() if o in dropped}
+        self._enc_sk = self._mask_sk = self._b = None
+        self._held, self._peers = {}, {}
+        return UnmaskShares(me, setup.round_id, b_shares, sk_shares)
+
+    def export_state(self) -> Record:
+        """The node's round secrets as a flat record, for a node whose stages run in separate
+        processes (a Flower ClientApp is started afresh for each message).
+
+        Keep it in node-local storage only (Flower's ``Context.state``), never send it, and
+        drop it when the round ends: it holds the node's private keys and self-mask seed.
+        """
+        held = sorted(self._held)
+        peers = sorted(self._peers)
+        return {
+            "node_id": self.node_id,
+            "stage": self._stage,
+            "enc_sk": crypto.private_bytes(self._enc_sk) if self._enc_sk else b"",
+            "mask_sk": crypto.private_bytes(self._mask_sk) if self._mask_sk else b"",
+            "b": self._b or b"",
+            "peer_ids": peers,
+            "peer_enc": [self._peers[j][0] for j in peers],
+            "peer_mask": [self._peers[j][1] for j in peers],
+            "held_owners": held,
+            "held_b": [self._held[o][0] for o in held],
+            "held_sk": [self._held[o][1] for o in held],
+        }
+
+    @classmethod
+    def restore(cls, setup: RoundSetup, state: Mapping[str, Any]) -> SecAggClient:
+        """The client :meth:`export_state` saved, for the same round's ``setup``."""
+        r = RecordReader(state, "SecAggClient state", _STATE_FIELDS)
+        client = cls(r.int_("node_id"), setup)
+        client._stage = r.int_("stage", 0, 4)
+        for name in ("enc_sk", "mask_sk"):
+            raw = r.bytes_(name)
+            key = crypto.load_private_key(raw) if raw else None
+            setattr(client, f"_{name}", key)
+        client._b = r.bytes_("b") or None
+        peers = r.ints("peer_ids")
+        enc = r.bytes_list("peer_enc", count=len(peers))
+        mask = r.bytes_list("peer_mask", count=len(peers))
+        client._peers = {j: (e, m) for j, e, m in zip(peers, enc, mask, strict=True)}
+        owners = r.ints("held_owners")
+        b_shares = r.bytes_list("held_b", count=len(owners))
+        sk_shares = r.bytes_list("held_sk", count=len(owners))
+        client._held = {o: (b, k) for o, b, k in zip(owners, b_shares, sk_shares, strict=True)}
+        return client

@@ -112,7 +112,7 @@ class Coordinator:
             accepted = [r.message for r in replies if r.message is not None]
             if accepted:
                 aggregated, _ = strategy.aggregate_train(server_round, accepted)
-                arrays = aggregated if aggregated is not None else arrays
+                arrays = self.as_model(aggregated) if aggregated is not None else arrays
             metrics = self.evaluate(arrays)
             self._account(state, replies, server_round)
             self._register(arrays, state, server_round, metrics)
@@ -131,6 +131,12 @@ class Coordinator:
                 status = "paused"
                 break
         return self.summary(state, status)
+
+    def as_model(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The arrays in the model's own dtypes (Flower's FedAdam hands back float64)."""
+        model = self.task.build_model()
+        model.load_state_dict(arrays.to_torch_state_dict())
+        return ArrayRecord(model.state_dict())
 
     def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
         model = self.task.build_model()

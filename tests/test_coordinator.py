@@ -140,3 +140,7 @@ def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy
     moved = [not torch.equal(final[k], v) for k, v in initial.to_torch_state_dict().items()]
     assert all(moved)
     assert all(torch.isfinite(t).all() for t in final.values())
+    assert all(t.dtype == torch.float32 for t in final.values())
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    statuses = [r["status"] for e in events if e["event"] == "round" for r in e["replies"]]
+    assert statuses == ["trained"] * 4  # round 2's updates matched round 1's global model

@@ -1,26 +1,27 @@
-"""The institution's ClientApp: decode the round, train privately on local data, reply."""
+"""The institution's ClientApp: train privately on local data; take part in secure aggregation."""
 
 from __future__ import annotations
 
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from fedaiot import secure_node
 from fedaiot.config import RunConfig
 from fedaiot.messages import reply_content
-from fedaiot.node import simulated_partition, train_round
+from fedaiot.node import NodeReply, simulated_partition, train_round
+from fedaiot.secure_wire import unpack
 
 app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def _train(msg: Message, context: Context) -> NodeReply:
     cfg = RunConfig.from_run_config(context.run_config)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     node = f"node-{partition_id}"
     config = msg.content["config"]
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    reply = train_round(
+    return train_round(
         cfg,
         node=node,
         data=simulated_partition(cfg, partition_id, num_partitions),
@@ -30,4 +31,30 @@ def train(msg: Message, context: Context) -> Message:
         ledger_path=cfg.output_path / "ledgers" / f"{node}.json",
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
-    return Message(content=reply_content(reply), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return Message(content=reply_content(_train(msg, context)), reply_to=msg)
+
+
+@app.train("secagg")
+def train_and_advertise(msg: Message, context: Context) -> Message:
+    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+    content = secure_node.advertise(_train(msg, context), arrays, unpack(msg.content), context)
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("secagg_share")
+def share_keys(msg: Message, context: Context) -> Message:
+    return Message(content=secure_node.share_keys(msg.content, context), reply_to=msg)
+
+
+@app.query("secagg_mask")
+def masked_input(msg: Message, context: Context) -> Message:
+    return Message(content=secure_node.masked_input(msg.content, context), reply_to=msg)
+
+
+@app.query("secagg_unmask")
+def unmask(msg: Message, context: Context) -> Message:
+    return Message(content=secure_node.unmask(msg.content, context), reply_to=msg)

@@ -62,6 +62,9 @@ def simulate(
         float, typer.Option(help="fraction of nodes per round")
     ] = _DEFAULT.fraction_train,
     seed: Annotated[int, typer.Option()] = _DEFAULT.seed,
+    secure_aggregation: Annotated[
+        str, typer.Option(help="on: the coordinator sees only the sum (SecAgg+); off: plain")
+    ] = "on",
     output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
     stop_after: Annotated[int, typer.Option(help="pause after this round; rerun to go on")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
@@ -70,18 +73,33 @@ def simulate(
     output = output or Path("runs") / f"{task}-{time.strftime('%Y%m%d-%H%M%S')}"
     if nodes < 1:
         raise fail(f"--nodes must be >= 1, got {nodes}")
+    if secure_aggregation not in ("on", "off"):
+        raise fail(f"--secure-aggregation must be on or off, got {secure_aggregation!r}")
     try:
         cfg = RunConfig.from_run_config(
             {
-                "task": task, "num-rounds": rounds, "epsilon": epsilon, "delta": delta,
-                "private": private, "partitioner": partitioner, "dirichlet-alpha": alpha,
-                "classes-per-node": classes_per_node, "strategy": strategy,
-                "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": lr,
-                "max-grad-norm": max_grad_norm, "fraction-train": fraction, "seed": seed,
-                "min-train-nodes": min(2, nodes), "min-available-nodes": nodes,
-                "output-dir": str(output.resolve()), "stop-after-round": stop_after,
+                "task": task,
+                "num-rounds": rounds,
+                "epsilon": epsilon,
+                "delta": delta,
+                "private": private,
+                "partitioner": partitioner,
+                "dirichlet-alpha": alpha,
+                "classes-per-node": classes_per_node,
+                "strategy": strategy,
+                "local-epochs": local_epochs,
+                "batch-size": batch_size,
+                "learning-rate": lr,
+                "max-grad-norm": max_grad_norm,
+                "fraction-train": fraction,
+                "seed": seed,
+                "min-train-nodes": min(2, nodes),
+                "min-available-nodes": nodes,
+                "secure-aggregation": secure_aggregation == "on",
+                "output-dir": str(output.resolve()),
+                "stop-after-round": stop_after,
             }
-        )  # fmt: skip
+        )
         done = _preflight(cfg, nodes)
     except (ConfigError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
@@ -128,8 +146,15 @@ def _preflight(cfg: RunConfig, nodes: int) -> int:
     """
     from fedaiot.coordinator import resume_point
     from fedaiot.node import simulated_federation
+    from fedaiot.secure_rounds import MIN_NODES
 
     simulated_federation(cfg, nodes)
+    per_round = max(int(nodes * cfg.fraction_train), cfg.min_train_nodes)
+    if cfg.secure_aggregation and per_round < MIN_NODES:
+        raise ValueError(
+            f"secure aggregation needs at least {MIN_NODES} nodes per round, this run has "
+            f"{per_round}: add nodes or use --secure-aggregation off"
+        )
     out = cfg.output_path
     if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not a fedaiot run folder")
@@ -166,8 +191,10 @@ def ledger_verify(paths: list[Path]) -> None:
         recomputed = epsilon_independent(record.history, last.delta)
         gap = abs(recomputed - last.epsilon) / max(last.epsilon, 1e-12)
         worst = max(worst, gap)
-        print(f"{record.node}: reported {last.epsilon:.4f}, recomputed {recomputed:.4f} "
-              f"(relative gap {gap:.2e})")  # fmt: skip
+        print(
+            f"{record.node}: reported {last.epsilon:.4f}, recomputed {recomputed:.4f} "
+            f"(relative gap {gap:.2e})"
+        )
     if not math.isfinite(worst) or worst > 0.01:
         raise fail(f"epsilon disagrees by {worst:.2%} (> 1 %)", EXIT_FAILED)
 

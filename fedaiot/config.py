@@ -61,6 +61,10 @@ class RunConfig(BaseModel):
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
     round_timeout: float = Field(600.0, gt=0)
+    # Secure aggregation (SecAgg+): on by default; threshold 0 picks the protocol's default.
+    secure_aggregation: bool = True
+    secagg_threshold: int = Field(0, ge=0)
+    secagg_timeout: float = Field(120.0, gt=0)
     # Run this many rounds now and pause (0: run to the end); the same config resumes later.
     stop_after_round: int = Field(0, ge=0)
 
@@ -110,7 +114,8 @@ class RunConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """A stable hash of what makes two runs the same run (where and how long excluded)."""
-        fields = self.model_dump(exclude={"output_dir", "round_timeout", "stop_after_round"})
+        volatile = {"output_dir", "round_timeout", "secagg_timeout", "stop_after_round"}
+        fields = self.model_dump(exclude=volatile)
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

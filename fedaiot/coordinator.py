@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -22,6 +22,7 @@ from fedaiot.config import ConfigError, RunConfig
 from fedaiot.journal import Journal
 from fedaiot.messages import ReceivedReply, receive
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.secure_rounds import SecureAggregation, as_strategy_reply
 from fedaiot.tasks import ArrayData, Task, federate, get_task
 from fedaiot.training import evaluate
 
@@ -104,12 +105,15 @@ class Coordinator:
             server_round = state.round + 1
             started = time.perf_counter()
             train_config = ConfigRecord({"run-key": self.run_key})
-            messages = strategy.configure_train(server_round, arrays, train_config, grid)
-            replies = [
-                receive(reply, arrays)
-                for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
-            ]
-            accepted = [r.message for r in replies if r.message is not None]
+            messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
+            if self.cfg.secure_aggregation:
+                accepted, replies, notes = self._secure(grid, messages, arrays)
+            else:
+                replies = [
+                    receive(reply, arrays)
+                    for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+                ]
+                accepted, notes = [r.message for r in replies if r.message is not None], {}
             if accepted:
                 aggregated, _ = strategy.aggregate_train(server_round, accepted)
                 arrays = self.as_model(aggregated) if aggregated is not None else arrays
@@ -123,14 +127,36 @@ class Coordinator:
                 metrics=metrics,
                 seconds=time.perf_counter() - started,
                 replies=[_describe(r) for r in replies],
+                **notes,
             )
-            if replies and not accepted and all(r.status == "refused" for r in replies):
+            if replies and all(r.status == "refused" for r in replies):
                 status = "budget-exhausted"
                 break
             if server_round == self.cfg.stop_after_round < self.cfg.num_rounds:
                 status = "paused"
                 break
         return self.summary(state, status)
+
+    def _secure(
+        self, grid: Grid, messages: list[Message], arrays: ArrayRecord
+    ) -> tuple[list[Message], list[ReceivedReply], dict[str, Any]]:
+        """One securely aggregated round: the strategy gets only the survivors' average.
+
+        A node whose update did not make it into the sum (it dropped out, or the round failed)
+        is recorded as "dropped"; its privacy spend is still accounted.
+        """
+        secure = SecureAggregation(self.cfg, grid).run(messages, arrays)
+        failed = secure.arrays is None
+        replies = [
+            replace(r, status="dropped", problem=secure.error or secure.dropped[r.node])
+            if r.status == "trained" and (failed or r.node in secure.dropped)
+            else r
+            for r in secure.replies
+        ]
+        notes = {"secure_aggregation": {"error": secure.error, "dropped": secure.dropped}}
+        if secure.arrays is None:
+            return [], replies, notes
+        return [as_strategy_reply(secure.arrays, secure.total_weight, messages[0])], replies, notes
 
     def as_model(self, arrays: ArrayRecord) -> ArrayRecord:
         """The arrays in the model's own dtypes (Flower's FedAdam hands back float64)."""
@@ -151,7 +177,7 @@ class Coordinator:
             epsilon = reply.metrics.get("epsilon", math.nan)
             state.nodes[reply.node] = NodePrivacy(
                 id=reply.node,
-                examples=int(reply.metrics.get("num-examples", 0)),
+                examples=_examples(reply.metrics),
                 epsilon=epsilon if math.isfinite(epsilon) else None,
                 delta=reply.metrics.get("delta", self.cfg.delta),
                 noise_multiplier=reply.metrics.get("noise-multiplier", 0.0),
@@ -202,6 +228,11 @@ class Coordinator:
         self.journal.write_summary(summary)
         self.journal.append("end", status=status)
         return summary
+
+
+def _examples(metrics: dict[str, float]) -> int | None:
+    count = metrics.get("num-examples")
+    return int(count) if count is not None and math.isfinite(count) else None
 
 
 def _describe(reply: ReceivedReply) -> dict[str, Any]:

@@ -84,7 +84,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     for node in summary.get("nodes", []):
         nodes.add_row(
             node["id"],
-            str(node["examples"]),
+            "masked" if node["examples"] is None else str(node["examples"]),
             _fmt(node["epsilon"]) if node["epsilon"] is not None else "inf (non-private)",
             f"{node['delta']:g}",
             _fmt(node["noise_multiplier"]),

@@ -40,7 +40,7 @@ class RegistryError(RuntimeError):
 
 class NodePrivacy(BaseModel):
     id: str
-    examples: int
+    examples: int | None  # None under secure aggregation: the count travels masked
     epsilon: float | None  # None for a non-private node
     delta: float
     noise_multiplier: float

@@ -93,11 +93,16 @@ def simulate(
         superlink = _start_superlink(env, http_port, flwr_home, log_file)
         try:
             command = [
-                "flwr", "run", str(project_dir()), "local", "--stream",
-                "--run-config", str(overrides),
+                "flwr",
+                "run",
+                str(project_dir()),
+                "local",
+                "--stream",
+                "--run-config",
+                str(overrides),
                 "--federation-config",
                 f"num-supernodes={num_nodes} client-resources-num-cpus={node_cpus}",
-            ]  # fmt: skip
+            ]
             runner = subprocess.Popen(
                 command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -120,10 +125,18 @@ def _start_superlink(
     env: dict[str, str], http_port: int, home: Path, log_file: Any
 ) -> subprocess.Popen[bytes]:
     command = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--host", "127.0.0.1", "--port", str(http_port),
-        "--database", str(home / "state.db"),
-    ]  # fmt: skip
+        "flower-superlink",
+        "--insecure",
+        "--simulation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(http_port),
+        "--database",
+        str(home / "state.db"),
+    ]
     process = subprocess.Popen(
         command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
     )

@@ -57,10 +57,17 @@ def test_registry_verify_names_the_tampered_version(tmp_path: Path) -> None:
     for round_number in (1, 2):
         version = f"run-r{round_number:04d}"
         manifest = Manifest(
-            version=version, run="run", task="digits", architecture="mlp", input_schema={},
-            round=round_number, metrics={"accuracy": 0.5}, config={}, weights_sha256="",
+            version=version,
+            run="run",
+            task="digits",
+            architecture="mlp",
+            input_schema={},
+            round=round_number,
+            metrics={"accuracy": 0.5},
+            config={},
+            weights_sha256="",
             created=time.time(),
-        )  # fmt: skip
+        )
         registry.register({"w": torch.ones(2)}, manifest)
     assert runner.invoke(app, ["registry", "verify", str(tmp_path)]).exit_code == 0
     weights = tmp_path / "versions" / "run-r0002" / "model.safetensors"

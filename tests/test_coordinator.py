@@ -7,61 +7,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
-from flwr.serverapp import Grid
+from flwr.app import ArrayRecord, Context, Message
 
 from clients.client_app import train
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
 from fedaiot.node import dataset_fingerprint, simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
+from tests.inprocess_grid import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 Handler = Callable[[Message, Context], Message]
-
-
-class InProcessGrid(Grid):
-    """Delivers each message straight to a ClientApp handler, node by node."""
-
-    def __init__(self, cfg: RunConfig, handlers: list[Handler]) -> None:
-        self.cfg, self.handlers = cfg, handlers
-
-    def get_node_ids(self) -> Iterable[int]:
-        return range(100, 100 + len(self.handlers))
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None):
-        replies = []
-        for message in messages:
-            partition = message.metadata.dst_node_id - 100
-            context = Context(
-                run_id=1, node_id=message.metadata.dst_node_id,
-                node_config={"partition-id": partition, "num-partitions": len(self.handlers)},
-                state=RecordDict(), run_config=self.cfg.to_run_config(),
-            )  # fmt: skip
-            replies.append(self.handlers[partition](message, context))
-        return replies
-
-    # the rest of Grid's interface is not used by the coordinator
-    def set_run(self, run_id):
-        raise NotImplementedError  # type: ignore[no-untyped-def]
-
-    @property
-    def run(self):
-        raise NotImplementedError  # type: ignore[no-untyped-def]
-
-    def create_message(self, *a, **k):
-        raise NotImplementedError  # type: ignore[no-untyped-def]
-
-    def push_messages(self, messages):
-        raise NotImplementedError  # type: ignore[no-untyped-def]
-
-    def pull_messages(self, message_ids):
-        raise NotImplementedError  # type: ignore[no-untyped-def]
 
 
 def _poisoned(message: Message, context: Context) -> Message:
@@ -76,9 +37,13 @@ def _poisoned(message: Message, context: Context) -> Message:
 
 def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
     cfg = RunConfig(
-        task="breast-cancer", num_rounds=2, epsilon=1.0, min_available_nodes=3,
+        task="breast-cancer",
+        num_rounds=2,
+        epsilon=1.0,
+        min_available_nodes=3,
+        secure_aggregation=False,
         output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
+    )
     # node-1 arrives with its budget already spent on an earlier run over the same data
     spent = PrivacyLedger(
         cfg.output_path / "ledgers" / "node-1.json",
@@ -108,9 +73,13 @@ def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path:
 
 def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
     cfg = RunConfig(
-        task="breast-cancer", num_rounds=3, epsilon=0.5, min_available_nodes=2,
+        task="breast-cancer",
+        num_rounds=3,
+        epsilon=0.5,
+        min_available_nodes=2,
+        secure_aggregation=False,
         output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
+    )
     for partition in range(2):
         ledger = PrivacyLedger(
             cfg.output_path / "ledgers" / f"node-{partition}.json",
@@ -127,12 +96,17 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy: str) -> None:
     cfg = RunConfig(
-        task="breast-cancer", num_rounds=2, epsilon=2.0, strategy=strategy,  # type: ignore[arg-type]
-        min_available_nodes=2, output_dir=str(tmp_path / "run"),
-    )  # fmt: skip
+        task="breast-cancer",
+        num_rounds=2,
+        epsilon=2.0,
+        strategy=strategy,  # type: ignore[arg-type]
+        min_available_nodes=3,
+        output_dir=str(tmp_path / "run"),
+    )
+    assert cfg.secure_aggregation  # the default path
     coordinator = Coordinator(cfg)
     initial, _ = coordinator.initial_state()
-    summary = coordinator.run_rounds(InProcessGrid(cfg, [train, train]))
+    summary = coordinator.run_rounds(InProcessGrid(cfg, 3))
     assert summary["status"] == "completed"
     versions = coordinator.registry.versions()
     assert versions == ["run-r0001", "run-r0002"]
@@ -143,4 +117,4 @@ def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy
     assert all(t.dtype == torch.float32 for t in final.values())
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     statuses = [r["status"] for e in events if e["event"] == "round" for r in e["replies"]]
-    assert statuses == ["trained"] * 4  # round 2's updates matched round 1's global model
+    assert statuses == ["trained"] * 6  # round 2's updates matched round 1's global model

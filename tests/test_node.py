@@ -42,9 +42,14 @@ def _global(cfg: RunConfig) -> dict[str, torch.Tensor]:
 
 def _round(cfg: RunConfig, data: ArrayData, ledger: Path, server_round: int, run_key: str = "r1"):
     return train_round(
-        cfg, node="node-0", data=data, global_state=_global(cfg), server_round=server_round,
-        run_key=run_key, ledger_path=ledger,
-    )  # fmt: skip
+        cfg,
+        node="node-0",
+        data=data,
+        global_state=_global(cfg),
+        server_round=server_round,
+        run_key=run_key,
+        ledger_path=ledger,
+    )
 
 
 def test_rounds_spend_the_planned_budget_and_the_next_is_refused(

@@ -181,9 +181,14 @@ def test_run_round_in_memory_with_dropouts(restart: bool) -> None:
     vectors = {i: rng.normal(size=100) for i in range(1, 21)}
     weights = {i: 1.0 + i for i in vectors}
     got, total = run_round_in_memory(
-        vectors, weights, drop_before_advert=[1], drop_after_advert=[2], drop_after_shares=[3],
-        drop_after_masked=[4, 5], restart_between_stages=restart,
-    )  # fmt: skip
+        vectors,
+        weights,
+        drop_before_advert=[1],
+        drop_after_advert=[2],
+        drop_after_shares=[3],
+        drop_after_masked=[4, 5],
+        restart_between_stages=restart,
+    )
     alive = [i for i in vectors if i not in (1, 2, 3)]
     _assert_close(got, np.sum([weights[i] * vectors[i] for i in alive], axis=0), len(alive))
     assert total == sum(weights[i] for i in alive)
@@ -209,9 +214,10 @@ def test_too_few_unmask_responses_is_refused() -> None:
 def test_too_few_adverts_is_refused() -> None:
     with pytest.raises(TooFewSurvivorsError, match="threshold"):
         run_round_in_memory(
-            {i: np.zeros(4) for i in range(6)}, dict.fromkeys(range(6), 1.0),
+            {i: np.zeros(4) for i in range(6)},
+            dict.fromkeys(range(6), 1.0),
             drop_before_advert=[0, 1, 2],
-        )  # fmt: skip
+        )
 
 
 def test_survivors_split_in_two_groups_are_refused_by_server_and_clients() -> None:
@@ -300,9 +306,13 @@ def test_wrong_masked_vectors_are_refused() -> None:
 
 @pytest.mark.parametrize(
     ("vector", "weight", "match"),
-    [(np.full(32, np.nan), 1.0, "nan"), (np.full(32, 2e4), 1.0, "over the bound"),
-     (np.ones(32), float("inf"), "weight"), (np.ones(32), 2e4, r"index 32 is the weight")],
-)  # fmt: skip
+    [
+        (np.full(32, np.nan), 1.0, "nan"),
+        (np.full(32, 2e4), 1.0, "over the bound"),
+        (np.ones(32), float("inf"), "weight"),
+        (np.ones(32), 2e4, r"index 32 is the weight"),
+    ],
+)
 def test_bad_inputs_are_refused_by_the_client(
     vector: np.ndarray, weight: float, match: str
 ) -> None:
@@ -386,21 +396,39 @@ def test_every_message_round_trips_through_its_record() -> None:
 @pytest.mark.parametrize(
     ("cls", "record", "match"),
     [
-        (KeyAdvert, {"node_id": 1, "round_id": 2, "enc_public": b"x" * 31,
-                     "mask_public": b"y" * 32}, r"KeyAdvert\.enc_public: expected 32 bytes"),
-        (KeyAdvert, {"node_id": "1", "round_id": 2, "enc_public": b"x" * 32,
-                     "mask_public": b"y" * 32}, r"KeyAdvert\.node_id: expected int"),
-        (ShareBundle, {"node_id": 1, "round_id": 2, "recipients": [3, 4], "ciphertexts": [b""]},
-         r"ShareBundle\.ciphertexts: expected 2 elements"),
-        (MaskedInput, {"node_id": 1, "round_id": 2, "vector": np.zeros(3)},
-         r"MaskedInput\.vector: expected .* uint64"),
-        (UnmaskRequest, {"round_id": 2, "survivors": [1, 1], "dropped": []},
-         r"UnmaskRequest\.survivors: ids must be distinct"),
+        (
+            KeyAdvert,
+            {"node_id": 1, "round_id": 2, "enc_public": b"x" * 31, "mask_public": b"y" * 32},
+            r"KeyAdvert\.enc_public: expected 32 bytes",
+        ),
+        (
+            KeyAdvert,
+            {"node_id": "1", "round_id": 2, "enc_public": b"x" * 32, "mask_public": b"y" * 32},
+            r"KeyAdvert\.node_id: expected int",
+        ),
+        (
+            ShareBundle,
+            {"node_id": 1, "round_id": 2, "recipients": [3, 4], "ciphertexts": [b""]},
+            r"ShareBundle\.ciphertexts: expected 2 elements",
+        ),
+        (
+            MaskedInput,
+            {"node_id": 1, "round_id": 2, "vector": np.zeros(3)},
+            r"MaskedInput\.vector: expected .* uint64",
+        ),
+        (
+            UnmaskRequest,
+            {"round_id": 2, "survivors": [1, 1], "dropped": []},
+            r"UnmaskRequest\.survivors: ids must be distinct",
+        ),
         (UnmaskShares, {"node_id": 1, "round_id": 2}, r"UnmaskShares: missing fields"),
-        (NeighbourKeys, {"round_id": -1, "neighbour_ids": [], "enc_publics": [],
-                         "mask_publics": []}, r"NeighbourKeys\.round_id: -1 is outside"),
+        (
+            NeighbourKeys,
+            {"round_id": -1, "neighbour_ids": [], "enc_publics": [], "mask_publics": []},
+            r"NeighbourKeys\.round_id: -1 is outside",
+        ),
     ],
-)  # fmt: skip
+)
 def test_from_record_names_the_bad_field(cls: Any, record: dict[str, Any], match: str) -> None:
     with pytest.raises(SecAggError, match=match):
         cls.from_record(record)
@@ -408,9 +436,13 @@ def test_from_record_names_the_bad_field(cls: Any, record: dict[str, Any], match
 
 @pytest.mark.parametrize(
     ("kw", "match"),
-    [({"threshold": 3}, "must exceed half"), ({"threshold": 7}, "at most 6"),
-     ({"degree": 3}, "degree 3 is invalid"), ({"max_abs": 1e12}, "could wrap")],
-)  # fmt: skip
+    [
+        ({"threshold": 3}, "must exceed half"),
+        ({"threshold": 7}, "at most 6"),
+        ({"degree": 3}, "degree 3 is invalid"),
+        ({"max_abs": 1e12}, "could wrap"),
+    ],
+)
 def test_setup_refuses_unsafe_parameters(kw: dict[str, Any], match: str) -> None:
     with pytest.raises(SecAggError, match=match):
         RoundSetup.create(list(range(6)), vector_length=4, **kw)

@@ -56,9 +56,18 @@ from fedaiot.secagg.records import Record, RecordReader
 from fedaiot.secagg.setup import RoundSetup
 
 _STATE_FIELDS = (
-    "node_id", "stage", "enc_sk", "mask_sk", "b", "peer_ids", "peer_enc", "peer_mask",
-    "held_owners", "held_b", "held_sk",
-)  # fmt: skip
+    "node_id",
+    "stage",
+    "enc_sk",
+    "mask_sk",
+    "b",
+    "peer_ids",
+    "peer_enc",
+    "peer_mask",
+    "held_owners",
+    "held_b",
+    "held_sk",
+)
 
 SEED_BYTES = 32
 _SHARE_AD_LABEL = b"fedaiot-secagg-share"

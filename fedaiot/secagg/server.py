@@ -234,13 +234,17 @@ class SecAggServer:
         length, m, ctx = setup.masked_length, setup.modulus_bits, setup.context
         total = self._sum.copy()
         for i in sorted(s):
-            shares = {setup.share_id(r.node_id): r.self_mask_shares[i] for r in responses
-                      if i in r.self_mask_shares}  # fmt: skip
+            shares = {
+                setup.share_id(r.node_id): r.self_mask_shares[i]
+                for r in responses
+                if i in r.self_mask_shares
+            }
             b = self._recover(i, "self-mask seed", shares)
             np.subtract(total, crypto.expand(b, length, m), out=total)
         for j in sorted(d):
-            shares = {setup.share_id(r.node_id): r.key_shares[j] for r in responses
-                      if j in r.key_shares}  # fmt: skip
+            shares = {
+                setup.share_id(r.node_id): r.key_shares[j] for r in responses if j in r.key_shares
+            }
             key = crypto.load_private_key(self._recover(j, "mask key", shares))
             if crypto.public_bytes(key) != self._adverts[j].mask_public:
                 raise SecAggError(

@@ -53,9 +53,16 @@ class RoundSetup:
     modulus_bits: int = 64
     max_abs: float = 1e6
     FIELDS: ClassVar[tuple[str, ...]] = (
-        "round_id", "round_nonce", "node_ids", "threshold", "degree", "vector_length",
-        "frac_bits", "modulus_bits", "max_abs",
-    )  # fmt: skip
+        "round_id",
+        "round_nonce",
+        "node_ids",
+        "threshold",
+        "degree",
+        "vector_length",
+        "frac_bits",
+        "modulus_bits",
+        "max_abs",
+    )
 
     def __post_init__(self) -> None:
         ids = self.node_ids

@@ -1,0 +1,202 @@
+"""A securely aggregated round, driven from the ServerApp as Flower message exchanges.
+
+The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as four exchanges with the sampled
+nodes. First the nodes train and advertise their keys, then they share keys, send masked
+inputs and answer the unmask request. The coordinator learns the weighted sum of the surviving
+nodes' updates and their total weight, nothing about any one node's update or example count. A
+node that drops out at any stage is left out by the protocol. A round with fewer survivors than
+the threshold fails cleanly, and the caller keeps the previous global model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedaiot.config import RunConfig
+from fedaiot.messages import ARRAYS, METRICS, ReceivedReply
+from fedaiot.secagg import (
+    KeyAdvert,
+    MaskedInput,
+    RoundSetup,
+    SecAggError,
+    SecAggServer,
+    ShareBundle,
+    UnmaskShares,
+)
+from fedaiot.secure_wire import (
+    MASKED_INPUT,
+    SECAGG,
+    SHARE_KEYS,
+    TRAIN_AND_ADVERTISE,
+    UNMASK,
+    flatten,
+    pack,
+    unflatten,
+    unpack,
+)
+
+# Fixed point with 24 fractional bits in Z_2^64: each node's weighted update is exact to 3e-8;
+# |update x examples| up to 1e8 per coordinate leaves room for 5,000 nodes without wrapping.
+FRAC_BITS, MAX_ABS = 24, 1e8
+MIN_NODES = 3
+
+M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
+
+
+@dataclass
+class SecureRound:
+    """What a round produced: the new global model (None when it failed) and every node's fate."""
+
+    arrays: ArrayRecord | None
+    replies: list[ReceivedReply]
+    total_weight: float = math.nan
+    error: str = ""
+    dropped: dict[str, str] = field(default_factory=dict)
+
+
+class SecureAggregation:
+    """Runs the stages for the nodes ``configure_train`` chose, with ``grid`` as transport."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+        self.cfg, self.grid = cfg, grid
+
+    def run(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
+        flower_ids = [m.metadata.dst_node_id for m in messages]
+        if len(flower_ids) < MIN_NODES:
+            return SecureRound(
+                None,
+                [],
+                error=f"secure aggregation needs at least {MIN_NODES} "
+                f"nodes in a round, {len(flower_ids)} were sampled",
+            )
+        ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids: 1..n
+        self.flower_of = {i: fid for fid, i in ids.items()}
+        self.names = {i: f"node {fid}" for fid, i in ids.items()}  # until the node names itself
+        setup = RoundSetup.create(
+            list(ids.values()),
+            vector_length=sum(a.numpy().size for a in arrays.values()),
+            threshold=self.cfg.secagg_threshold or None,
+            frac_bits=FRAC_BITS,
+            max_abs=MAX_ABS,
+        )
+        server = SecAggServer(setup)
+        replies: list[ReceivedReply] = []
+        try:
+            adverts = self._train(messages, ids, setup, replies)
+            keys = server.collect_adverts(adverts)
+            bundles = self._exchange(SHARE_KEYS, keys, ShareBundle, setup)
+            forwarded = server.collect_shares(bundles)
+            masked = self._exchange(MASKED_INPUT, forwarded, MaskedInput, setup)
+            server.collect_masked(masked)
+            shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
+            weighted_sum, total = server.aggregate(shares)
+        except SecAggError as exc:
+            return SecureRound(None, replies, error=str(exc), dropped=self._dropped(server))
+        average = unflatten(flatten(arrays) + weighted_sum / total, arrays)
+        return SecureRound(average, replies, total, dropped=self._dropped(server))
+
+    def _dropped(self, server: SecAggServer) -> dict[str, str]:
+        return {self.names[i]: why for i, why in server.excluded.items()}
+
+    def _train(
+        self,
+        messages: Sequence[Message],
+        ids: dict[int, int],
+        setup: RoundSetup,
+        replies: list[ReceivedReply],
+    ) -> list[KeyAdvert]:
+        outgoing = []
+        for message in messages:
+            content = RecordDict(
+                {
+                    ARRAYS: message.content[ARRAYS],
+                    "config": message.content["config"],
+                    SECAGG: ConfigRecord(
+                        {**setup.to_record(), "node": ids[message.metadata.dst_node_id]}  # type: ignore[dict-item]
+                    ),
+                }
+            )
+            outgoing.append(
+                Message(
+                    content,
+                    dst_node_id=message.metadata.dst_node_id,
+                    message_type=TRAIN_AND_ADVERTISE,
+                )
+            )
+        adverts = []
+        for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout):
+            received = _received(reply)
+            if reply.metadata.src_node_id in ids and not reply.has_error():
+                self.names[ids[reply.metadata.src_node_id]] = received.node
+            if received.status == "trained":
+                advert = self._parse(reply, KeyAdvert, setup, ids)
+                if advert is None:
+                    received = ReceivedReply(
+                        received.node,
+                        "rejected",
+                        received.metrics,
+                        None,
+                        "malformed key advertisement",
+                    )
+                else:
+                    adverts.append(advert)
+            replies.append(received)
+        return adverts
+
+    def _exchange(
+        self, message_type: str, outbox: dict[int, Any], kind: type[M], setup: RoundSetup
+    ) -> list[M]:
+        """Send each node its message of this stage; the replies that parse and match."""
+        outgoing = [
+            Message(pack(msg.to_record()), dst_node_id=self.flower_of[i], message_type=message_type)
+            for i, msg in outbox.items()
+        ]
+        ids = {fid: i for i, fid in self.flower_of.items()}
+        parsed = (
+            self._parse(reply, kind, setup, ids)
+            for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.secagg_timeout)
+        )
+        return [p for p in parsed if p is not None]
+
+    @staticmethod
+    def _parse(reply: Message, kind: type[M], setup: RoundSetup, ids: dict[int, int]) -> M | None:
+        """A reply as a protocol message, or None (a dropout) if it is an error, malformed,
+        from another round (a replay), or claims another node's protocol id."""
+        if reply.has_error():
+            return None
+        try:
+            parsed = kind.from_record(unpack(reply.content))
+        except (SecAggError, KeyError):
+            return None
+        sender = ids.get(reply.metadata.src_node_id)
+        if parsed.round_id != setup.round_id or parsed.node_id != sender:
+            return None
+        return parsed
+
+
+def _received(reply: Message) -> ReceivedReply:
+    source = f"node {reply.metadata.src_node_id}"
+    if reply.has_error():
+        return ReceivedReply(source, "failed", {}, None, reply.error.reason or "failed")
+    try:
+        info = reply.content.config_records["node"]
+        metrics = {k: float(v) for k, v in reply.content.metric_records[METRICS].items()}  # type: ignore[arg-type]
+        node, status = str(info["id"]), str(info["status"])
+    except (KeyError, TypeError, ValueError) as exc:
+        return ReceivedReply(source, "rejected", {}, None, f"malformed reply: missing {exc}")
+    return ReceivedReply(node, status, metrics, None, str(info.get("reason", "")))
+
+
+def as_strategy_reply(average: ArrayRecord, total_weight: float, request: Message) -> Message:
+    """The securely aggregated average as the single reply a Flower strategy aggregates:
+    FedAvg and FedProx return it as is, FedAdam takes its server-side step from it."""
+    content = RecordDict(
+        {ARRAYS: average, METRICS: MetricRecord({"num-examples": max(total_weight, 1.0)})}
+    )
+    return Message(content, reply_to=request)

@@ -1,0 +1,61 @@
+"""How secure-aggregation messages and model updates travel in Flower records.
+
+Shared by the coordinator's stages (``fedaiot.secure_rounds``) and the node's handlers
+(``fedaiot.secure_node``). A SecAgg message's record becomes a ConfigRecord for its scalars,
+bytes and lists, plus an ArrayRecord for its numpy arrays (Flower stores those without pickle).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+# Message types of the four stages: training comes with the key advertisement.
+TRAIN_AND_ADVERTISE = "train.secagg"
+SHARE_KEYS = "query.secagg_share"
+MASKED_INPUT = "query.secagg_mask"
+UNMASK = "query.secagg_unmask"
+
+SECAGG = "secagg"  # the record names inside a message's RecordDict
+SECAGG_ARRAYS = "secagg-arrays"
+
+
+def pack(record: dict[str, Any], **extra: Any) -> RecordDict:
+    """A SecAgg record (and optional extra records) as a Flower RecordDict."""
+    arrays = {k: v for k, v in record.items() if isinstance(v, np.ndarray)}
+    scalars = {k: v for k, v in record.items() if k not in arrays}
+    content = RecordDict({SECAGG: ConfigRecord(scalars), **extra})
+    if arrays:
+        content[SECAGG_ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return content
+
+
+def unpack(content: RecordDict) -> dict[str, Any]:
+    """The SecAgg record a RecordDict carries (KeyError if it carries none)."""
+    record: dict[str, Any] = dict(content.config_records[SECAGG])
+    if SECAGG_ARRAYS in content.array_records:
+        for name, array in content.array_records[SECAGG_ARRAYS].items():
+            record[name] = array.numpy()
+    return record
+
+
+def flatten(arrays: ArrayRecord) -> npt.NDArray[np.float64]:
+    """All tensors of a model, in the record's key order, as one float64 vector."""
+    return np.concatenate([a.numpy().astype(np.float64).ravel() for a in arrays.values()])
+
+
+def unflatten(vector: npt.NDArray[np.float64], like: ArrayRecord) -> ArrayRecord:
+    """The inverse of :func:`flatten`, with ``like``'s shapes and dtypes."""
+    out: dict[str, npt.NDArray[Any]] = {}
+    offset = 0
+    for name, array in like.items():
+        reference = array.numpy()
+        size = reference.size
+        out[name] = vector[offset : offset + size].reshape(reference.shape).astype(reference.dtype)
+        offset += size
+    if offset != vector.size:
+        raise ValueError(f"vector of {vector.size} values for a model of {offset} parameters")
+    return ArrayRecord({k: Array(v) for k, v in out.items()})

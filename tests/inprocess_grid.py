@@ -1,0 +1,89 @@
+"""A Flower Grid that delivers messages in-process to the real ClientApp handlers (no Ray).
+
+Each node keeps one Context across messages, as a SuperNode does, so the secure-aggregation
+stages find their state. A handler that raises becomes an error reply, as in Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from clients import client_app
+from fedaiot.config import RunConfig
+
+Handler = Callable[[Message, Context], Message]
+ROUTES: dict[str, Handler] = {
+    "train": client_app.train,
+    "train.secagg": client_app.train_and_advertise,
+    "query.secagg_share": client_app.share_keys,
+    "query.secagg_mask": client_app.masked_input,
+    "query.secagg_unmask": client_app.unmask,
+}
+FIRST_ID = 100
+
+
+class InProcessGrid(Grid):
+    """``handlers[i]`` overrides node i's handler for a message type; ``None`` drops the reply."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        nodes: int | list[Handler],
+        *,
+        overrides: dict[tuple[int, str], Handler | None] | None = None,
+    ) -> None:
+        if isinstance(nodes, list):  # one train handler per node, for plain rounds
+            self.overrides = {(i, "train"): h for i, h in enumerate(nodes)}
+            count = len(nodes)
+        else:
+            self.overrides, count = {}, nodes
+        self.overrides.update(overrides or {})
+        self.contexts = [
+            Context(
+                run_id=1,
+                node_id=FIRST_ID + i,
+                node_config={"partition-id": i, "num-partitions": count},
+                state=RecordDict(),
+                run_config=cfg.to_run_config(),
+            )
+            for i in range(count)
+        ]
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(FIRST_ID, FIRST_ID + len(self.contexts))
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        replies = []
+        for message in messages:
+            index = message.metadata.dst_node_id - FIRST_ID
+            kind = message.metadata.message_type
+            handler = self.overrides.get((index, kind), ROUTES[kind])
+            if handler is None:
+                continue  # the node dropped out
+            try:
+                replies.append(handler(message, self.contexts[index]))
+            except Exception as exc:
+                replies.append(Message(Error(code=1, reason=repr(exc)), reply_to=message))
+        return replies
+
+    # the rest of Grid's interface is not used by the coordinator
+    def set_run(self, run_id: int) -> None:
+        raise NotImplementedError
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+        raise NotImplementedError

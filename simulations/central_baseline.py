@@ -31,9 +31,16 @@ from fedaiot.training import (
 
 
 def central_accuracy(
-    task_name: str, epsilon: float | None, *, epochs: int, batch_size: int, lr: float,
-    max_grad_norm: float, seed: int, delta: float = 1e-5,
-) -> tuple[float, float]:  # fmt: skip
+    task_name: str,
+    epsilon: float | None,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    max_grad_norm: float,
+    seed: int,
+    delta: float = 1e-5,
+) -> tuple[float, float]:
     """Test accuracy and epsilon spent of central training (``epsilon=None``: non-private)."""
     task = get_task(task_name)
     fed = federate(task, 1, partitioner="iid", seed=seed)
@@ -51,9 +58,14 @@ def central_accuracy(
         steps = epochs * batches_per_epoch(len(pool), batch_size)
         sigma = plan_noise(target_epsilon=epsilon, delta=delta, sample_rate=q, steps=steps)
         outcome = train_private(
-            model, pool, schedule, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-            history=[], seed=seed,
-        )  # fmt: skip
+            model,
+            pool,
+            schedule,
+            noise_multiplier=sigma,
+            max_grad_norm=max_grad_norm,
+            history=[],
+            seed=seed,
+        )
         spent = epsilon_spent(outcome.history, delta)
     return evaluate(model, fed.test, positive_class=task.positive_class)["accuracy"], spent
 
@@ -75,11 +87,16 @@ def main() -> None:
     for epsilon in settings:
         accuracies = [
             central_accuracy(
-                args.task, epsilon, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                max_grad_norm=args.max_grad_norm, seed=seed,
+                args.task,
+                epsilon,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                max_grad_norm=args.max_grad_norm,
+                seed=seed,
             )[0]
             for seed in track(range(args.seeds), description=f"epsilon {epsilon or 'inf'}")
-        ]  # fmt: skip
+        ]
         rows.append(
             {"epsilon": epsilon, "median": statistics.median(accuracies), "runs": accuracies}
         )

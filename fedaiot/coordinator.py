@@ -153,7 +153,10 @@ class Coordinator:
             else r
             for r in secure.replies
         ]
-        notes = {"secure_aggregation": {"error": secure.error, "dropped": secure.dropped}}
+        notes = {
+            "secure_aggregation": {"error": secure.error, "dropped": secure.dropped},
+            "stage_seconds": secure.seconds,
+        }
         if secure.arrays is None:
             return [], replies, notes
         return [as_strategy_reply(secure.arrays, secure.total_weight, messages[0])], replies, notes

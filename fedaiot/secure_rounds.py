@@ -11,6 +11,7 @@ the threshold fails cleanly, and the caller keeps the previous global model.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -58,6 +59,7 @@ class SecureRound:
     total_weight: float = math.nan
     error: str = ""
     dropped: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
 
 class SecureAggregation:
@@ -87,19 +89,34 @@ class SecureAggregation:
         )
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
+        self.laps: dict[str, float] = {}
+        self._clock = time.perf_counter()
         try:
             adverts = self._train(messages, ids, setup, replies)
+            self._lap("train")
             keys = server.collect_adverts(adverts)
             bundles = self._exchange(SHARE_KEYS, keys, ShareBundle, setup)
             forwarded = server.collect_shares(bundles)
+            self._lap("share")
             masked = self._exchange(MASKED_INPUT, forwarded, MaskedInput, setup)
             server.collect_masked(masked)
+            self._lap("mask")
             shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
             weighted_sum, total = server.aggregate(shares)
+            self._lap("unmask")
         except SecAggError as exc:
-            return SecureRound(None, replies, error=str(exc), dropped=self._dropped(server))
+            return SecureRound(
+                None, replies, error=str(exc), dropped=self._dropped(server), seconds=self.laps
+            )
         average = unflatten(flatten(arrays) + weighted_sum / total, arrays)
-        return SecureRound(average, replies, total, dropped=self._dropped(server))
+        return SecureRound(
+            average, replies, total, dropped=self._dropped(server), seconds=self.laps
+        )
+
+    def _lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage] = now - self._clock
+        self._clock = now
 
     def _dropped(self, server: SecAggServer) -> dict[str, str]:
         return {self.names[i]: why for i, why in server.excluded.items()}

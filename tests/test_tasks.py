@@ -277,3 +277,14 @@ def test_unknown_task_lists_choices() -> None:
     assert message.startswith("unknown task 'mnist': choose one of ")
     for name in TASKS:
         assert name in message
+
+
+def test_synthetic_tasks_have_the_requested_size() -> None:
+    for parameters in (100_000, 1_000_000):
+        model = get_task(f"synthetic-{parameters}").build_model()
+        count = sum(p.numel() for p in model.parameters())
+        assert abs(count - parameters) / parameters < 0.001
+    with pytest.raises(UnknownTaskError, match="1,000 to 50,000,000"):
+        get_task("synthetic-10")
+    with pytest.raises(UnknownTaskError, match="synthetic-<parameters>"):
+        get_task("synthetic-many")

@@ -6,6 +6,8 @@ from fedaiot.tasks.base import ArrayData, DataUnavailableError, FederatedData, T
 from fedaiot.tasks.images import DIGITS, FASHION_MNIST
 from fedaiot.tasks.partition import PARTITIONERS, PartitionerName, federate
 from fedaiot.tasks.sensors import ACSF1, BASIC_MOTIONS
+from fedaiot.tasks.synthetic import PREFIX as SYNTHETIC_PREFIX
+from fedaiot.tasks.synthetic import synthetic_task
 from fedaiot.tasks.tabular import BREAST_CANCER
 
 
@@ -20,11 +22,16 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     """The registered task called ``name``; raises UnknownTaskError listing the choices."""
-    try:
+    if name in TASKS:
         return TASKS[name]
-    except KeyError:
-        choices = ", ".join(TASKS)
-        raise UnknownTaskError(f"unknown task {name!r}: choose one of {choices}") from None
+    size = name.removeprefix(SYNTHETIC_PREFIX)
+    if name.startswith(SYNTHETIC_PREFIX) and size.isdigit():
+        try:
+            return synthetic_task(int(size))
+        except ValueError as exc:
+            raise UnknownTaskError(f"task {name!r}: {exc}") from None
+    choices = ", ".join([*TASKS, f"{SYNTHETIC_PREFIX}<parameters>"])
+    raise UnknownTaskError(f"unknown task {name!r}: choose one of {choices}")
 
 
 __all__ = [

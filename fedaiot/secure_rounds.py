@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -90,6 +90,7 @@ class SecureAggregation:
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
         self.laps: dict[str, float] = {}
+        self.problems: dict[int, str] = {}
         self._clock = time.perf_counter()
         try:
             adverts = self._train(messages, ids, setup, replies)
@@ -119,7 +120,8 @@ class SecureAggregation:
         self._clock = now
 
     def _dropped(self, server: SecAggServer) -> dict[str, str]:
-        return {self.names[i]: why for i, why in server.excluded.items()}
+        reasons = {**server.excluded, **self.problems}
+        return {self.names[i]: why for i, why in reasons.items()}
 
     def _train(
         self,
@@ -154,13 +156,8 @@ class SecureAggregation:
             if received.status == "trained":
                 advert = self._parse(reply, KeyAdvert, setup, ids)
                 if advert is None:
-                    received = ReceivedReply(
-                        received.node,
-                        "rejected",
-                        received.metrics,
-                        None,
-                        "malformed key advertisement",
-                    )
+                    problem = self.problems.get(ids.get(reply.metadata.src_node_id, -1), "")
+                    received = replace(received, status="rejected", problem=problem)
                 else:
                     adverts.append(advert)
             replies.append(received)
@@ -181,18 +178,38 @@ class SecureAggregation:
         )
         return [p for p in parsed if p is not None]
 
-    @staticmethod
-    def _parse(reply: Message, kind: type[M], setup: RoundSetup, ids: dict[int, int]) -> M | None:
-        """A reply as a protocol message, or None (a dropout) if it is an error, malformed,
-        from another round (a replay), or claims another node's protocol id."""
+    def _parse(
+        self, reply: Message, kind: type[M], setup: RoundSetup, ids: dict[int, int]
+    ) -> M | None:
+        """A reply as a protocol message, or None when the node is to be treated as dropped:
+        an error, a malformed record, a message of another round (a replay) or one claiming
+        another node's id. The reason is kept in ``self.problems``."""
+        sender = ids.get(reply.metadata.src_node_id)
+        if sender is None:
+            return None
+        what = kind.__name__
         if reply.has_error():
+            self.problems[sender] = f"{what}: the node failed: {reply.error.reason}"
             return None
         try:
             parsed = kind.from_record(unpack(reply.content))
-        except (SecAggError, KeyError):
+        except (SecAggError, KeyError) as exc:
+            self.problems[sender] = f"rejected {what}: {exc}"
             return None
-        sender = ids.get(reply.metadata.src_node_id)
-        if parsed.round_id != setup.round_id or parsed.node_id != sender:
+        if parsed.round_id != setup.round_id:
+            self.problems[sender] = (
+                f"rejected {what}: round id {parsed.round_id} is not this round's "
+                f"{setup.round_id} (a replayed message?)"
+            )
+            return None
+        if parsed.node_id != sender:
+            self.problems[sender] = f"rejected {what}: claims to come from node {parsed.node_id}"
+            return None
+        if isinstance(parsed, MaskedInput) and parsed.vector.shape != (setup.masked_length,):
+            self.problems[sender] = (
+                f"rejected {what}: vector of {parsed.vector.size} values, the round expects "
+                f"{setup.masked_length}"
+            )
             return None
         return parsed
 

@@ -80,3 +80,38 @@ def test_below_threshold_the_round_fails_and_the_model_is_kept(tmp_path: Path) -
     assert all(r["status"] == "dropped" for r in events[1]["replies"])
     # every node still spent its privacy on the rounds it trained
     assert all(n["epsilon"] > 0 and n["rounds"] == 0 for n in summary["nodes"])
+
+
+def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_path: Path) -> None:
+    from clients import client_app
+    from fedaiot.secure_wire import SECAGG_ARRAYS
+
+    cfg = _cfg(tmp_path, "tamper", num_rounds=2)
+    recorded: list = []
+
+    def replaying(message, context):  # type: ignore[no-untyped-def]
+        reply = client_app.masked_input(message, context)
+        recorded.append(reply.content)
+        if len(recorded) > 1:  # round 2: send round 1's masked input again
+            return type(reply)(content=recorded[0], reply_to=message)
+        return reply
+
+    def truncating(message, context):  # type: ignore[no-untyped-def]
+        from flwr.app import Array, ArrayRecord
+
+        reply = client_app.masked_input(message, context)
+        vector = reply.content.array_records[SECAGG_ARRAYS]["vector"].numpy()
+        reply.content[SECAGG_ARRAYS] = ArrayRecord({"vector": Array(vector[:-1].copy())})
+        return reply
+
+    overrides = {(1, "query.secagg_mask"): replaying, (2, "query.secagg_mask"): truncating}
+    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    first, second = (e for e in events if e["event"] == "round")
+    assert "expects" in first["secure_aggregation"]["dropped"]["node-2"]
+    assert "node-1" not in first["secure_aggregation"]["dropped"]
+    assert "replayed" in second["secure_aggregation"]["dropped"]["node-1"]
+    assert first["secure_aggregation"]["error"] == second["secure_aggregation"]["error"] == ""
+    statuses = {r["node"]: r["status"] for r in second["replies"]}
+    assert statuses["node-1"] == statuses["node-2"] == "dropped"
+    assert statuses["node-0"] == "trained"

@@ -49,6 +49,11 @@ def test_three_nodes_two_rounds_paused_then_resumed(tmp_path: Path) -> None:
 
     # no round repeated, none lost, across the pause
     assert _journal_rounds(run) == [1, 2]
+    # securely aggregated (the default): no errors, no node's example count in the clear
+    rounds = [json.loads(x) for x in (run / "journal.jsonl").read_text().splitlines()]
+    secure = [e["secure_aggregation"] for e in rounds if e["event"] == "round"]
+    assert secure == [{"error": "", "dropped": {}}] * 2
+    assert all(node["examples"] is None for node in summary["nodes"])
     registry = ModelRegistry(run / "registry")
     assert registry.versions() == ["bc-r0001", "bc-r0002"]
     assert registry.refs()["latest"] == "bc-r0002" == summary["model_version"]

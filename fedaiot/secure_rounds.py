@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedaiot.config import RunConfig
+from fedaiot.config import ConfigError, RunConfig
 from fedaiot.messages import ARRAYS, METRICS, ReceivedReply
 from fedaiot.secagg import (
     KeyAdvert,
@@ -71,11 +71,9 @@ class SecureAggregation:
     def run(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
         flower_ids = [m.metadata.dst_node_id for m in messages]
         if len(flower_ids) < MIN_NODES:
-            return SecureRound(
-                None,
-                [],
-                error=f"secure aggregation needs at least {MIN_NODES} "
-                f"nodes in a round, {len(flower_ids)} were sampled",
+            raise ConfigError(
+                f"secure aggregation needs at least {MIN_NODES} nodes in a round, "
+                f"{len(flower_ids)} were sampled: add nodes or set secure-aggregation=false"
             )
         ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids: 1..n
         self.flower_of = {i: fid for fid, i in ids.items()}

@@ -1,7 +1,9 @@
 """What secure aggregation costs per round, measured side by side through Flower's simulation.
 
 For each (nodes, parameters) it runs the same ``fedaiot simulate`` twice, with secure
-aggregation on and off (task ``synthetic-<P>``, IID partitions, DP-SGD at epsilon 3). It reports
+aggregation on and off (task ``synthetic-<P>``, IID partitions; plain local SGD unless
+``--dp``, so that the rounds are mostly aggregation, as in
+``bench_flower_secaggplus.py``, the reference). It reports
 the median round time of rounds 2 and later, since round 1 pays for Ray and the actors to start,
 and the ratio of the two. It also reports the time of each secure stage and the bytes each node
 sends in a round. The bytes come from the protocol's own records, counted in an in-memory round
@@ -29,12 +31,15 @@ from rich.table import Table
 from fedaiot.secagg import RoundTrace, run_round_in_memory
 
 
-def run(nodes: int, params: int, rounds: int, secure: bool, folder: Path) -> dict[str, Any]:
+def run(
+    nodes: int, params: int, rounds: int, secure: bool, folder: Path, dp: bool
+) -> dict[str, Any]:
     out = folder / f"n{nodes}-p{params}-{'on' if secure else 'off'}"
     command = [
         sys.executable, "-m", "fedaiot", "simulate", "--task", f"synthetic-{params}",
         "--nodes", str(nodes), "--rounds", str(rounds), "--partitioner", "iid",
         "--secure-aggregation", "on" if secure else "off", "--output", str(out), "--json",
+        "--dp" if dp else "--no-dp",
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
@@ -63,6 +68,12 @@ def main() -> None:
     parser.add_argument("--params", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--dp",
+        action="store_true",
+        help="train with DP-SGD (default: plain SGD, so that the "
+        "round time is mostly aggregation, as in Flower's reference benchmark)",
+    )
     args = parser.parse_args()
 
     console = Console(stderr=True)
@@ -71,8 +82,8 @@ def main() -> None:
         for params in args.params:
             for nodes in args.nodes:
                 console.print(f"{nodes} nodes, {params:,} parameters ...")
-                on = run(nodes, params, args.rounds, True, Path(tmp))
-                off = run(nodes, params, args.rounds, False, Path(tmp))
+                on = run(nodes, params, args.rounds, True, Path(tmp), args.dp)
+                off = run(nodes, params, args.rounds, False, Path(tmp), args.dp)
                 secure_bytes, plain_bytes = bytes_per_node(nodes, params)
                 ratio = on["round"] / off["round"] if "round" in on and "round" in off else None
                 rows.append({"nodes": nodes, "params": params, "secure": on, "plain": off,

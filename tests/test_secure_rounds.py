@@ -115,3 +115,11 @@ def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_pat
     statuses = {r["node"]: r["status"] for r in second["replies"]}
     assert statuses["node-1"] == statuses["node-2"] == "dropped"
     assert statuses["node-0"] == "trained"
+
+
+def test_too_few_nodes_for_secure_aggregation_fail_the_run_clearly(tmp_path: Path) -> None:
+    from fedaiot.config import ConfigError
+
+    cfg = _cfg(tmp_path, "two", min_available_nodes=2)
+    with pytest.raises(ConfigError, match="at least 3 nodes in a round, 2 were sampled"):
+        Coordinator(cfg).run_rounds(InProcessGrid(cfg, 2))

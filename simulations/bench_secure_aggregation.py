@@ -106,7 +106,7 @@ def main() -> None:
             f"{row['ratio']:.2f}" if row["ratio"] else "-", stages,
             f"{row['bytes_secure']:,.0f}", f"{row['bytes_plain']:,.0f}",
         )  # fmt: skip
-    Console().print(table)
+    Console(width=200).print(table)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,11 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from fedaiot.secagg import crypto, shamir
 from fedaiot.secagg.errors import (
     AuthenticationError,
-    DisconnectedSurvivorsError,
     ProtocolViolation,
     SecAggError,
     TooFewSurvivorsError,
 )
-from fedaiot.secagg.graph import components
+from fedaiot.secagg.graph import check_unmask_safe
 from fedaiot.secagg.messages import (
     SHARE_PLAINTEXT_BYTES,
     ForwardedShares,
@@ -247,17 +246,8 @@ class SecAggClient:
             raise ProtocolViolation(
                 f"node {me}: refuses to unmask: unknown ids {unknown} or itself not a survivor"
             )
-        if len(survivors) < setup.threshold:
-            raise TooFewSurvivorsError(
-                f"node {me}: refuses to unmask: {len(survivors)} survivors, fewer than the "
-                f"threshold {setup.threshold}"
-            )
-        groups = components(setup.graph, survivors)
-        if len(groups) > 1:
-            raise DisconnectedSurvivorsError(
-                f"node {me}: refuses to unmask: the survivors split into {len(groups)} groups "
-                f"of sizes {[len(g) for g in groups]} joined by no mask"
-            )
+        who = f"node {me} refuses to unmask"
+        check_unmask_safe(setup.graph, survivors, setup.threshold, who, len(setup.node_ids))
         b_shares = {o: s[0] for o, s in self._held.items() if o in survivors}
         sk_shares = {o: s[1] for o, s in self._held.items() if o in dropped}
         self._enc_sk = self._mask_sk = self._b = None

@@ -22,10 +22,10 @@ complete graph (``k = n - 1``) for small ``n``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from fedaiot.secagg.crypto import GRAPH_INFO, expand, hkdf
-from fedaiot.secagg.errors import SecAggError
+from fedaiot.secagg.errors import DisconnectedSurvivorsError, SecAggError, TooFewSurvivorsError
 
 Graph = dict[int, frozenset[int]]
 COMPLETE_UP_TO = 8
@@ -99,3 +99,25 @@ def components(graph: Graph, nodes: Iterable[int]) -> list[list[int]]:
         out.append(sorted(seen))
     out.sort(key=lambda c: (-len(c), c))
     return out
+
+
+def check_unmask_safe(
+    graph: Graph, survivors: Collection[int], threshold: int, who: str, total: int
+) -> None:
+    """Refuse to unmask when it would reveal less than one sum over every survivor.
+
+    Both the server and each node check this (a node must not rely on the server): fewer than
+    ``threshold`` survivors, or survivors split into groups joined by no mask.
+    """
+    if len(survivors) < threshold:
+        raise TooFewSurvivorsError(
+            f"{who}: {len(survivors)} of {total} nodes sent a masked input, fewer than the "
+            f"threshold {threshold}"
+        )
+    groups = components(graph, survivors)
+    if len(groups) > 1:
+        raise DisconnectedSurvivorsError(
+            f"{who}: the {len(survivors)} survivors split into groups of sizes "
+            f"{[len(g) for g in groups]} joined by no mask; unmasking would reveal each "
+            "group's sum"
+        )

@@ -27,12 +27,11 @@ import numpy.typing as npt
 
 from fedaiot.secagg import crypto, shamir
 from fedaiot.secagg.errors import (
-    DisconnectedSurvivorsError,
     ProtocolViolation,
     SecAggError,
     TooFewSurvivorsError,
 )
-from fedaiot.secagg.graph import components
+from fedaiot.secagg.graph import check_unmask_safe
 from fedaiot.secagg.messages import (
     SHARE_CIPHERTEXT_BYTES,
     ForwardedShares,
@@ -178,19 +177,9 @@ class SecAggServer:
     def unmask_request(self) -> dict[int, UnmaskRequest]:
         """Stage 6: ask every survivor for its shares; raise if unmasking would not be safe."""
         self._enter(3, "unmask_request")
-        t, s = self.setup.threshold, self.survivors
-        if len(s) < t:
-            raise TooFewSurvivorsError(
-                f"server: {len(s)} of {len(self.setup.node_ids)} nodes sent a masked input, "
-                f"fewer than the threshold {t}"
-            )
-        groups = components(self.graph, s)
-        if len(groups) > 1:
-            raise DisconnectedSurvivorsError(
-                f"server: the {len(s)} survivors split into groups of sizes "
-                f"{[len(g) for g in groups]} joined by no mask; unmasking would reveal each "
-                "group's sum, so the round is abandoned"
-            )
+        s = self.survivors
+        total = len(self.setup.node_ids)
+        check_unmask_safe(self.graph, s, self.setup.threshold, "server", total)
         survivors, dropped = sorted(s), sorted(self.sharers - s)
         return {i: UnmaskRequest(self.setup.round_id, survivors, dropped) for i in survivors}
 

@@ -10,7 +10,7 @@ import hashlib
 import math
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,7 +39,6 @@ class NodeReply:
     metrics: dict[str, float]
     state: StateDict | None = None
     reason: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def dataset_fingerprint(data: ArrayData) -> str:

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedaiot.cli_serve import register as register_serving
 from fedaiot.config import ConfigError, RunConfig
 from fedaiot.journal import jsonable
 
@@ -232,6 +233,9 @@ def registry_verify(root: Path) -> None:
             err.print(f"[red]bad[/]\t{exc}", highlight=False)
     if problems:
         raise typer.Exit(EXIT_FAILED)
+
+
+register_serving(app)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -92,7 +92,7 @@ class Coordinator:
         versions = self.registry.versions(run=self.run)
         best = max(self.registry.manifest(v).metrics.get("accuracy", -math.inf) for v in versions)
         state = RunState(manifest.round, {n.id: n for n in manifest.nodes}, best)
-        return ArrayRecord(weights), state
+        return self.as_model(ArrayRecord(weights)), state  # the model's own key order
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
         arrays, state = self.initial_state()

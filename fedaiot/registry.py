@@ -6,11 +6,18 @@ Layout::
       refs.json                     {"latest": "<version>", "best": "<version>"}
       versions/<version>/model.safetensors
       versions/<version>/manifest.json
+      versions/<version>/manifest.sig   (when registered with a signing key)
 
 A version is written into a temporary folder and renamed into place, so a reader never sees
 half of one, and an existing version is never overwritten. Loading checks the manifest's
 SHA-256 of the weights file before anything is deserialised; safetensors holds tensors only, so
 no code is ever unpickled from the registry.
+
+Signing: a registry given an Ed25519 private key (or, when none is given, the PEM file named by
+``$FEDAIOT_SIGNING_KEY``) writes ``manifest.sig`` next to each manifest: the hex Ed25519
+signature over the exact ``manifest.json`` bytes (see ``fedaiot.signing``). The manifest holds
+the weights' SHA-256, so the signature covers the weights too. ``verify`` and
+``load(version, public_key)`` refuse an unsigned or wrongly signed version.
 """
 
 from __future__ import annotations
@@ -25,13 +32,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
+
+from fedaiot import signing
 
 MANIFEST_FORMAT = "fedaiot-model/1"
 WEIGHTS = "model.safetensors"
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 
 
 class RegistryError(RuntimeError):
@@ -75,17 +87,31 @@ def version_name(run: str, round_number: int) -> str:
 
 
 class ModelRegistry:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, signing_key: Ed25519PrivateKey | None = None) -> None:
+        """``signing_key`` signs every registered version; without one, the key file named by
+        ``$FEDAIOT_SIGNING_KEY`` does (read at the first registration), if that is set."""
         self.root = Path(root)
+        self._signing_key = signing_key
+
+    def _signer(self) -> Ed25519PrivateKey | None:
+        if self._signing_key is None and os.environ.get(signing.SIGNING_KEY_ENV):
+            try:
+                path = Path(os.environ[signing.SIGNING_KEY_ENV])
+                self._signing_key = signing.load_private_key(path)
+            except signing.SigningError as exc:
+                raise RegistryError(f"${signing.SIGNING_KEY_ENV}: {exc}") from None
+        return self._signing_key
 
     def _dir(self, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
+        bad = not version or any(c in version for c in "/\\\0") or version.startswith(".")
+        if bad:
             raise RegistryError(f"invalid model version name {version!r}")
         return self.root / "versions" / version
 
     def register(self, state: Mapping[str, torch.Tensor], manifest: Manifest) -> Manifest:
         """Write weights and manifest (its hash filled in) as a new version."""
         final = self._dir(manifest.version)
+        key = self._signer()
         if final.exists():
             raise RegistryError(f"model version {manifest.version} already exists in {self.root}")
         (self.root / "versions").mkdir(parents=True, exist_ok=True)
@@ -96,36 +122,71 @@ class ModelRegistry:
             manifest = manifest.model_copy(
                 update={"weights_sha256": sha256_file(staging / WEIGHTS)}
             )
-            (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            manifest_bytes = manifest.model_dump_json(indent=2).encode()
+            (staging / MANIFEST).write_bytes(manifest_bytes)
+            if key is not None:
+                (staging / SIGNATURE).write_text(signing.sign(key, manifest_bytes))
             os.rename(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return manifest
 
-    def manifest(self, version: str) -> Manifest:
+    def _manifest_bytes(self, version: str) -> bytes:
         path = self._dir(version) / MANIFEST
         if not path.exists():
             raise RegistryError(f"model version {version} not found in {self.root}")
+        return path.read_bytes()
+
+    def _parse(self, version: str, data: bytes) -> Manifest:
         try:
-            return Manifest.model_validate_json(path.read_bytes())
+            return Manifest.model_validate_json(data)
         except (ValidationError, ValueError) as exc:
+            path = self._dir(version) / MANIFEST
             raise RegistryError(f"corrupt manifest {path}: {str(exc).splitlines()[0]}") from None
 
-    def load(self, version: str) -> tuple[dict[str, torch.Tensor], Manifest]:
-        """Weights and manifest of a version, after checking the weights against their hash."""
-        manifest = self.manifest(version)
+    def manifest(self, version: str) -> Manifest:
+        return self._parse(version, self._manifest_bytes(version))
+
+    def verify(self, version: str, public_key: Ed25519PublicKey) -> Manifest:
+        """The version's manifest, parsed from the very bytes whose signature was checked."""
+        data = self._manifest_bytes(version)
+        sig = self._dir(version) / SIGNATURE
+        if not sig.exists():
+            raise RegistryError(f"model version {version} is unsigned (no {SIGNATURE})")
+        try:
+            signing.verify(public_key, data, sig.read_text(errors="replace"))
+        except signing.SigningError as exc:
+            raise RegistryError(f"model version {version}: bad manifest signature: {exc}") from None
+        manifest = self._parse(version, data)
+        if manifest.version != version:
+            raise RegistryError(
+                f"model version {version}: its signed manifest names version {manifest.version}"
+            )
+        return manifest
+
+    def load(
+        self, version: str, public_key: Ed25519PublicKey | None = None
+    ) -> tuple[dict[str, torch.Tensor], Manifest]:
+        """Weights and manifest of a version, after checking the weights against their hash
+        (and, with ``public_key``, the manifest's signature first)."""
+        manifest = (
+            self.verify(version, public_key) if public_key is not None else self.manifest(version)
+        )
         weights = self._dir(version) / WEIGHTS
         if not weights.exists():
             raise RegistryError(f"model version {version}: weights file {weights} is missing")
-        actual = sha256_file(weights)
+        data = weights.read_bytes()  # hashed and parsed from the same bytes
+        actual = hashlib.sha256(data).hexdigest()
         if actual != manifest.weights_sha256:
             raise RegistryError(
                 f"model version {version}: weights hash mismatch (manifest "
                 f"{manifest.weights_sha256[:12]}, file {actual[:12]}): file corrupt or tampered"
             )
         try:
-            return load_file(str(weights)), manifest
+            tensors = load_safetensors(data)
+            # In key order, as safetensors' load_file gives them (resuming relies on it).
+            return {key: tensors[key] for key in sorted(tensors)}, manifest
         except (SafetensorError, OSError) as exc:
             raise RegistryError(f"model version {version}: unreadable weights: {exc}") from None
 

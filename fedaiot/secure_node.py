@@ -38,7 +38,7 @@ def advertise(
     setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
     client = SecAggClient(int(setup_record["node"]), setup)  # type: ignore[call-overload]
     advert = client.advertise()
-    update = flatten(ArrayRecord(reply.state)) - flatten(global_arrays)
+    update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
     context.state[_UPDATE] = ConfigRecord(

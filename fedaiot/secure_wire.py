@@ -42,9 +42,11 @@ def unpack(content: RecordDict) -> dict[str, Any]:
     return record
 
 
-def flatten(arrays: ArrayRecord) -> npt.NDArray[np.float64]:
-    """All tensors of a model, in the record's key order, as one float64 vector."""
-    return np.concatenate([a.numpy().astype(np.float64).ravel() for a in arrays.values()])
+def flatten(arrays: ArrayRecord, order: ArrayRecord | None = None) -> npt.NDArray[np.float64]:
+    """All tensors of a model as one float64 vector, in ``order``'s key order (default: the
+    record's own). Node and coordinator must flatten in the same order: pass the global model."""
+    keys = list((order or arrays).keys())
+    return np.concatenate([arrays[k].numpy().astype(np.float64).ravel() for k in keys])
 
 
 def unflatten(vector: npt.NDArray[np.float64], like: ArrayRecord) -> ArrayRecord:

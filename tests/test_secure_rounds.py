@@ -123,3 +123,16 @@ def test_too_few_nodes_for_secure_aggregation_fail_the_run_clearly(tmp_path: Pat
     cfg = _cfg(tmp_path, "two", min_available_nodes=2)
     with pytest.raises(ConfigError, match="at least 3 nodes in a round, 2 were sampled"):
         Coordinator(cfg).run_rounds(InProcessGrid(cfg, 2))
+
+
+def test_flatten_follows_the_global_models_key_order() -> None:
+    from flwr.app import ArrayRecord
+
+    from fedaiot.secure_wire import flatten, unflatten
+
+    forward = ArrayRecord({"a": torch.zeros(2), "b": torch.ones(3)})
+    backward = ArrayRecord({"b": torch.ones(3), "a": torch.zeros(2)})  # same model, other order
+    assert (flatten(backward, order=forward) == flatten(forward)).all()
+    assert not (flatten(backward) == flatten(forward)).all()
+    rebuilt = unflatten(flatten(backward, order=forward), forward)
+    assert list(rebuilt.keys()) == ["a", "b"]

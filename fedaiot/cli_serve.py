@@ -1,0 +1,188 @@
+"""``fedaiot keys``, ``fedaiot token issue`` and ``fedaiot serve``: the inference service's CLI.
+
+Startup problems (no model in the registry, a missing key, a port in use, bad settings) are
+reported on one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+
+from fedaiot.signing import PRIVATE_KEY_FILE, SIGNING_KEY_ENV
+
+EXIT_STARTUP = 2
+_TTL = re.compile(r"^(\d+)\s*([smhd]?)$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_TTL_SECONDS = 366 * 86400
+
+token_app = typer.Typer(no_args_is_help=True, help="Issue bearer tokens for the service.")
+
+
+def _fail(message: str, code: int = EXIT_STARTUP) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def parse_ttl(text: str) -> int:
+    """Seconds in ``3600``, ``90s``, ``15m``, ``8h`` or ``30d``."""
+    match = _TTL.match(text.strip())
+    if not match:
+        raise ValueError(f"--ttl {text!r}: use seconds or a number with s, m, h or d (e.g. 8h)")
+    seconds = int(match.group(1)) * _UNITS[match.group(2)]
+    if not 0 < seconds <= MAX_TTL_SECONDS:
+        raise ValueError(f"--ttl must be between 1 second and 366 days, got {seconds} s")
+    return seconds
+
+
+def keys(
+    directory: Annotated[Path, typer.Option("--dir", help="where to write the key pair")] = Path(
+        "keys"
+    ),
+    force: Annotated[bool, typer.Option(help="replace an existing key pair")] = False,
+) -> None:
+    """Create the coordinator's Ed25519 key pair (signs models and tokens)."""
+    from fedaiot.signing import SigningError, generate_keypair, key_id, load_public_key
+
+    try:
+        private, public = generate_keypair(directory, force=force)
+    except (SigningError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    print(f"private key {private} (mode 0600: keep it on the coordinator)")
+    print(f"public key  {public} (key id {key_id(load_public_key(public))})")
+    print(f"sign registered models: export {SIGNING_KEY_ENV}={private.resolve()}")
+
+
+@token_app.command("issue")
+def token_issue(
+    role: Annotated[str, typer.Option(help="clinician, device, auditor or admin")],
+    subject: Annotated[str, typer.Option(help="who the token is for (the audit log's 'who')")],
+    ttl: Annotated[str, typer.Option(help="lifetime: seconds, or e.g. 15m, 8h, 30d")] = "1h",
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"private key (default ${SIGNING_KEY_ENV}, else keys/{PRIVATE_KEY_FILE})"
+        ),
+    ] = None,
+    issuer: Annotated[str, typer.Option()] = "fedaiot",
+    audience: Annotated[str, typer.Option()] = "fedaiot-serving",
+) -> None:
+    """Print a bearer token (JWT, EdDSA) signed with the coordinator's key."""
+    from fedaiot.serving.auth import issue_token
+    from fedaiot.signing import SigningError, load_private_key
+
+    key = key or Path(os.environ.get(SIGNING_KEY_ENV) or Path("keys") / PRIVATE_KEY_FILE)
+    try:
+        seconds = parse_ttl(ttl)
+        token = issue_token(
+            load_private_key(key),
+            subject=subject,
+            role=role,
+            ttl_seconds=seconds,
+            issuer=issuer,
+            audience=audience,
+        )
+    except (SigningError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(time.time() + seconds))
+    print(f"token for {subject} as {role}, expires {expires}", file=sys.stderr)
+    print(token)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket, or a one-line error (port in use, unknown host)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise _fail(f"cannot resolve host {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise _fail(f"port {port} on {host} is already in use") from None
+        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(
+    registry: Annotated[
+        Path | None, typer.Option(help="model registry (env FEDAIOT_SERVE_REGISTRY)")
+    ] = None,
+    public_key: Annotated[
+        Path | None, typer.Option(help="coordinator's public key: verifies tokens and models")
+    ] = None,
+    jwks_url: Annotated[
+        str | None, typer.Option(help="OpenID Connect JWKS URL, instead of local tokens")
+    ] = None,
+    model_public_key: Annotated[
+        Path | None, typer.Option(help="key that verifies models (default --public-key)")
+    ] = None,
+    issuer: Annotated[str | None, typer.Option(help="expected token issuer")] = None,
+    audience: Annotated[str | None, typer.Option(help="expected token audience")] = None,
+    audit_db: Annotated[
+        str | None, typer.Option(help="SQLite path or sqlite:/// URL (default <registry>/audit)")
+    ] = None,
+    max_batch: Annotated[int | None, typer.Option(help="largest batch (default 256)")] = None,
+    torch_threads: Annotated[
+        int | None, typer.Option(help="torch intra-op threads (default 1)")
+    ] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn's log level")] = "info",
+    access_log: Annotated[bool, typer.Option(help="uvicorn's access log")] = False,
+) -> None:
+    """Serve the registry's model over HTTP: role-gated, audited, hot-swappable."""
+    import uvicorn
+
+    from fedaiot.serving.app import ServingStartupError, create_app
+    from fedaiot.serving.settings import ServingSettings, settings_error
+
+    try:
+        settings = ServingSettings.from_env(
+            registry=registry,
+            public_key=public_key,
+            jwks_url=jwks_url,
+            model_public_key=model_public_key,
+            issuer=issuer,
+            audience=audience,
+            audit_db=audit_db,
+            max_batch=max_batch,
+            torch_threads=torch_threads,
+        )
+    except ValidationError as exc:
+        raise _fail(settings_error(exc)) from None
+    except ValueError as exc:  # a malformed JSON environment variable
+        raise _fail(f"invalid serving settings: {exc}") from None
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    try:
+        app = create_app(settings)
+    except ServingStartupError as exc:
+        raise _fail(str(exc)) from None
+    sock = _listen(host, port)
+    version = app.state.holder.current.version
+    print(f"fedaiot serve: model {version} on http://{host}:{port}", file=sys.stderr)
+    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``keys``, ``token issue`` and ``serve`` to the ``fedaiot`` command."""
+    app.command("keys")(keys)
+    app.add_typer(token_app, name="token")
+    app.command("serve")(serve)

@@ -23,6 +23,7 @@ from fedaiot.journal import Journal
 from fedaiot.messages import ReceivedReply, receive
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.secure_rounds import SecureAggregation, as_strategy_reply
+from fedaiot.strategy_state import load_moments, save_moments
 from fedaiot.tasks import ArrayData, Task, federate, get_task
 from fedaiot.training import evaluate
 
@@ -97,8 +98,14 @@ class Coordinator:
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
         arrays, state = self.initial_state()
         strategy = build_strategy(self.cfg)
+        moments = self.cfg.output_path / "strategy.safetensors"
+        restored = state.round > 0 and load_moments(strategy, moments, state.round)
         self.journal.append(
-            "start", run=self.run, rounds=self.cfg.num_rounds, resumed_after=state.round
+            "start",
+            run=self.run,
+            rounds=self.cfg.num_rounds,
+            resumed_after=state.round,
+            strategy_state_restored=restored,
         )
         status = "completed"
         while state.round < self.cfg.num_rounds:
@@ -120,6 +127,7 @@ class Coordinator:
             metrics = self.evaluate(arrays)
             self._account(state, replies, server_round)
             self._register(arrays, state, server_round, metrics)
+            save_moments(strategy, moments, server_round)
             state.round = server_round
             self.journal.append(
                 "round",

@@ -118,3 +118,33 @@ def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     statuses = [r["status"] for e in events if e["event"] == "round" for r in e["replies"]]
     assert statuses == ["trained"] * 6  # round 2's updates matched round 1's global model
+
+
+def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+    def cfg(name: str, stop: int = 0) -> RunConfig:
+        return RunConfig(
+            task="breast-cancer",
+            num_rounds=3,
+            epsilon=2.0,
+            strategy="fedadam",
+            secure_aggregation=False,
+            min_available_nodes=3,
+            stop_after_round=stop,
+            output_dir=str(tmp_path / name),
+        )
+
+    whole = Coordinator(cfg("run"))
+    whole.run_rounds(InProcessGrid(cfg("run"), 3))
+    expected, _ = whole.registry.load("run-r0003")
+
+    # the same run, stopped after round 1 and resumed by a new coordinator (a restart)
+    Coordinator(cfg("split", stop=1)).run_rounds(InProcessGrid(cfg("split", stop=1), 3))
+    resumed = Coordinator(cfg("split"))
+    summary = resumed.run_rounds(InProcessGrid(cfg("split"), 3))
+    assert summary["rounds"] == 3
+    got, _ = resumed.registry.load("split-r0003")
+    for name, tensor in expected.items():
+        assert torch.allclose(got[name], tensor, atol=1e-5), name
+    events = [json.loads(line) for line in (tmp_path / "split" / "journal.jsonl").open()]
+    starts = [e for e in events if e["event"] == "start"]
+    assert [s["strategy_state_restored"] for s in starts] == [False, True]

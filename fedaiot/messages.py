@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -36,8 +36,12 @@ class ReceivedReply:
     problem: str = ""
 
 
-def receive(message: Message, reference: ArrayRecord) -> ReceivedReply:
-    """Classify one reply; an update that could corrupt the global model is rejected here."""
+def read_reply(message: Message) -> ReceivedReply:
+    """Who replied, with what status, metrics and reason; the update itself is not checked.
+
+    An error reply is "failed" and a reply without the node's record or metrics "rejected"
+    (both without ``message``); otherwise the status is the node's own and ``message`` is set.
+    """
     source = f"node {message.metadata.src_node_id}"
     if message.has_error():
         return ReceivedReply(source, "failed", {}, None, message.error.reason or "failed")
@@ -48,12 +52,22 @@ def receive(message: Message, reference: ArrayRecord) -> ReceivedReply:
         node, status = str(info["id"]), str(info["status"])
     except (KeyError, TypeError, ValueError) as exc:
         return ReceivedReply(source, "rejected", {}, None, f"malformed reply: missing {exc}")
-    if status == "refused":
-        return ReceivedReply(node, "refused", metrics, None, str(info.get("reason", "")))
-    problem = _update_problem(content, metrics, reference)
+    return ReceivedReply(node, status, metrics, message, str(info.get("reason", "")))
+
+
+def receive(message: Message, reference: ArrayRecord) -> ReceivedReply:
+    """Classify one reply; an update that could corrupt the global model is rejected here."""
+    reply = read_reply(message)
+    if reply.message is None:
+        return reply
+    if reply.status == "refused":
+        return replace(reply, message=None)
+    problem = _update_problem(message.content, reply.metrics, reference)
     if problem:
-        return ReceivedReply(node, "rejected", metrics, None, f"{node}: {problem}")
-    return ReceivedReply(node, "trained", metrics, message)
+        return ReceivedReply(
+            reply.node, "rejected", reply.metrics, None, f"{reply.node}: {problem}"
+        )
+    return ReceivedReply(reply.node, "trained", reply.metrics, message)
 
 
 def _update_problem(content: RecordDict, metrics: dict[str, float], reference: ArrayRecord) -> str:

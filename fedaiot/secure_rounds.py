@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedaiot.config import ConfigError, RunConfig
-from fedaiot.messages import ARRAYS, METRICS, ReceivedReply
+from fedaiot.messages import ARRAYS, METRICS, ReceivedReply, read_reply
 from fedaiot.secagg import (
     KeyAdvert,
     MaskedInput,
@@ -148,7 +148,7 @@ class SecureAggregation:
             )
         adverts = []
         for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout):
-            received = _received(reply)
+            received = replace(read_reply(reply), message=None)
             if reply.metadata.src_node_id in ids and not reply.has_error():
                 self.names[ids[reply.metadata.src_node_id]] = received.node
             if received.status == "trained":
@@ -210,19 +210,6 @@ class SecureAggregation:
             )
             return None
         return parsed
-
-
-def _received(reply: Message) -> ReceivedReply:
-    source = f"node {reply.metadata.src_node_id}"
-    if reply.has_error():
-        return ReceivedReply(source, "failed", {}, None, reply.error.reason or "failed")
-    try:
-        info = reply.content.config_records["node"]
-        metrics = {k: float(v) for k, v in reply.content.metric_records[METRICS].items()}  # type: ignore[arg-type]
-        node, status = str(info["id"]), str(info["status"])
-    except (KeyError, TypeError, ValueError) as exc:
-        return ReceivedReply(source, "rejected", {}, None, f"malformed reply: missing {exc}")
-    return ReceivedReply(node, status, metrics, None, str(info.get("reason", "")))
 
 
 def as_strategy_reply(average: ArrayRecord, total_weight: float, request: Message) -> Message:

@@ -134,17 +134,11 @@ def train_round(
         spent = ledger.epsilon(cfg.delta)
         return _refusal(node, len(data), cfg, spent, f"{node}: {exc}", started)
 
-    history = ledger.read().history
-    spent = epsilon_spent(history, cfg.delta)
     step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-    after = epsilon_spent([*history, step], cfg.delta)
-    if after > cfg.epsilon:
-        reason = (
-            f"{node}: privacy budget exhausted: this round would raise epsilon from "
-            f"{spent:.3f} to {after:.3f}, over the budget of {cfg.epsilon:.3f} "
-            f"(delta {cfg.delta:g})"
-        )
-        return _refusal(node, len(data), cfg, spent, reason, started)
+    try:
+        history, epsilon = _charge(ledger, cfg, step, run_key, server_round, len(data))
+    except _OverBudget as exc:
+        return _refusal(node, len(data), cfg, exc.spent, f"{node}: {exc}", started)
 
     outcome = train_private(
         model,
@@ -155,25 +149,71 @@ def train_round(
         history=history,
         seed=seed,
     )
-    epsilon = epsilon_spent(outcome.history, cfg.delta)
-    with ledger.update() as record:
-        record.history = outcome.history
-        record.rounds.append(
-            RoundEntry(
-                run=run_key,
-                round=server_round,
-                noise_multiplier=plan.noise_multiplier,
-                sample_rate=plan.sample_rate,
-                steps=outcome.steps,
-                epsilon=epsilon,
-                delta=cfg.delta,
-                examples=len(data),
-            )
+    if outcome.steps != plan.steps_per_round:  # Poisson loaders take a fixed number of steps
+        raise RuntimeError(
+            f"{node}: trained {outcome.steps} steps, {plan.steps_per_round} were accounted"
         )
     metrics = _metrics(len(data), outcome.loss, epsilon, cfg.delta, plan.noise_multiplier, started)
     metrics["sample-rate"] = plan.sample_rate
     metrics["steps"] = float(outcome.steps)
     return NodeReply("trained", node, len(data), metrics, outcome.state)
+
+
+class _OverBudget(Exception):
+    def __init__(self, message: str, spent: float) -> None:
+        super().__init__(message)
+        self.spent = spent
+
+
+def _with_step(
+    history: list[tuple[float, float, int]], step: tuple[float, float, int]
+) -> list[tuple[float, float, int]]:
+    """The history after ``step``, merged into the last entry as Opacus' accountant does."""
+    if history and history[-1][:2] == step[:2]:
+        return [*history[:-1], (step[0], step[1], history[-1][2] + step[2])]
+    return [*history, step]
+
+
+def _charge(
+    ledger: PrivacyLedger,
+    cfg: RunConfig,
+    step: tuple[float, float, int],
+    run_key: str,
+    server_round: int,
+    examples: int,
+) -> tuple[list[tuple[float, float, int]], float]:
+    """Check the round against the budget and write it into the ledger before training.
+
+    Charging first, under the ledger's lock, means that two runs drawing on one node's budget
+    (or anything else appending to the ledger meanwhile) can never both pass the check with
+    the same remaining budget, and a node that crashes mid-round has already paid for it.
+    Returns the history before this round, and epsilon after it.
+    """
+    with ledger.update() as record:
+        spent = epsilon_spent(record.history, cfg.delta)
+        after = epsilon_spent(_with_step(record.history, step), cfg.delta)
+        if after > cfg.epsilon:
+            raise _OverBudget(
+                f"privacy budget exhausted: this round would raise epsilon from "
+                f"{spent:.3f} to {after:.3f}, over the budget of {cfg.epsilon:.3f} "
+                f"(delta {cfg.delta:g})",
+                spent,
+            )  # raised inside the lock: nothing is written
+        before = list(record.history)
+        record.history = _with_step(record.history, step)
+        record.rounds.append(
+            RoundEntry(
+                run=run_key,
+                round=server_round,
+                noise_multiplier=step[0],
+                sample_rate=step[1],
+                steps=step[2],
+                epsilon=after,
+                delta=cfg.delta,
+                examples=examples,
+            )
+        )
+    return before, after
 
 
 def _metrics(

@@ -123,3 +123,27 @@ def test_non_private_mode_trains_without_accounting(
     assert reply.status == "trained"
     assert math.isinf(reply.metrics["epsilon"])
     assert not (tmp_path / "node-0.json").exists()
+
+
+def test_spend_written_by_another_party_between_rounds_is_kept_and_counted(
+    cfg: RunConfig, data: ArrayData, tmp_path: Path
+) -> None:
+    from fedaiot.node import dataset_fingerprint
+    from fedaiot.privacy.ledger import PrivacyLedger
+
+    ledger = tmp_path / "node-0.json"
+    _round(cfg, data, ledger, 1)
+    other_study = (10.0, 0.2, 5)  # another run over the same data spends from the same budget
+    shared = PrivacyLedger(ledger, node="node-0", dataset=dataset_fingerprint(data))
+    with shared.update() as record:
+        record.history.append(other_study)
+    reply = _round(cfg, data, ledger, 2)
+    assert reply.status == "trained"
+    assert other_study in _history(ledger)  # not overwritten by the node's own accounting
+    assert reply.metrics["epsilon"] == pytest.approx(epsilon_spent(_history(ledger), cfg.delta))
+
+    with shared.update() as record:  # now the other study spends nearly all that is left
+        record.history.append((0.8, 1.0, 10))
+    refused = _round(cfg, data, ledger, 3)
+    assert refused.status == "refused"
+    assert "privacy budget exhausted" in refused.reason

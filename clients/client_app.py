@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedaiot import secure_node
+from fedaiot import faults, secure_node
 from fedaiot.config import RunConfig
 from fedaiot.messages import reply_content
 from fedaiot.node import NodeReply, simulated_partition, train_round
@@ -21,6 +21,7 @@ def _train(msg: Message, context: Context) -> NodeReply:
     node = f"node-{partition_id}"
     config = msg.content["config"]
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+    faults.inject(cfg, node, int(config["server-round"]))  # type: ignore[arg-type]
     return train_round(
         cfg,
         node=node,

@@ -67,6 +67,10 @@ class RunConfig(BaseModel):
     secagg_timeout: float = Field(120.0, gt=0)
     # Run this many rounds now and pause (0: run to the end); the same config resumes later.
     stop_after_round: int = Field(0, ge=0)
+    # Simulated faults for operational scenarios (fedaiot.faults); all off in a real deployment.
+    fault_drop_rate: float = Field(0.0, ge=0, lt=1)
+    fault_straggler_rate: float = Field(0.0, ge=0, le=1)
+    fault_straggler_delay: float = Field(0.0, ge=0)
 
     output_dir: str = "runs/flwr-run"
 

@@ -1,0 +1,60 @@
+"""Simulated faults: deterministic draws, and a coordinator that carries on without the nodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedaiot import faults
+from fedaiot.config import RunConfig
+from fedaiot.coordinator import Coordinator
+from tests.inprocess_grid import FIRST_ID, InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+def test_drop_draws_are_deterministic_and_follow_the_rate() -> None:
+    cfg = RunConfig(fault_drop_rate=0.3)
+    draws = [faults.drops_out(cfg, f"node-{n}", r) for n in range(50) for r in range(1, 21)]
+    assert draws == [faults.drops_out(cfg, f"node-{n}", r) for n in range(50) for r in range(1, 21)]
+    assert 0.25 < sum(draws) / len(draws) < 0.35
+    assert not any(faults.drops_out(RunConfig(), f"node-{n}", 1) for n in range(50))
+
+
+def test_dropped_nodes_are_recorded_and_secure_rounds_go_on_without_them(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        task="breast-cancer",
+        num_rounds=3,
+        epsilon=1.0,
+        min_available_nodes=6,
+        min_train_nodes=6,
+        secure_aggregation=True,
+        fault_drop_rate=0.3,
+        output_dir=str(tmp_path / "run"),
+    )
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 6))
+    assert summary["status"] == "completed"
+    rounds = [
+        json.loads(line)
+        for line in (cfg.output_path / "journal.jsonl").read_text().splitlines()
+        if '"round"' in line
+    ]
+    dropped = {
+        (r, n) for r in range(1, 4) for n in range(6) if faults.drops_out(cfg, f"node-{n}", r)
+    }
+    assert dropped  # the seed gives this scenario at least one dropout
+    seen = {
+        (entry["round"], reply["node"])
+        for entry in rounds
+        for reply in entry["replies"]
+        if reply["status"] != "trained"
+    }
+    # a node that failed without a word is known to the coordinator by its Flower id only
+    assert seen == {(r, f"node {FIRST_ID + n}") for r, n in dropped}
+    # a node that dropped out spent nothing that round; the others were charged once per round
+    for node in summary["nodes"]:
+        index = int(node["id"].removeprefix("node-"))
+        trained = sum(1 for r in range(1, 4) if (r, index) not in dropped)
+        assert node["rounds"] == trained

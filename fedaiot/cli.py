@@ -101,7 +101,9 @@ def simulate(
                 "stop-after-round": stop_after,
             }
         )
-        done = _preflight(cfg, nodes)
+        from fedaiot.simulation import preflight
+
+        done = preflight(cfg, nodes)
     except (ConfigError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
 
@@ -138,29 +140,6 @@ def simulate(
             console.print(table)
     if outcome.status == "budget-exhausted":
         raise fail("every node refused to train: their privacy budgets are spent", EXIT_BUDGET)
-
-
-def _preflight(cfg: RunConfig, nodes: int) -> int:
-    """Refuse what would only fail later inside Flower, with the same clear message.
-
-    Returns how many rounds of this run are already registered (0 for a new run).
-    """
-    from fedaiot.coordinator import resume_point
-    from fedaiot.node import simulated_federation
-    from fedaiot.secure_rounds import MIN_NODES
-
-    simulated_federation(cfg, nodes)
-    per_round = max(int(nodes * cfg.fraction_train), cfg.min_train_nodes)
-    if cfg.secure_aggregation and per_round < MIN_NODES:
-        raise ValueError(
-            f"secure aggregation needs at least {MIN_NODES} nodes per round, this run has "
-            f"{per_round}: add nodes or use --secure-aggregation off"
-        )
-    out = cfg.output_path
-    if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not a fedaiot run folder")
-    resumed = resume_point(cfg)
-    return resumed[1].round if resumed else 0
 
 
 @ledger_app.command("show")

@@ -12,22 +12,11 @@ import argparse
 import json
 import statistics
 
-import numpy as np
-import torch
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from fedaiot.privacy.accounting import epsilon_spent, plan_noise
-from fedaiot.tasks import ArrayData, federate, get_task
-from fedaiot.training import (
-    LocalSchedule,
-    batches_per_epoch,
-    evaluate,
-    sample_rate,
-    train_plain,
-    train_private,
-)
+from fedaiot.experiments.central import train_central
 
 
 def central_accuracy(
@@ -39,35 +28,18 @@ def central_accuracy(
     lr: float,
     max_grad_norm: float,
     seed: int,
-    delta: float = 1e-5,
 ) -> tuple[float, float]:
     """Test accuracy and epsilon spent of central training (``epsilon=None``: non-private)."""
-    task = get_task(task_name)
-    fed = federate(task, 1, partitioner="iid", seed=seed)
-    pool = ArrayData(
-        np.concatenate([p.x for p in fed.partitions]), np.concatenate([p.y for p in fed.partitions])
+    outcome = train_central(
+        task_name,
+        epsilon,
+        epochs=epochs,
+        batch_size=batch_size,
+        learning_rate=lr,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
     )
-    torch.manual_seed(seed)
-    model = task.build_model()
-    schedule = LocalSchedule(epochs=epochs, batch_size=batch_size, learning_rate=lr)
-    if epsilon is None:
-        train_plain(model, pool, schedule, seed=seed)
-        spent = float("inf")
-    else:
-        q = sample_rate(len(pool), batch_size)
-        steps = epochs * batches_per_epoch(len(pool), batch_size)
-        sigma = plan_noise(target_epsilon=epsilon, delta=delta, sample_rate=q, steps=steps)
-        outcome = train_private(
-            model,
-            pool,
-            schedule,
-            noise_multiplier=sigma,
-            max_grad_norm=max_grad_norm,
-            history=[],
-            seed=seed,
-        )
-        spent = epsilon_spent(outcome.history, delta)
-    return evaluate(model, fed.test, positive_class=task.positive_class)["accuracy"], spent
+    return outcome.metrics["accuracy"], outcome.epsilon
 
 
 def main() -> None:

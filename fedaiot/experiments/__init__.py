@@ -1,0 +1,1 @@
+"""Experiments: sweeps over privacy, federation and faults, their baselines, attacks and report."""

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from fedaiot.cli_serve import register as register_serving
+from fedaiot.cli_sweep import register as register_sweep
 from fedaiot.config import ConfigError, RunConfig
 from fedaiot.journal import jsonable
 
@@ -215,6 +216,7 @@ def registry_verify(root: Path) -> None:
 
 
 register_serving(app)
+register_sweep(app)
 
 
 def _terminate(signum: int, frame: object) -> None:

@@ -75,11 +75,13 @@ class Scenario(BaseModel):
     exhaust_after_round: int = Field(1, ge=1)
 
     def run_config(self) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "fault-drop-rate": self.drop_rate,
-            "fault-straggler-rate": self.straggler_rate,
-            "fault-straggler-delay": self.straggler_delay,
-        }
+        """Only what differs from a fault-free run, so that the control equals a grid point."""
+        values: dict[str, Any] = {}
+        if self.drop_rate:
+            values["fault-drop-rate"] = self.drop_rate
+        if self.straggler_rate:
+            values["fault-straggler-rate"] = self.straggler_rate
+            values["fault-straggler-delay"] = self.straggler_delay
         if self.round_timeout is not None:
             values["round-timeout"] = self.round_timeout
             values["secagg-timeout"] = self.round_timeout

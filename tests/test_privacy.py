@@ -50,6 +50,15 @@ def test_independent_recomputation_agrees_within_one_percent() -> None:
     assert abs(ours - theirs) / ours < 0.01
 
 
+def test_cached_accounting_equals_opacus_accountant_exactly() -> None:
+    """The per-step RDP cache changes the cost, never the number."""
+    for history in ([(1.1, 0.1, 50)], [(1.1, 0.1, 50), (2.3, 0.25, 12), (1.1, 0.1, 7)]):
+        reference = RDPAccountant()
+        reference.history = list(history)
+        for _ in range(2):  # the second call is served from the cache
+            assert epsilon_spent(history, DELTA) == reference.get_epsilon(delta=DELTA)
+
+
 def test_ledger_restored_between_rounds_equals_one_uninterrupted_accountant(tmp_path: Path) -> None:
     """k rounds with the accountant saved to disk and rebuilt each round == one accountant."""
     sigma, q, steps, rounds = 1.3, 0.125, 8, 5

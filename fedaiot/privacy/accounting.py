@@ -18,10 +18,13 @@ What the caller must do for this to hold:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
+import numpy as np
 from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 
 # (noise multiplier, sample rate, steps), exactly Opacus' accountant history format.
 HistoryEntry = tuple[float, float, int]
@@ -31,13 +34,34 @@ class BudgetExhaustedError(RuntimeError):
     """The next planned training would spend more than the node's privacy budget."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sigma: float, sample_rate: float) -> np.ndarray:
+    """One step's RDP at Opacus' orders: the costly part (about 0.2 s for the fractional ones).
+
+    Every node of a run asks for the same few (sigma, q) pairs, and ``plan_noise`` bisects
+    through the same sigmas for nodes of equal size, so a cache makes accounting almost free
+    after a process's first node instead of seconds for every newly sampled node.
+    """
+    rdp = privacy_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
 def epsilon_spent(history: Sequence[HistoryEntry], delta: float) -> float:
-    """Epsilon of the composed history at ``delta`` (0 for an empty history)."""
+    """Epsilon of the composed history at ``delta`` (0 for an empty history).
+
+    Exactly Opacus' ``RDPAccountant.get_epsilon`` (RDP is linear in the steps and adds up over
+    the history), with the per-step RDP cached.
+    """
     if not history:
         return 0.0
-    accountant = RDPAccountant()
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(accountant.get_epsilon(delta=delta))
+    rdp = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
+    epsilon, _ = privacy_analysis.get_privacy_spent(
+        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+    )
+    return float(epsilon)
 
 
 def plan_noise(

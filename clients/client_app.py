@@ -7,6 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fedaiot import faults, secure_node
 from fedaiot.config import RunConfig
+from fedaiot.deploy.node_round import DATA_PATH, NodeSettings, deployed_round
 from fedaiot.messages import reply_content
 from fedaiot.node import NodeReply, simulated_partition, train_round
 from fedaiot.secure_wire import unpack
@@ -16,6 +17,11 @@ app = ClientApp()
 
 def _train(msg: Message, context: Context) -> NodeReply:
     cfg = RunConfig.from_run_config(context.run_config)
+    if DATA_PATH in context.node_config:  # a deployed institution: its own files and ledger
+        arrays_in: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+        settings = NodeSettings.from_node_config(context.node_config)
+        config_in = dict(msg.content["config"])
+        return deployed_round(cfg, settings, config_in, arrays_in.to_torch_state_dict())
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     node = f"node-{partition_id}"

@@ -82,6 +82,11 @@ class Coordinator:
         held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed)
         self.test: ArrayData = held_out.test
         self.input_schema = self.task.input_schema(held_out.normalization)
+        # Sent with every round: a deployed node standardizes its own files with these, the
+        # very statistics its simulated counterpart's partition was standardized with.
+        self.normalization = {
+            f"normalization-{key}": list(values) for key, values in held_out.normalization.items()
+        }
 
     def initial_state(self) -> tuple[ArrayRecord, RunState]:
         """The fresh model, or the last registered round of this run (its hash checked)."""
@@ -111,7 +116,7 @@ class Coordinator:
         while state.round < self.cfg.num_rounds:
             server_round = state.round + 1
             started = time.perf_counter()
-            train_config = ConfigRecord({"run-key": self.run_key})
+            train_config = ConfigRecord({"run-key": self.run_key, **self.normalization})
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             if self.cfg.secure_aggregation:
                 accepted, replies, notes = self._secure(grid, messages, arrays)

@@ -112,8 +112,13 @@ def train_round(
     run_key: str,
     ledger_path: Path,
     proximal_mu: float = 0.0,
+    dataset_id: str | None = None,
 ) -> NodeReply:
-    """One round of local training, or a refusal when it would overrun the privacy budget."""
+    """One round of local training, or a refusal when it would overrun the privacy budget.
+
+    ``dataset_id`` ties the ledger to the data (default: the fingerprint of ``data``); a
+    deployed node passes its raw files' fingerprint, which no normalization can change.
+    """
     torch.set_num_threads(1)  # nodes share the machine's cores with each other
     task: Task = get_task(cfg.task)
     model = task.build_model()
@@ -127,7 +132,8 @@ def train_round(
         metrics = _metrics(len(data), outcome.loss, math.inf, cfg.delta, 0.0, started)
         return NodeReply("trained", node, len(data), metrics, outcome.state)
 
-    ledger = PrivacyLedger(ledger_path, node=node, dataset=dataset_fingerprint(data))
+    dataset = dataset_id or dataset_fingerprint(data)
+    ledger = PrivacyLedger(ledger_path, node=node, dataset=dataset)
     try:
         plan = _plan(cfg, ledger, run_key, len(data))
     except BudgetExhaustedError as exc:

@@ -255,6 +255,17 @@ def _apply(data: ArrayData, mean: np.ndarray, std: np.ndarray) -> ArrayData:
     return ArrayData(x=x.astype(np.float32), y=data.y)
 
 
+def standardize(data: ArrayData, normalization: dict[str, list[float]]) -> ArrayData:
+    """Apply ``federate``'s standardization (its ``normalization`` stats) to other data.
+
+    A deployed node holds its own files: it standardizes them with the statistics of the
+    coordinator's held-out set, exactly as a simulated node's partition is standardized.
+    """
+    mean = np.asarray(normalization["mean"], dtype=np.float64)
+    std = np.asarray(normalization["std"], dtype=np.float64)
+    return _apply(data, mean, std)
+
+
 def federate(
     task: Task,
     num_partitions: int,

@@ -1,0 +1,250 @@
+"""``fedaiot provision``, ``fedaiot coordinator ...`` and ``fedaiot node ...``: real deployment.
+
+Bad input (a missing key, a data file off the task's schema, a port in use) is reported on one
+line with exit status 2; a run or node that fails later exits with 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+DEFAULT_PORT = 9093
+
+coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator's kit (SuperLink).")
+node_app = typer.Typer(no_args_is_help=True, help="The institution's kit (SuperNode).")
+
+Pki = Annotated[Path, typer.Option(help="folder made by `fedaiot provision`")]
+State = Annotated[Path, typer.Option(help="coordinator state: SuperLink database, runs, logs")]
+Task = Annotated[str, typer.Option(help="the task this node's data is for, e.g. breast-cancer")]
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def provision(
+    out: Annotated[Path, typer.Option(help="where to write keys and certificates")] = Path("pki"),
+    institution: Annotated[
+        list[str], typer.Option(help="an institution's name (repeat for each)")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    host: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="a name or IP the SuperLink is reached at (default 127.0.0.1, localhost)"
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
+) -> None:
+    """Create the CA, the SuperLink's TLS certificate, node keys and the signing key."""
+    from fedaiot.deploy.provision import ProvisionError
+    from fedaiot.deploy.provision import provision as make
+
+    if not institution:
+        raise _fail("name at least one --institution")
+    try:
+        done = make(out, institution, hosts=host, force=force)
+    except (ProvisionError, OSError) as exc:
+        raise _fail(str(exc)) from None
+    for path in done.created:
+        secret = path.stat().st_mode & 0o077 == 0
+        print(f"created {path}{'  (secret, 0600)' if secret else ''}")
+    for path in done.kept:
+        print(f"kept    {path}  (exists; --force replaces it)")
+    print(
+        f"give each institution its folder {out / 'institutions' / '<name>'} (node.key is secret)"
+    )
+
+
+def _load_run_config(path: Path) -> dict[str, object]:
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise _fail(f"run config {path}: {exc}") from None
+    # Flower's own layout ([tool.flwr.app.config]) is accepted too.
+    return dict(values.get("tool", {}).get("flwr", {}).get("app", {}).get("config", values))
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    run_config: Annotated[Path, typer.Option(help="TOML file of run config keys (kebab-case)")],
+    pki: Pki = Path("pki"),
+    state: State = Path("coordinator-state"),
+    host: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="the SuperLink's one port (Fleet, Control)")] = (
+        DEFAULT_PORT
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+) -> None:
+    """Start the SuperLink, register the institutions, run the federated training to its end."""
+    from fedaiot.config import ConfigError
+    from fedaiot.deploy import provision as prov
+    from fedaiot.deploy.coordinator_kit import coordinate
+    from fedaiot.deploy.coordinator_kit import run_config as make_config
+    from fedaiot.deploy.processes import DeployError, port_free
+    from fedaiot.deploy.superlink import CoordinatorPaths
+    from fedaiot.journal import jsonable
+
+    paths = CoordinatorPaths(pki.resolve(), state.resolve())
+    try:
+        paths.check()
+        institutions = len(prov.registered_keys(paths.pki))
+        cfg = make_config(paths, _load_run_config(run_config), institutions)
+    except (ConfigError, DeployError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if not port_free(host, port):
+        raise _fail(f"port {port} on {host} is already in use")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    def progress(event: dict[str, object]) -> None:
+        if event["event"] == "round":
+            metrics = event.get("metrics") or {}
+            accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
+            say(f"round {event['round']}/{cfg.num_rounds}: accuracy {accuracy}")
+
+    try:
+        outcome = coordinate(paths, cfg, host=host, port=port, say=say, on_event=progress)
+    except DeployError as exc:
+        raise _fail(str(exc), EXIT_FAILED) from None
+    summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
+    if outcome.status == "failed":
+        raise _fail(f"the run failed: {outcome.error} (log: {outcome.log})", EXIT_FAILED)
+    if as_json:
+        print(json.dumps(jsonable(summary), allow_nan=False))
+    else:
+        say(f"run {summary.get('run')}: {outcome.status}, model {summary.get('model_version')}")
+        say(f"registry {summary.get('registry')}")
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    run: Annotated[str, typer.Option(help="the run's name (its folder under <state>/runs)")],
+    pki: Pki = Path("pki"),
+    state: State = Path("coordinator-state"),
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+) -> None:
+    """Serve the run's registry with the inference service (models verified with the key)."""
+    from fedaiot.cli_serve import serve
+    from fedaiot.deploy.superlink import CoordinatorPaths
+
+    paths = CoordinatorPaths(pki.resolve(), state.resolve())
+    registry = paths.state / "runs" / run / "registry"
+    if not registry.is_dir():
+        raise _fail(f"no registry at {registry}: run `fedaiot coordinator start` first")
+    serve(registry=registry, public_key=paths.public_key, host=host, port=port)
+
+
+@node_app.command("schema")
+def node_schema(task: Task) -> None:
+    """Print what the node's data must hold for TASK (columns, or sample shape, and classes)."""
+    from fedaiot.local_data import schema_of
+    from fedaiot.tasks import UnknownTaskError, get_task
+
+    try:
+        print(schema_of(get_task(task)).model_dump_json(indent=2))
+    except UnknownTaskError as exc:
+        raise _fail(str(exc)) from None
+
+
+@node_app.command("check")
+def node_check(
+    task: Task, data: Annotated[Path, typer.Option(help="the data file or folder")]
+) -> None:
+    """Check the institution's data against the task's schema, without starting anything."""
+    from fedaiot.local_data import LocalDataError, load_local
+    from fedaiot.tasks import UnknownTaskError, get_task
+
+    try:
+        loaded = load_local(get_task(task), data)
+    except (LocalDataError, UnknownTaskError) as exc:
+        raise _fail(str(exc)) from None
+    counts = {name: int((loaded.y == i).sum()) for i, name in enumerate(get_task(task).class_names)}
+    print(f"{data}: {len(loaded)} examples fit task {task} ({counts})")
+
+
+@node_app.command("demo-data")
+def node_demo_data(
+    task: Task,
+    institution: Annotated[list[str], typer.Option(help="one file per institution (repeat)")],
+    out: Annotated[Path, typer.Option(help="writes <out>/<institution>/data.csv (or .npz)")],
+    seed: Annotated[int, typer.Option(help="the run config's seed")] = 42,
+    partitioner: Annotated[str, typer.Option(help="the run config's partitioner")] = "dirichlet",
+) -> None:
+    """Write each institution a file of the task's bundled data (its simulated partition)."""
+    from fedaiot.config import ConfigError, RunConfig
+    from fedaiot.deploy.demo_data import export
+
+    try:
+        cfg = RunConfig.from_run_config({"task": task, "seed": seed, "partitioner": partitioner})
+        for path in export(cfg, len(institution), out, institution):
+            print(path)
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+
+@node_app.command("start")
+def node_start(
+    task: Task,
+    data: Annotated[Path, typer.Option(help="the institution's data file or folder")],
+    kit: Annotated[Path, typer.Option(help="this institution's folder: node.key and ca.crt")],
+    superlink: Annotated[str, typer.Option(help="the coordinator's SuperLink, host:port")] = (
+        f"127.0.0.1:{DEFAULT_PORT}"
+    ),
+    name: Annotated[str | None, typer.Option(help="node name (default: the kit's folder)")] = None,
+    ledger_dir: Annotated[
+        Path | None, typer.Option(help="privacy ledger folder (default <data dir>/.fedaiot)")
+    ] = None,
+    max_epsilon: Annotated[
+        float | None, typer.Option(help="this institution's own lifetime epsilon cap")
+    ] = None,
+    port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
+) -> None:
+    """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
+    from fedaiot.deploy.processes import DeployError
+    from fedaiot.deploy.provision import ProvisionError
+    from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode, wait
+    from fedaiot.local_data import LocalDataError
+    from fedaiot.tasks import UnknownTaskError
+
+    node_kit = NodeKit(kit.resolve())
+    if max_epsilon is not None and not max_epsilon > 0:
+        raise _fail(f"--max-epsilon must be > 0, got {max_epsilon}")
+    try:
+        node_kit.check()
+        prepared = prepare(
+            task=task,
+            data=data,
+            name=name or node_kit.folder.name,
+            ledger_dir=ledger_dir,
+            max_epsilon=max_epsilon,
+        )
+        log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
+        process = start_supernode(node_kit, prepared, superlink, port, log)
+    except (DeployError, LocalDataError, ProvisionError, UnknownTaskError) as exc:
+        raise _fail(str(exc)) from None
+    settings = prepared.settings
+    print(
+        f"node {settings.node_name}: {prepared.examples} examples of {task} from "
+        f"{settings.data_path}, ledger {settings.ledger_path}, SuperLink {superlink} (log {log})",
+        flush=True,
+    )
+    code = wait(process)
+    if code not in (0, -15, 143):
+        raise _fail(explain_exit(code, log), EXIT_FAILED)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``provision``, ``coordinator`` and ``node`` to the ``fedaiot`` command."""
+    app.command("provision")(provision)
+    app.add_typer(coordinator_app, name="coordinator")
+    app.add_typer(node_app, name="node")

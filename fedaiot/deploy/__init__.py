@@ -1,0 +1,1 @@
+"""Real deployment on Flower's deployment engine: provisioning, the SuperLink, the SuperNodes."""

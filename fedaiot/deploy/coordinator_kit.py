@@ -1,0 +1,139 @@
+"""``fedaiot coordinator start``: SuperLink up, institutions registered, the run submitted.
+
+One command does it all and follows the run through the coordinator's journal (``flwr run``
+reports success even for a failed run). Stopping it (Ctrl-C, SIGTERM) stops the SuperLink and
+the ServerApp. Starting it again resumes: the SuperLink reopens its state database, the
+institutions stay registered, a run left unfinished by the previous life is stopped, and the
+resubmitted run starts after the last round in the registry, so no finished round is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fedaiot.config import RunConfig
+from fedaiot.deploy import provision, superlink
+from fedaiot.deploy.processes import DeployError, stop_tree
+from fedaiot.journal import Journal
+from fedaiot.simulation import Outcome, project_dir
+
+STATUS_EVERY = 30.0  # seconds between checks that the run is still alive in the SuperLink
+
+
+def run_config(
+    paths: superlink.CoordinatorPaths, overrides: Mapping[str, Any], institutions: int
+) -> RunConfig:
+    """The run's config: the file's values, with deployment defaults for what it leaves out.
+
+    By default every registered institution must be online before a round starts and takes
+    part in every round; the registry and journal go under the state folder.
+    """
+    values: dict[str, Any] = {
+        "min-available-nodes": institutions,
+        "min-train-nodes": institutions,
+        "output-dir": str((paths.state / "runs" / str(overrides.get("task", "run"))).resolve()),
+        **overrides,
+    }
+    cfg = RunConfig.from_run_config(values)
+    if not Path(cfg.output_dir).is_absolute():  # relative to the state folder, not to $HOME
+        cfg = cfg.model_copy(update={"output_dir": str((paths.state / cfg.output_dir).resolve())})
+    from fedaiot.secure_rounds import MIN_NODES
+
+    if cfg.secure_aggregation and cfg.min_train_nodes < MIN_NODES:
+        raise DeployError(
+            f"secure aggregation needs at least {MIN_NODES} nodes per round, min-train-nodes is "
+            f"{cfg.min_train_nodes}: register more institutions or set secure-aggregation=false"
+        )
+    if cfg.min_available_nodes > institutions:
+        raise DeployError(
+            f"min-available-nodes is {cfg.min_available_nodes}, only {institutions} "
+            "institutions are provisioned: the run would wait forever"
+        )
+    return cfg
+
+
+def coordinate(
+    paths: superlink.CoordinatorPaths,
+    cfg: RunConfig,
+    *,
+    host: str,
+    port: int,
+    say: Callable[[str], None] = print,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+) -> Outcome:
+    """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink."""
+    from fedaiot.coordinator import resume_point
+
+    paths.check()
+    keys = provision.registered_keys(paths.pki)
+    if not keys:
+        raise DeployError(f"no institution keys in {paths.pki / provision.INSTITUTIONS}")
+    resumed = resume_point(cfg)
+    done = resumed[1].round if resumed else 0
+    journal = Journal(cfg.output_path)
+    if done >= cfg.num_rounds and (summary := journal.read_summary()):
+        say(f"run {cfg.output_path.name} already completed its {done} rounds")
+        return Outcome("completed", summary, "", 0.0, paths.log)
+    paths.state.mkdir(parents=True, exist_ok=True)
+    overrides = paths.state / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
+    started = time.perf_counter()
+    with open(paths.log, "ab") as log:
+        process = superlink.start_superlink(paths, host, port, log)
+        try:
+            say(f"SuperLink up on {host}:{port} (TLS, node authentication, {paths.database})")
+            superlink.write_connection(paths, host, port)
+            for name, what in superlink.register_nodes(paths, keys).items():
+                say(f"institution {name}: {what}")
+            for stale in superlink.stop_unfinished(paths):
+                say(f"stopped run {stale}, left unfinished by the previous SuperLink")
+            _, offset = journal.events()
+            run_id = superlink.submit(paths, project_dir(), overrides)
+            say(f"submitted run {run_id}: {cfg.task}, rounds {done + 1}..{cfg.num_rounds}")
+            events = _follow(paths, journal, offset, run_id, process, on_event)
+        finally:
+            stop_tree(process)
+    wall = time.perf_counter() - started
+    failed = next((e for e in events if e["event"] == "failed"), None)
+    end = next((e for e in events if e["event"] == "end"), None)
+    if failed or end is None:
+        error = failed["error"] if failed else f"the run ended without a result: see {paths.log}"
+        return Outcome("failed", journal.read_summary() or {}, error, wall, paths.log)
+    return Outcome(end["status"], journal.read_summary() or {}, "", wall, paths.log)
+
+
+def _follow(
+    paths: superlink.CoordinatorPaths,
+    journal: Journal,
+    offset: int,
+    run_id: int,
+    process: Any,
+    on_event: Callable[[dict[str, Any]], None],
+) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    checked = time.monotonic()
+    while True:
+        events, offset = journal.events(offset)
+        for event in events:
+            seen.append(event)
+            on_event(event)
+        if any(e["event"] in ("end", "failed") for e in events):
+            return seen
+        if process.poll() is not None:
+            raise DeployError(f"the SuperLink exited with code {process.returncode}")
+        if time.monotonic() - checked > STATUS_EVERY:
+            checked = time.monotonic()
+            status = superlink.run_status(paths, run_id)
+            if status.startswith("finished"):
+                time.sleep(1.0)  # the journal's last lines may land just after the status
+                events, offset = journal.events(offset)
+                seen.extend(events)
+                if not any(e["event"] in ("end", "failed") for e in seen):
+                    seen.append({"event": "failed", "error": f"run {run_id} {status}"})
+                return seen
+        time.sleep(0.5)

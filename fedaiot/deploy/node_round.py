@@ -1,0 +1,133 @@
+"""A deployed node's round: the institution's own files, its own ledger, its own budget cap.
+
+The SuperNode's ``--node-config`` (a TOML file written by ``fedaiot node start``) names the
+data; the ClientApp hands it here instead of drawing a simulated partition. Flower-free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedaiot.config import RunConfig
+from fedaiot.local_data import fingerprint, load_local
+from fedaiot.node import NodeReply, train_round
+from fedaiot.tasks import get_task
+from fedaiot.tasks.partition import standardize
+from fedaiot.training import StateDict
+
+DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
+    "data-path",
+    "node-name",
+    "task",
+    "ledger-dir",
+    "max-epsilon",
+)
+
+
+class NodeConfigError(ValueError):
+    """The node's own configuration is incomplete, or does not fit the run it is asked into."""
+
+
+def default_ledger_dir(data_path: Path) -> Path:
+    """Next to the data: the budget lives, moves and is backed up with what it protects."""
+    data_path = Path(data_path).expanduser().resolve()
+    return (data_path if data_path.is_dir() else data_path.parent) / ".fedaiot"
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    data_path: Path
+    node_name: str
+    task: str
+    ledger_dir: Path
+    max_epsilon: float | None = None  # the institution's own lifetime cap (None: the run's)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.ledger_dir / f"ledger-{self.node_name}.json"
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
+        missing = [k for k in (DATA_PATH, NODE_NAME, TASK) if k not in node_config]
+        if missing:
+            raise NodeConfigError(f"node config lacks {', '.join(missing)}")
+        data = Path(str(node_config[DATA_PATH])).expanduser()
+        ledger = node_config.get(LEDGER_DIR)
+        cap = node_config.get(MAX_EPSILON)
+        return cls(
+            data_path=data,
+            node_name=str(node_config[NODE_NAME]),
+            task=str(node_config[TASK]),
+            ledger_dir=Path(str(ledger)).expanduser() if ledger else default_ledger_dir(data),
+            max_epsilon=float(cap) if cap is not None and float(cap) > 0 else None,
+        )
+
+    def to_node_config(self) -> dict[str, str | float]:
+        config: dict[str, str | float] = {
+            DATA_PATH: str(self.data_path),
+            NODE_NAME: self.node_name,
+            TASK: self.task,
+            LEDGER_DIR: str(self.ledger_dir),
+        }
+        if self.max_epsilon is not None:
+            config[MAX_EPSILON] = self.max_epsilon
+        return config
+
+
+def capped(cfg: RunConfig, settings: NodeSettings) -> RunConfig:
+    """The run's config with the node's own budget cap applied: it can lower, never raise."""
+    if settings.max_epsilon is None or settings.max_epsilon >= cfg.epsilon:
+        return cfg
+    return cfg.model_copy(update={"epsilon": settings.max_epsilon})
+
+
+def normalization_from(config: Mapping[str, Any], size: int) -> dict[str, list[float]] | None:
+    """The coordinator's standardization statistics from a round's config, checked."""
+    if "normalization-mean" not in config:
+        return None
+    stats = {key: [float(v) for v in config[f"normalization-{key}"]] for key in ("mean", "std")}
+    for key, values in stats.items():
+        if len(values) != size or not all(math.isfinite(v) for v in values):
+            raise NodeConfigError(
+                f"the coordinator's normalization {key} has {len(values)} values, "
+                f"this task's data has {size} features or channels"
+            )
+    if any(v <= 0 for v in stats["std"]):
+        raise NodeConfigError("the coordinator's normalization std holds a value <= 0")
+    return stats
+
+
+def deployed_round(
+    cfg: RunConfig,
+    settings: NodeSettings,
+    config: Mapping[str, Any],
+    global_state: StateDict,
+) -> NodeReply:
+    """One round on the institution's files (refused when the run is for another task)."""
+    if cfg.task != settings.task:
+        raise NodeConfigError(
+            f"{settings.node_name} holds {settings.task} data, the run is for task {cfg.task}"
+        )
+    task = get_task(settings.task)
+    raw = load_local(task, settings.data_path)
+    stats = normalization_from(config, task.input_shape[0])
+    if task.normalize and stats is None:
+        raise NodeConfigError(
+            f"task {task.name} standardizes its inputs, the coordinator sent no statistics"
+        )
+    data = standardize(raw, stats) if stats is not None else raw
+    return train_round(
+        capped(cfg, settings),
+        node=settings.node_name,
+        data=data,
+        global_state=global_state,
+        server_round=int(config["server-round"]),
+        run_key=str(config["run-key"]),
+        ledger_path=settings.ledger_path,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        dataset_id=fingerprint(raw),
+    )

@@ -1,0 +1,82 @@
+"""Starting Flower's processes and stopping them with everything they started."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import IO
+
+import psutil
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says which and what to do."""
+
+
+def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
+    """The environment of Flower's processes: a private FLWR_HOME, no registry access."""
+    return {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        # Otherwise Flower runs `uv sync` against the registry for every run.
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "PYTHONUNBUFFERED": "1",
+        # Flower's processes start each other by name: find them next to this interpreter.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        **extra,
+    }
+
+
+def spawn(command: list[str], env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """A child in a session of its own, so that a terminal's Ctrl-C reaches us, not it."""
+    try:
+        return subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    except FileNotFoundError:
+        raise DeployError(f"{command[0]} not found: install fedaiot (it brings flwr)") from None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def stop_tree(process: subprocess.Popen[bytes] | None) -> None:
+    """Stop a child and every process below it (SIGTERM, then SIGKILL after 10 s).
+
+    Flower's SuperLink and SuperNode start their app processes (ServerApp, ClientApps) as
+    children of their own; the whole tree is collected before anything is signalled.
+    """
+    if process is None:
+        return
+    try:
+        root = psutil.Process(process.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        process.poll()
+        return
+    for member in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for member in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            member.kill()
+    psutil.wait_procs(alive, timeout=5)
+    process.poll()

@@ -1,0 +1,124 @@
+"""The institution's SuperNode: check the data, write the node config, run ``flower-supernode``.
+
+The data is read and checked against the task's schema *before* the SuperNode starts, so a file
+the model cannot take is refused at once, naming the column or shape at fault. The node's
+state (its privacy ledger, its node config, Flower's app cache) lives in ``.fedaiot`` next to
+the data unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import tomli_w
+
+from fedaiot.deploy import provision
+from fedaiot.deploy.node_round import NodeSettings, default_ledger_dir
+from fedaiot.deploy.processes import DeployError, flower_env, port_free, spawn, stop_tree
+from fedaiot.local_data import load_local
+from fedaiot.tasks import get_task
+
+# flower-supernode's exit code when the SuperLink will not activate it (unknown key).
+EXIT_NOT_REGISTERED = 305
+
+
+@dataclass(frozen=True)
+class NodeKit:
+    """The folder ``fedaiot provision`` made for one institution (its node.key and ca.crt)."""
+
+    folder: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.folder / provision.CA_CERT
+
+    @property
+    def key(self) -> Path:
+        return self.folder / provision.NODE_KEY
+
+    def check(self) -> None:
+        for path in (self.ca, self.key):
+            if not path.is_file():
+                raise DeployError(f"{path} not found: the institution's kit needs ca.crt, node.key")
+        if self.key.stat().st_mode & 0o077:
+            raise DeployError(f"{self.key} is readable by others: chmod 600 {self.key}")
+
+
+@dataclass(frozen=True)
+class PreparedNode:
+    settings: NodeSettings
+    node_config: Path
+    examples: int
+
+
+def prepare(
+    *,
+    task: str,
+    data: Path,
+    name: str,
+    ledger_dir: Path | None = None,
+    max_epsilon: float | None = None,
+) -> PreparedNode:
+    """Check the data against the task's schema and write the SuperNode's node config."""
+    data = Path(data).expanduser().resolve()
+    raw = load_local(get_task(task), data)  # LocalDataError names the column or shape
+    settings = NodeSettings(
+        data_path=data,
+        node_name=provision.check_name(name),
+        task=task,
+        ledger_dir=(Path(ledger_dir).expanduser().resolve() if ledger_dir else None)
+        or default_ledger_dir(data),
+        max_epsilon=max_epsilon,
+    )
+    settings.ledger_dir.mkdir(parents=True, exist_ok=True)
+    config = settings.ledger_dir / f"node-config-{settings.node_name}.toml"
+    config.write_text(tomli_w.dumps(settings.to_node_config()))
+    return PreparedNode(settings, config, len(raw))
+
+
+def supernode_command(kit: NodeKit, superlink: str, node_config: Path, port: int) -> list[str]:
+    return [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(kit.ca.resolve()),
+        "--auth-supernode-private-key",
+        str(kit.key.resolve()),
+        "--node-config",
+        str(node_config),  # a .toml path: Flower reads the file, paths need no quoting
+        "--port",
+        str(port),
+    ]
+
+
+def start_supernode(
+    kit: NodeKit, prepared: PreparedNode, superlink: str, port: int, log_path: Path
+) -> subprocess.Popen[bytes]:
+    kit.check()
+    if not port_free("127.0.0.1", port):
+        raise DeployError(f"port {port} (the node's local app port) is in use: choose --port")
+    home = prepared.settings.ledger_dir / "flower"
+    home.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        command = supernode_command(kit, superlink, prepared.node_config, port)
+        return spawn(command, flower_env(home), log)
+
+
+def explain_exit(code: int, log_path: Path) -> str:
+    if code == EXIT_NOT_REGISTERED:
+        return (
+            "the SuperLink refused this node: its public key is not registered "
+            f"(the coordinator registers node.pub with `fedaiot coordinator start`); see {log_path}"
+        )
+    return f"flower-supernode exited with code {code}: see {log_path}"
+
+
+def wait(process: subprocess.Popen[bytes]) -> int:
+    """Wait for the SuperNode; on Ctrl-C or SIGTERM stop it with its ClientApps."""
+    try:
+        return process.wait()
+    finally:
+        stop_tree(process)

@@ -1,0 +1,277 @@
+"""An institution's own data files, read and checked against the task's declared schema.
+
+A deployed node trains on files the institution keeps; a file that does not match what the
+task's model takes is refused when the node starts, with a message naming the column or the
+shape at fault, so that no round is ever attempted on data the model cannot learn from.
+
+Accepted layouts (values in the units of the task's reference data, *before* normalization;
+the node standardizes them with the statistics the coordinator sends, see docs/deployment.md):
+
+- tabular tasks (1-D input with named features): a ``.csv`` file with a header row, or a
+  ``.parquet`` file, holding exactly the task's feature columns and a ``label`` column, in any
+  order. A label is a class name (``malignant``) or a class index (``0``).
+- every task: a ``.npz`` file with arrays ``x`` (``(n, *input_shape)``, numeric) and ``y``
+  (``(n,)``, class indices or class names).
+- image and sensor tasks: a folder with one sub-folder per class name, each holding one
+  ``.npy`` file per sample of shape ``input_shape`` (for example ``coat/0001.npy``).
+
+Arrays are read with ``allow_pickle=False``: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel
+
+from fedaiot.tasks import ArrayData, Task
+
+LABEL = "label"
+MIN_EXAMPLES = 2
+
+
+class LocalDataError(ValueError):
+    """The institution's data does not match the task's schema (one line, names the fault)."""
+
+
+class TabularSchema(BaseModel):
+    """What a CSV or Parquet file must hold for a tabular task."""
+
+    kind: Literal["tabular"] = "tabular"
+    task: str
+    features: list[str]
+    label: str = LABEL
+    classes: list[str]
+    formats: list[str] = [".csv", ".parquet", ".npz"]
+
+
+class ArraySchema(BaseModel):
+    """What an array file or a class-folder layout must hold for an image or sensor task."""
+
+    kind: Literal["array"] = "array"
+    task: str
+    sample_shape: list[int]
+    classes: list[str]
+    formats: list[str] = [".npz", "<folder>/<class>/<sample>.npy"]
+
+
+def schema_of(task: Task) -> TabularSchema | ArraySchema:
+    if task.feature_names is not None and len(task.input_shape) == 1:
+        return TabularSchema(
+            task=task.name, features=list(task.feature_names), classes=list(task.class_names)
+        )
+    return ArraySchema(
+        task=task.name, sample_shape=list(task.input_shape), classes=list(task.class_names)
+    )
+
+
+def load_local(task: Task, path: Path) -> ArrayData:
+    """The institution's raw (un-normalized) data, or LocalDataError naming what is wrong."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise LocalDataError(f"data {path} does not exist")
+    schema = schema_of(task)
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        data = _read_folder(task, path)
+    elif suffix == ".npz":
+        data = _read_npz(task, path)
+    elif suffix in (".csv", ".parquet") and isinstance(schema, TabularSchema):
+        data = _read_table(task, schema, path)
+    else:
+        raise LocalDataError(
+            f"{path}: unsupported format {suffix or '(none)'} for task {task.name}: "
+            f"use {', '.join(schema.formats)}"
+        )
+    if len(data) < MIN_EXAMPLES:
+        raise LocalDataError(f"{path}: {len(data)} examples, a node needs at least {MIN_EXAMPLES}")
+    return data
+
+
+def fingerprint(data: ArrayData) -> str:
+    """The raw data's identity: the privacy ledger is tied to it, whatever the normalization."""
+    digest = hashlib.sha256()
+    digest.update(str(data.x.shape).encode())
+    digest.update(np.ascontiguousarray(data.x).tobytes())
+    digest.update(np.ascontiguousarray(data.y).tobytes())
+    return digest.hexdigest()
+
+
+# --- labels -----------------------------------------------------------------------------------
+
+
+def _labels(task: Task, values: list[Any], where: str) -> np.ndarray:
+    """Class names or indices to indices; the first unknown value is named with its row."""
+    lookup = {name: i for i, name in enumerate(task.class_names)}
+    lookup.update({str(i): i for i in range(task.num_classes)})
+    out = np.empty(len(values), dtype=np.int64)
+    for row, value in enumerate(values):
+        key = _label_key(value)
+        if key not in lookup:
+            raise LocalDataError(
+                f"{where}: unknown class {value!r} at row {row + 1} (task {task.name} has "
+                f"classes {', '.join(task.class_names)}, or indices 0..{task.num_classes - 1})"
+            )
+        out[row] = lookup[key]
+    return out
+
+
+def _label_key(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    if isinstance(value, float | np.floating) and math.isfinite(value) and value == int(value):
+        value = int(value)  # "1.0" from a float column is class 1
+    return str(value).strip() if value is not None else ""
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+def _read_table(task: Task, schema: TabularSchema, path: Path) -> ArrayData:
+    import pyarrow as pa
+
+    table = _open_table(path)
+    columns = [str(c) for c in table.column_names]
+    expected = [*schema.features, schema.label]
+    missing = [c for c in expected if c not in columns]
+    extra = [c for c in columns if c not in expected]
+    duplicated = sorted({c for c in columns if columns.count(c) > 1})
+    if missing:
+        raise LocalDataError(
+            f"{path}: missing column{'s' * (len(missing) > 1)} {_names(missing)} "
+            f"(task {task.name} needs its {len(schema.features)} features and '{schema.label}'; "
+            "see `fedaiot node schema`)"
+        )
+    if extra or duplicated:
+        raise LocalDataError(
+            f"{path}: unexpected column{'s' * (len(extra) > 1)} {_names(extra or duplicated)}"
+            f"{' (duplicated)' if duplicated and not extra else ''}: the file must hold "
+            f"exactly the task's features and '{schema.label}'"
+        )
+    x = np.empty((table.num_rows, len(schema.features)), dtype=np.float32)
+    for index, name in enumerate(schema.features):
+        column = table.column(name)
+        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
+            values = column.to_numpy(zero_copy_only=False).astype(np.float64)
+        else:
+            values = _parse_numbers(column.to_pylist(), f"{path}: column '{name}'")
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise LocalDataError(
+                f"{path}: column '{name}' has {bad.size} missing or non-finite value"
+                f"{'s' * (bad.size > 1)} (first at row {bad[0] + 1})"
+            )
+        x[:, index] = values
+    y = _labels(task, table.column(schema.label).to_pylist(), f"{path}: column '{schema.label}'")
+    return ArrayData(x=x, y=y)
+
+
+def _open_table(path: Path) -> Any:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pq.read_table(path)
+        # Labels stay text so that "0" and "malignant" are read alike.
+        convert = pacsv.ConvertOptions(column_types={LABEL: pa.string()})
+        return pacsv.read_csv(path, convert_options=convert)
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = " ".join(str(exc).split())[:200]
+        raise LocalDataError(f"{path}: unreadable {path.suffix} file: {first}") from None
+
+
+def _parse_numbers(values: list[Any], where: str) -> np.ndarray:
+    out = np.empty(len(values), dtype=np.float64)
+    for row, value in enumerate(values):
+        if value is None:
+            out[row] = math.nan
+            continue
+        try:
+            out[row] = float(value)
+        except (TypeError, ValueError):
+            raise LocalDataError(
+                f"{where} must be numeric: row {row + 1} holds {value!r}"
+            ) from None
+    return out
+
+
+def _names(columns: list[str]) -> str:
+    shown = ", ".join(repr(c) for c in columns[:5])
+    return shown + (f" and {len(columns) - 5} more" if len(columns) > 5 else "")
+
+
+# --- arrays -----------------------------------------------------------------------------------
+
+
+def _read_npz(task: Task, path: Path) -> ArrayData:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if "x" not in archive.files or "y" not in archive.files:
+                raise LocalDataError(
+                    f"{path}: needs arrays 'x' and 'y', found {', '.join(archive.files) or 'none'}"
+                )
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, LocalDataError):
+            raise
+        raise LocalDataError(f"{path}: unreadable .npz file: {exc}") from None
+    shape = tuple(task.input_shape)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise LocalDataError(
+            f"{path}: x has shape {tuple(x.shape)}, task {task.name} expects "
+            f"(n, {', '.join(map(str, shape))})"
+        )
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise LocalDataError(
+            f"{path}: y has shape {tuple(y.shape)}, expected ({x.shape[0]},): one label per sample"
+        )
+    return ArrayData(x=_finite(x, f"{path}: x"), y=_labels(task, y.tolist(), f"{path}: y"))
+
+
+def _finite(x: np.ndarray, where: str) -> np.ndarray:
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+        raise LocalDataError(f"{where} must be numeric, got dtype {x.dtype}")
+    values = x.astype(np.float32)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(len(values), -1).any(axis=1))[0])
+        raise LocalDataError(
+            f"{where} has {int(bad.sum())} missing or non-finite values (first in sample {first})"
+        )
+    return values
+
+
+def _read_folder(task: Task, root: Path) -> ArrayData:
+    known = set(task.class_names)
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    unknown = [p.name for p in folders if p.name not in known]
+    if unknown:
+        raise LocalDataError(
+            f"{root}: folder {unknown[0]!r} is not a class of task {task.name} "
+            f"({', '.join(task.class_names)})"
+        )
+    samples: list[np.ndarray] = []
+    labels: list[int] = []
+    shape = tuple(task.input_shape)
+    for folder in folders:
+        for file in sorted(folder.glob("*.npy")):
+            try:
+                sample = np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise LocalDataError(f"{file}: unreadable .npy file: {exc}") from None
+            if tuple(sample.shape) != shape:
+                raise LocalDataError(
+                    f"{file}: sample has shape {tuple(sample.shape)}, task {task.name} "
+                    f"expects {shape}"
+                )
+            samples.append(_finite(sample[None], str(file)))
+            labels.append(task.class_names.index(folder.name))
+    if not samples:
+        raise LocalDataError(f"{root}: no <class>/<sample>.npy files found")
+    return ArrayData(x=np.concatenate(samples), y=np.asarray(labels, dtype=np.int64))

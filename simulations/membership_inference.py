@@ -200,7 +200,10 @@ def main() -> None:
         )
     if args.seeds > 1:
         title += f", mean ± sd of {args.seeds} seeds"
-    Console().print(table(title, rows))
+    console = Console()
+    if not console.is_terminal:  # piped into a file or a report: do not wrap at 80 columns
+        console.width = 140
+    console.print(table(title, rows))
 
 
 if __name__ == "__main__":

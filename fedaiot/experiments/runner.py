@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import (
@@ -29,6 +29,9 @@ from rich.progress import (
 from fedaiot.experiments.results import ResultsStore, point_fields
 from fedaiot.experiments.spec import Point, SweepSpec, expand
 from fedaiot.journal import Journal
+
+if TYPE_CHECKING:
+    from fedaiot.experiments.membership import MembershipResult
 
 PointRunner = Callable[[Point, Path, Callable[[int], None]], "Measured"]
 
@@ -200,7 +203,7 @@ def _federated(
             ledger = cfg.output_path / "ledgers" / f"node-{point.exhaust_node}.json"
             spend_elsewhere(ledger, budget=cfg.epsilon, delta=cfg.delta)
 
-    outcome = simulate(cfg, point.nodes, on_event=on_event)
+    outcome = simulate(cfg, point.nodes, on_event=on_event, node_cpus=point.node_cpus)
     if outcome.status == "failed":
         raise RuntimeError(outcome.error)
     budget = cfg.epsilon if cfg.private else None
@@ -226,7 +229,7 @@ def _federated(
     return Measured(result, rounds, node_rounds)
 
 
-def _attack_columns(found: Any) -> dict[str, Any]:
+def _attack_columns(found: MembershipResult) -> dict[str, Any]:
     return {
         "mia_loss_auc": found.loss_auc,
         "mia_calibrated_auc": found.calibrated_auc,

@@ -229,6 +229,7 @@ def node_start(
             max_epsilon=max_epsilon,
         )
         log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
+        offset = log.stat().st_size if log.exists() else 0
         process = start_supernode(node_kit, prepared, superlink, port, log)
     except (DeployError, LocalDataError, ProvisionError, UnknownTaskError) as exc:
         raise _fail(str(exc)) from None
@@ -240,7 +241,7 @@ def node_start(
     )
     code = wait(process)
     if code not in (0, -15, 143):
-        raise _fail(explain_exit(code, log), EXIT_FAILED)
+        raise _fail(explain_exit(code, log, offset), EXIT_FAILED)
 
 
 def register(app: typer.Typer) -> None:

@@ -107,11 +107,24 @@ def start_supernode(
         return spawn(command, flower_env(home), log)
 
 
-def explain_exit(code: int, log_path: Path) -> str:
-    if code == EXIT_NOT_REGISTERED:
+def explain_exit(code: int, log_path: Path, offset: int = 0) -> str:
+    """Why the SuperNode stopped, from what it logged since ``offset`` (its exit code is 1
+    for most failures, so the log tells a refused key from a TLS problem)."""
+    try:
+        with open(log_path, "rb") as handle:
+            handle.seek(offset)
+            logged = handle.read().decode(errors="replace")
+    except OSError:
+        logged = ""
+    if "Failed to activate SuperNode" in logged:
         return (
-            "the SuperLink refused this node: its public key is not registered "
-            f"(the coordinator registers node.pub with `fedaiot coordinator start`); see {log_path}"
+            "the SuperLink refused this node: its public key is not registered (the "
+            f"coordinator registers node.pub with `fedaiot coordinator start`); see {log_path}"
+        )
+    if "SSL/TLS handshake error" in logged or "CERTIFICATE_VERIFY_FAILED" in logged:
+        return (
+            "TLS handshake with the SuperLink failed: check that ca.crt is the federation's CA "
+            f"and that the SuperLink's address is in its certificate; see {log_path}"
         )
     return f"flower-supernode exited with code {code}: see {log_path}"
 

@@ -63,6 +63,9 @@ def provision(
     )
 
 
+coordinator_app.command("provision")(provision)  # the coordinator's kit has it all
+
+
 def _load_run_config(path: Path) -> dict[str, object]:
     try:
         values = tomllib.loads(path.read_text())

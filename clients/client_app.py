@@ -27,17 +27,20 @@ def _train(msg: Message, context: Context) -> NodeReply:
     node = f"node-{partition_id}"
     config = msg.content["config"]
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    faults.inject(cfg, node, int(config["server-round"]))  # type: ignore[arg-type]
-    return train_round(
+    server_round = int(config["server-round"])  # type: ignore[arg-type]
+    faults.before_training(cfg, node, server_round)
+    reply = train_round(
         cfg,
         node=node,
         data=simulated_partition(cfg, partition_id, num_partitions),
         global_state=arrays.to_torch_state_dict(),
-        server_round=int(config["server-round"]),  # type: ignore[arg-type]
+        server_round=server_round,
         run_key=str(config["run-key"]),
         ledger_path=cfg.output_path / "ledgers" / f"{node}.json",
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
+    faults.after_training(cfg, node, server_round)
+    return reply
 
 
 @app.train()

@@ -18,6 +18,10 @@ class SimulatedDropout(RuntimeError):
     """The node plays an institution that went offline for this round."""
 
 
+class MissedDeadline(RuntimeError):
+    """The node plays an institution whose update arrived after the round closed."""
+
+
 def _uniform(cfg: RunConfig, node: str, server_round: int, fault: str) -> float:
     digest = hashlib.sha256(f"{cfg.seed}:{node}:{server_round}:{fault}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -31,9 +35,24 @@ def straggles(cfg: RunConfig, node: str, server_round: int) -> bool:
     return _uniform(cfg, node, server_round, "straggle") < cfg.fault_straggler_rate
 
 
-def inject(cfg: RunConfig, node: str, server_round: int) -> None:
-    """Fail or delay this node's round as the scenario says (before it spends any budget)."""
+def before_training(cfg: RunConfig, node: str, server_round: int) -> None:
+    """Drop out, or wait as a straggler that still makes the round's deadline."""
     if drops_out(cfg, node, server_round):
         raise SimulatedDropout(f"{node} dropped out of round {server_round} (simulated)")
-    if straggles(cfg, node, server_round):
+    if straggles(cfg, node, server_round) and cfg.fault_straggler_delay < cfg.round_timeout:
         time.sleep(cfg.fault_straggler_delay)
+
+
+def after_training(cfg: RunConfig, node: str, server_round: int) -> None:
+    """A straggler past the deadline: it trained (and spent budget), but its reply is late.
+
+    The coordinator discards replies that arrive after ``round-timeout``. Sleeping past the
+    deadline in Flower's simulation would hold one of its few workers and delay healthy nodes
+    queued behind it, which real institutions do not suffer; so the late reply is played as
+    what the coordinator makes of it: an update that does not count.
+    """
+    if straggles(cfg, node, server_round) and cfg.fault_straggler_delay >= cfg.round_timeout:
+        raise MissedDeadline(
+            f"{node} answered round {server_round} after the {cfg.round_timeout:g} s deadline "
+            "(simulated)"
+        )

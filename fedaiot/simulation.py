@@ -87,7 +87,7 @@ def simulate(
     num_nodes: int,
     *,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
-    node_cpus: float = 1,
+    node_cpus: int = 1,
 ) -> Outcome:
     out = cfg.output_path
     flwr_home = out / "flower"

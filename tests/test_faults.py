@@ -58,3 +58,29 @@ def test_dropped_nodes_are_recorded_and_secure_rounds_go_on_without_them(tmp_pat
         index = int(node["id"].removeprefix("node-"))
         trained = sum(1 for r in range(1, 4) if (r, index) not in dropped)
         assert node["rounds"] == trained
+
+
+def test_a_straggler_past_the_deadline_spends_budget_but_its_update_does_not_count(
+    tmp_path: Path,
+) -> None:
+    cfg = RunConfig(
+        task="breast-cancer",
+        num_rounds=2,
+        epsilon=1.0,
+        min_available_nodes=4,
+        min_train_nodes=4,
+        secure_aggregation=False,
+        fault_straggler_rate=0.3,
+        fault_straggler_delay=50.0,
+        round_timeout=30.0,
+        output_dir=str(tmp_path / "run"),
+    )
+    late = {(r, n) for r in (1, 2) for n in range(4) if faults.straggles(cfg, f"node-{n}", r)}
+    assert late
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 4))
+    for node in summary["nodes"]:
+        index = int(node["id"].removeprefix("node-"))
+        assert node["rounds"] == sum((r, index) not in late for r in (1, 2))
+    for r, n in late:  # the node's own ledger charged the round it trained for nothing
+        ledger = json.loads((cfg.output_path / "ledgers" / f"node-{n}.json").read_text())
+        assert r in [entry["round"] for entry in ledger["rounds"]]

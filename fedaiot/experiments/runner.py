@@ -203,7 +203,7 @@ def _federated(
             ledger = cfg.output_path / "ledgers" / f"node-{point.exhaust_node}.json"
             spend_elsewhere(ledger, budget=cfg.epsilon, delta=cfg.delta)
 
-    outcome = simulate(cfg, point.nodes, on_event=on_event, node_cpus=point.node_cpus)
+    outcome = simulate(cfg, point.nodes, on_event=on_event)
     if outcome.status == "failed":
         raise RuntimeError(outcome.error)
     budget = cfg.epsilon if cfg.private else None

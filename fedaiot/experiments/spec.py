@@ -73,9 +73,6 @@ class Scenario(BaseModel):
     # round <exhaust_after_round>: the node must refuse from then on.
     exhaust_node: int | None = Field(None, ge=0)
     exhaust_after_round: int = Field(1, ge=1)
-    # Ray CPUs per simulated node: below 1, more nodes run at once, so that a sleeping
-    # straggler holds an actor of its own instead of delaying the healthy nodes behind it.
-    node_cpus: float = Field(1.0, gt=0, le=64)
 
     def run_config(self) -> dict[str, Any]:
         """Only what differs from a fault-free run, so that the control equals a grid point."""
@@ -168,7 +165,6 @@ class Point(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     exhaust_node: int | None = None
     exhaust_after_round: int = 0
-    node_cpus: float = 1.0
 
     @property
     def private(self) -> bool:
@@ -256,7 +252,6 @@ def expand(spec: SweepSpec) -> list[Point]:
                         exhaust_after_round=scenario.exhaust_after_round
                         if scenario.exhaust_node is not None
                         else 0,
-                        node_cpus=scenario.node_cpus,
                     )
                 )
     unique = {point.id: point for point in points}  # a scenario control may equal a grid point

@@ -163,16 +163,20 @@ def _start_superlink(
     process = subprocess.Popen(
         command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
     )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SimulationError(f"flower-superlink exited with code {process.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    try:  # stopped on any way out, an interrupt while it starts included
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SimulationError(f"flower-superlink exited with code {process.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).is_success:
+                    return process
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    except BaseException:
+        _stop(process)
+        raise
     _stop(process)
     raise SimulationError("flower-superlink did not become ready within 60 s")
 

@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedaiot import faults, secure_node
-from fedaiot.config import RunConfig
-from fedaiot.deploy.node_round import DATA_PATH, NodeSettings, deployed_round
-from fedaiot.messages import reply_content
-from fedaiot.node import NodeReply, simulated_partition, train_round
+from fedaiot import secure_node
 from fedaiot.secure_wire import unpack
+
+if TYPE_CHECKING:
+    from fedaiot.node import NodeReply
 
 app = ClientApp()
 
 
+# Flower starts a fresh ClientApp process for every message of a deployment. Training needs
+# torch, Opacus and the tasks (seconds of imports); the three later SecAgg+ stages need none of
+# them, so those imports wait until a message asks for training.
+
+
 def _train(msg: Message, context: Context) -> NodeReply:
+    from fedaiot import faults
+    from fedaiot.config import RunConfig
+    from fedaiot.deploy.node_round import DATA_PATH, NodeSettings, deployed_round
+    from fedaiot.node import simulated_partition, train_round
+
     cfg = RunConfig.from_run_config(context.run_config)
     if DATA_PATH in context.node_config:  # a deployed institution: its own files and ledger
         arrays_in: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
@@ -45,6 +56,8 @@ def _train(msg: Message, context: Context) -> NodeReply:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    from fedaiot.messages import reply_content
+
     return Message(content=reply_content(_train(msg, context)), reply_to=msg)
 
 

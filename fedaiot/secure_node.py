@@ -10,10 +10,10 @@ and its number of examples travel only inside the masked vector.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from fedaiot.messages import METRICS, NODE, reply_content
-from fedaiot.node import NodeReply
 from fedaiot.secagg import (
     ForwardedShares,
     NeighbourKeys,
@@ -24,6 +24,9 @@ from fedaiot.secagg import (
 )
 from fedaiot.secure_wire import flatten, pack, unpack
 
+if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
+    from fedaiot.node import NodeReply
+
 _SETUP, _CLIENT, _UPDATE = "secagg-setup", "secagg-client", "secagg-update"
 # What a node reports in the clear under secure aggregation: accounting, not data statistics.
 PUBLIC_METRICS = ("epsilon", "delta", "noise-multiplier", "train-seconds")
@@ -33,6 +36,8 @@ def advertise(
     reply: NodeReply, global_arrays: ArrayRecord, setup_record: dict[str, object], context: Context
 ) -> RecordDict:
     """After local training: keep the update, start the SecAgg round, send the key advert."""
+    from fedaiot.messages import METRICS, NODE, reply_content
+
     if reply.status != "trained" or reply.state is None:
         return reply_content(reply)  # a refusal carries no update and joins no round
     setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})

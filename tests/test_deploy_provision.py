@@ -87,6 +87,15 @@ def test_node_keys_are_what_flower_reads(pki: Path) -> None:
     load_private_key(pki / "coordinator/coordinator.key")  # the Ed25519 signing key
 
 
+def test_extra_hosts_keep_the_loopback_names(tmp_path: Path) -> None:
+    provision(tmp_path, ["alpha"], hosts=["fl.example.org", "10.0.0.7"])
+    server = x509.load_pem_x509_certificate((tmp_path / "superlink/server.crt").read_bytes())
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    assert ips == {"10.0.0.7", "127.0.0.1"}
+
+
 def test_existing_files_are_kept_and_new_institutions_added(pki: Path) -> None:
     before = {s: (pki / s).read_bytes() for s in SECRETS}
     done = provision(pki, ["alpha", "gamma"])

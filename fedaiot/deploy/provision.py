@@ -212,7 +212,8 @@ def provision(
     names = [check_name(n) for n in institutions]
     if len(set(names)) != len(names):
         raise ProvisionError("an institution is named twice")
-    hosts = list(hosts or DEFAULT_HOSTS)
+    # The loopback names always: the coordinator's own flwr commands reach the SuperLink there.
+    hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
     done = Provisioned()
 
     def fresh(path: Path) -> bool:

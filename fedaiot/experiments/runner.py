@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -90,7 +91,7 @@ def run_sweep(
         progress.update(overall, completed=len(points) - len(todo))
         for point in todo:
             label = describe(point)
-            rounds = progress.add_task(f"  {label}", total=max(point.rounds, 1))
+            rounds = progress.add_task(f"  {escape(label)}", total=max(point.rounds, 1))
             started = time.perf_counter()
 
             def tick(done: int, task: TaskID = rounds) -> None:
@@ -104,12 +105,16 @@ def run_sweep(
                 failed += 1
                 error = f"{type(exc).__name__}: {exc}".strip()
                 measured = Measured({"status": "failed", "error": error}, [], [])
-                progress.console.print(f"[red]failed[/] {label}: {error}", highlight=False)
+                progress.console.print(
+                    f"[red]failed[/] {escape(label)}: {escape(error)}", highlight=False
+                )
                 if console.is_terminal:
-                    progress.console.print(traceback.format_exc(limit=3), highlight=False)
+                    progress.console.print(escape(traceback.format_exc(limit=3)), highlight=False)
             measured.result.setdefault("wall_seconds", time.perf_counter() - started)
             if measured.result["status"] != "failed":
-                progress.console.print(f"done {label}: {_brief(measured.result)}", highlight=False)
+                progress.console.print(
+                    f"done {escape(label)}: {_brief(measured.result)}", highlight=False
+                )
             store.record({**point_fields(point), **measured.result}, *_rows(point, measured))
             progress.remove_task(rounds)
             progress.advance(overall)

@@ -90,8 +90,8 @@ def run_sweep(
         overall = progress.add_task(f"sweep {spec.name}", total=len(points))
         progress.update(overall, completed=len(points) - len(todo))
         for point in todo:
-            label = describe(point)
-            rounds = progress.add_task(f"  {escape(label)}", total=max(point.rounds, 1))
+            label = escape(describe(point))
+            rounds = progress.add_task(f"  {label}", total=max(point.rounds, 1))
             started = time.perf_counter()
 
             def tick(done: int, task: TaskID = rounds) -> None:
@@ -105,16 +105,12 @@ def run_sweep(
                 failed += 1
                 error = f"{type(exc).__name__}: {exc}".strip()
                 measured = Measured({"status": "failed", "error": error}, [], [])
-                progress.console.print(
-                    f"[red]failed[/] {escape(label)}: {escape(error)}", highlight=False
-                )
+                progress.console.print(f"[red]failed[/] {label}: {escape(error)}", highlight=False)
                 if console.is_terminal:
                     progress.console.print(escape(traceback.format_exc(limit=3)), highlight=False)
             measured.result.setdefault("wall_seconds", time.perf_counter() - started)
             if measured.result["status"] != "failed":
-                progress.console.print(
-                    f"done {escape(label)}: {_brief(measured.result)}", highlight=False
-                )
+                progress.console.print(f"done {label}: {_brief(measured.result)}", highlight=False)
             store.record({**point_fields(point), **measured.result}, *_rows(point, measured))
             progress.remove_task(rounds)
             progress.advance(overall)

@@ -18,6 +18,7 @@ import torch
 from fedaiot.config import RunConfig
 from fedaiot.privacy.accounting import BudgetExhaustedError, epsilon_spent, plan_noise
 from fedaiot.privacy.ledger import NoisePlan, PrivacyLedger, RoundEntry
+from fedaiot.sent_updates import SentUpdate, state_digest
 from fedaiot.tasks import ArrayData, FederatedData, Task, federate, get_task
 from fedaiot.training import (
     LocalSchedule,
@@ -140,9 +141,21 @@ def train_round(
         spent = ledger.epsilon(cfg.delta)
         return _refusal(node, len(data), cfg, spent, f"{node}: {exc}", started)
 
+    digest = state_digest(global_state)
+    sent = SentUpdate.path_for(ledger_path)
+    resend = SentUpdate.read(sent, run_key, server_round)
+    if resend is not None and resend.digest == digest:
+        # this very update already left the node (a restarted coordinator asks again):
+        # sending it again releases nothing new, so it costs nothing
+        return NodeReply("trained", node, len(data), resend.metrics, resend.state)
+
     step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
     try:
-        history, epsilon = _charge(ledger, cfg, step, run_key, server_round, len(data))
+        history, epsilon = _charge(
+            ledger, cfg, step, run_key, server_round, len(data), released=resend is not None
+        )
+    except _AlreadyCharged as charged:
+        history, epsilon = charged.history, charged.epsilon
     except _OverBudget as exc:
         return _refusal(node, len(data), cfg, exc.spent, f"{node}: {exc}", started)
 
@@ -162,7 +175,15 @@ def train_round(
     metrics = _metrics(len(data), outcome.loss, epsilon, cfg.delta, plan.noise_multiplier, started)
     metrics["sample-rate"] = plan.sample_rate
     metrics["steps"] = float(outcome.steps)
+    SentUpdate(run_key, server_round, digest, outcome.state, metrics).write(sent)
     return NodeReply("trained", node, len(data), metrics, outcome.state)
+
+
+class _AlreadyCharged(Exception):
+    def __init__(self, history: list[tuple[float, float, int]], epsilon: float) -> None:
+        super().__init__("already charged")
+        self.history = history
+        self.epsilon = epsilon
 
 
 class _OverBudget(Exception):
@@ -187,15 +208,22 @@ def _charge(
     run_key: str,
     server_round: int,
     examples: int,
+    *,
+    released: bool,
 ) -> tuple[list[tuple[float, float, int]], float]:
     """Check the round against the budget and write it into the ledger before training.
 
     Charging first, under the ledger's lock, means that two runs drawing on one node's budget
     (or anything else appending to the ledger meanwhile) can never both pass the check with
-    the same remaining budget, and a node that crashes mid-round has already paid for it.
+    the same remaining budget. A round charged before whose update never left the node (it
+    crashed while training) is not charged again: an output nobody saw costs nothing, so the
+    retry runs under the first charge. ``released`` says an update of this round did leave.
     Returns the history before this round, and epsilon after it.
     """
     with ledger.update() as record:
+        charged = [e for e in record.rounds if e.run == run_key and e.round == server_round]
+        if charged and not released:
+            raise _AlreadyCharged(list(record.history), charged[-1].epsilon)
         spent = epsilon_spent(record.history, cfg.delta)
         after = epsilon_spent(_with_step(record.history, step), cfg.delta)
         if after > cfg.epsilon:

@@ -198,15 +198,10 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     rounds = [e for e in events if e["event"] == "round"]
     assert rounds[0]["secure_aggregation"] == {"error": "", "dropped": {}}
     assert [r["status"] for r in rounds[0]["replies"]] == ["trained"] * 3
-    # A node already charged for round 2 when the SuperLink went down pays again for the rerun,
-    # which its budget (spent exactly by the 2-round plan) cannot afford: it refuses, and says so.
-    paid_twice = set()
-    for reply in rounds[1]["replies"]:
-        if reply["status"] != "trained":
-            assert reply["status"] == "refused" and "budget exhausted" in reply["problem"]
-            paid_twice.add(reply["node"])
-    assert set(rounds[1]["secure_aggregation"]["dropped"]) == paid_twice
-    assert len(paid_twice) <= 1, "more than one node was caught mid-round by the crash"
+    # A node caught mid-round 2 by the crash is asked again: it resends the update it already
+    # sent, or retrains under the charge it paid if none had left; nobody pays twice or refuses.
+    assert [r["status"] for r in rounds[1]["replies"]] == ["trained"] * 3
+    assert rounds[1]["secure_aggregation"]["dropped"] == {}
     assert rounds[1]["secure_aggregation"]["error"] == ""
 
     # The registry's new version, signed with the provisioned key.
@@ -224,8 +219,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     for name in INSTITUTIONS:
         ledger_path = files[name].parent / ".fedaiot" / f"ledger-{name}.json"
         ledger = json.loads(ledger_path.read_text())
-        # Round 2 is charged once: in the rerun, or (for a node the crash caught mid-round,
-        # which then refused the rerun) in the interrupted attempt. Never under-counted.
+        # Round 2 is charged once, however many times it was asked for.
         assert [entry["round"] for entry in ledger["rounds"]] == [1, 2]
         spent = ledger["rounds"][-1]["epsilon"]
         assert 0 < spent <= EPSILON

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -147,3 +148,55 @@ def test_spend_written_by_another_party_between_rounds_is_kept_and_counted(
     refused = _round(cfg, data, ledger, 3)
     assert refused.status == "refused"
     assert "privacy budget exhausted" in refused.reason
+
+
+def test_a_round_asked_again_is_answered_with_the_same_update_at_no_new_cost(
+    cfg: RunConfig, data: ArrayData, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "node-0.json"
+    first = _round(cfg, data, ledger, 1)
+    before = ledger.read_bytes()
+    again = _round(cfg, data, ledger, 1)  # a restarted coordinator asks for round 1 again
+    assert again.status == "trained" and again.state is not None and first.state is not None
+    assert all(torch.equal(first.state[k], again.state[k]) for k in first.state)
+    assert again.metrics["epsilon"] == first.metrics["epsilon"]
+    assert ledger.read_bytes() == before  # nothing new released, nothing charged
+
+    other_global = {k: v + 0.01 for k, v in _global(cfg).items()}
+    changed = train_round(
+        cfg,
+        node="node-0",
+        data=data,
+        global_state=other_global,
+        server_round=1,
+        run_key="r1",
+        ledger_path=ledger,
+    )
+    # an update of round 1 from another model is a new release: it is charged again
+    assert changed.status == "trained"
+    assert changed.metrics["epsilon"] > first.metrics["epsilon"]
+    assert len(json.loads(ledger.read_text())["rounds"]) == 2
+
+
+def test_a_node_that_crashed_while_training_retries_under_the_same_charge(
+    cfg: RunConfig, data: ArrayData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedaiot.node
+
+    ledger = tmp_path / "node-0.json"
+    real = fedaiot.node.train_private
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise MemoryError("killed mid-round")
+
+    monkeypatch.setattr(fedaiot.node, "train_private", crash)
+    with pytest.raises(MemoryError):
+        _round(cfg, data, ledger, 1)
+    charged = json.loads(ledger.read_text())
+    assert len(charged["rounds"]) == 1  # paid before training
+
+    monkeypatch.setattr(fedaiot.node, "train_private", real)
+    reply = _round(cfg, data, ledger, 1)
+    assert reply.status == "trained"
+    after = json.loads(ledger.read_text())
+    assert after["rounds"] == charged["rounds"] and after["history"] == charged["history"]

@@ -6,12 +6,17 @@ Flower-free on purpose: ``clients/client_app.py`` turns messages into calls of
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import hashlib
 import math
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -28,6 +33,9 @@ from fedaiot.training import (
     train_plain,
     train_private,
 )
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,26 @@ def _plan(cfg: RunConfig, ledger: PrivacyLedger, run_key: str, examples: int) ->
         return plan
 
 
+def _returns_freed_memory(function: Callable[P, R]) -> Callable[P, R]:
+    """Hand freed heap back to the system after each call.
+
+    glibc otherwise keeps the fragments of every round's per-sample gradients: a simulated
+    node's worker grew to 7.7 GB over 9 Fashion-MNIST rounds and was killed by Ray's
+    out-of-memory guard. With the trim it stays near its first round's size.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return function(*args, **kwargs)
+        finally:
+            with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+    return wrapper
+
+
+@_returns_freed_memory
 def train_round(
     cfg: RunConfig,
     *,

@@ -70,7 +70,13 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
             f"{per_round}: add nodes or use --secure-aggregation off"
         )
     out = cfg.output_path
-    if out.exists() and not (out / "journal.jsonl").exists() and any(out.iterdir()):
+    # what simulate() writes before the coordinator's journal: an attempt stopped that early
+    started_only = {"flower", "flower.log"}
+    if (
+        out.exists()
+        and not (out / "journal.jsonl").exists()
+        and {entry.name for entry in out.iterdir()} - started_only
+    ):
         raise ValueError(f"{out} exists and is not a fedaiot run folder")
     resumed = resume_point(cfg)
     return resumed[1].round if resumed else 0

@@ -76,3 +76,19 @@ def test_registry_verify_names_the_tampered_version(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "run-r0002" in result.output and "hash mismatch" in result.output
     assert "ok\trun-r0001" in result.output
+
+
+def test_an_attempt_stopped_before_the_coordinator_started_can_be_run_again(
+    tmp_path: Path,
+) -> None:
+    from fedaiot.config import RunConfig
+    from fedaiot.simulation import preflight
+
+    out = tmp_path / "run"
+    (out / "flower").mkdir(parents=True)  # what simulate() writes before Flower runs anything
+    (out / "flower.log").write_text("interrupted\n")
+    cfg = RunConfig(task="breast-cancer", output_dir=str(out))
+    assert preflight(cfg, 5) == 0
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a fedaiot run folder"):
+        preflight(cfg, 5)

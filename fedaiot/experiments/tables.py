@@ -125,7 +125,8 @@ def membership_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def scenario_table(results: pd.DataFrame, rounds: pd.DataFrame) -> pd.DataFrame:
-    played = ok(results)[results["point_id"].isin(_scenario_ids(results))]
+    done = ok(results)
+    played = done[done["point_id"].isin(_scenario_ids(results))]
     if played.empty:
         return pd.DataFrame()
     rows = []

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.axes import Axes
 
-from fedaiot.experiments.tables import epsilon_label, grid, ok, spread
+from fedaiot.experiments.tables import epsilon_label, grid, ok, scenario_points, spread
 
 
 def _x(epsilon: float, finite: list[float]) -> float:
@@ -139,11 +139,7 @@ def membership(results: pd.DataFrame, path: Path) -> Path:
 
 def scenarios(results: pd.DataFrame, rounds: pd.DataFrame, path: Path) -> Path:
     data = ok(results)
-    played = data[data["scenario"] != "none"]
-    keys = ["task", "epsilon", "nodes", "partition", "secure_aggregation", "rounds"]
-    control = data.merge(played[keys].drop_duplicates(), on=keys)
-    control = control[control["scenario"] == "none"]
-    chosen = pd.concat([control, played])
+    chosen = data[data["point_id"].isin(scenario_points(results))]
     merged = rounds.merge(chosen[["point_id", "scenario"]], on="point_id")
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for scenario, rows in merged.groupby("scenario"):

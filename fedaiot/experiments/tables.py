@@ -126,7 +126,7 @@ def membership_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def scenario_table(results: pd.DataFrame, rounds: pd.DataFrame) -> pd.DataFrame:
     done = ok(results)
-    played = done[done["point_id"].isin(_scenario_ids(results))]
+    played = done[done["point_id"].isin(scenario_points(results))]
     if played.empty:
         return pd.DataFrame()
     rows = []
@@ -147,7 +147,7 @@ def scenario_table(results: pd.DataFrame, rounds: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _scenario_ids(results: pd.DataFrame) -> set[str]:
+def scenario_points(results: pd.DataFrame) -> set[str]:
     """Scenario points and their fault-free control (same setting, scenario 'none')."""
     scenarios = results[results["scenario"] != "none"]
     if scenarios.empty:

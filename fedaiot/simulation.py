@@ -9,11 +9,7 @@ the journal, not from ``flwr run``'s exit code (which is 0 even for a failed run
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import tomli_w
 
 import fedaiot
 from fedaiot.config import RunConfig
+from fedaiot.deploy.processes import flower_env, free_port, stop_tree
 from fedaiot.journal import Journal
 
 
@@ -82,12 +78,6 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
     return resumed[1].round if resumed else 0
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def simulate(
     cfg: RunConfig,
     num_nodes: int,
@@ -98,18 +88,8 @@ def simulate(
     out = cfg.output_path
     flwr_home = out / "flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
-    http_port = _free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        # Flower's processes start each other by name: find them next to this interpreter,
-        # whether or not its virtual environment is activated.
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
+    http_port = free_port()
+    env = flower_env(flwr_home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port))
     overrides = flwr_home / "run-config.toml"
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
     connections = {"superlink": {"default": "local", "local": {"address": ":local:"}}}
@@ -138,9 +118,9 @@ def simulate(
             try:
                 events = _follow(journal, offset, runner, on_event)
             finally:
-                _stop(runner)
+                stop_tree(runner)
         finally:
-            _stop(superlink)
+            stop_tree(superlink)
     wall = time.perf_counter() - started
     failed = next((e for e in events if e["event"] == "failed"), None)
     end = next((e for e in events if e["event"] == "end"), None)
@@ -181,9 +161,9 @@ def _start_superlink(
                 pass
             time.sleep(0.2)
     except BaseException:
-        _stop(process)
+        stop_tree(process)
         raise
-    _stop(process)
+    stop_tree(process)
     raise SimulationError("flower-superlink did not become ready within 60 s")
 
 
@@ -205,25 +185,3 @@ def _follow(
                 runner.wait(timeout=60)
             return seen
         time.sleep(0.25)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop a child and every process below it.
-
-    Flower's SuperLink starts its executor in a session of its own, and Ray's helpers ignore
-    SIGTERM, so the whole tree is collected first and whatever outlives SIGTERM gets SIGKILL.
-    """
-    try:
-        root = psutil.Process(process.pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for member in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.terminate()
-    _, alive = psutil.wait_procs(tree, timeout=10)
-    for member in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            member.kill()
-    psutil.wait_procs(alive, timeout=5)
-    process.poll()

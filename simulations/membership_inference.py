@@ -36,18 +36,11 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from fedaiot.experiments.central import fit
 from fedaiot.experiments.membership import MembershipResult, attack, attack_run
-from fedaiot.privacy.accounting import epsilon_spent, plan_noise
 from fedaiot.registry import ModelRegistry
 from fedaiot.tasks import ArrayData, federate, get_task
-from fedaiot.training import (
-    LocalSchedule,
-    batches_per_epoch,
-    evaluate,
-    sample_rate,
-    train_plain,
-    train_private,
-)
+from fedaiot.training import LocalSchedule, evaluate
 
 
 @dataclass(frozen=True)
@@ -99,25 +92,16 @@ def run_central(args: argparse.Namespace, epsilon: float | None, seed: int) -> M
     model = task.build_model()
     epochs = args.rounds * args.local_epochs
     schedule = LocalSchedule(epochs=epochs, batch_size=args.batch_size, learning_rate=args.lr)
-    if epsilon is None:
-        train_plain(model, members, schedule, seed=seed)
-        spent = float("inf")
-    else:
-        q = sample_rate(len(members), args.batch_size)
-        steps = epochs * batches_per_epoch(len(members), args.batch_size)
-        sigma = plan_noise(
-            target_epsilon=epsilon, delta=args.delta, sample_rate=q, steps=steps, max_noise=200.0
-        )
-        outcome = train_private(
-            model,
-            members,
-            schedule,
-            noise_multiplier=sigma,
-            max_grad_norm=args.max_grad_norm,
-            history=[],
-            seed=seed,
-        )
-        spent = epsilon_spent(outcome.history, args.delta)
+    spent = fit(
+        model,
+        members,
+        schedule,
+        epsilon=epsilon,
+        delta=args.delta,
+        max_grad_norm=args.max_grad_norm,
+        seed=seed,
+        max_noise=200.0,
+    )
     accuracy = evaluate(model, fed.test, positive_class=task.positive_class)["accuracy"]
     return Measured(spent, accuracy, attack(model, members, fed.test, seed=seed))
 

@@ -62,22 +62,47 @@ def train_central(
     torch.manual_seed(seed)
     model = task.build_model()
     schedule = LocalSchedule(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate)
-    if epsilon is None:
-        train_plain(model, pool, schedule, seed=seed)
-        spent = float("inf")
-    else:
-        q = sample_rate(len(pool), batch_size)
-        steps = epochs * batches_per_epoch(len(pool), batch_size)
-        sigma = plan_noise(target_epsilon=epsilon, delta=delta, sample_rate=q, steps=steps)
-        outcome = train_private(
-            model,
-            pool,
-            schedule,
-            noise_multiplier=sigma,
-            max_grad_norm=max_grad_norm,
-            history=[],
-            seed=seed,
-        )
-        spent = epsilon_spent(outcome.history, delta)
+    spent = fit(
+        model,
+        pool,
+        schedule,
+        epsilon=epsilon,
+        delta=delta,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+    )
     metrics = evaluate(model, fed.test, positive_class=task.positive_class)
     return CentralOutcome(model, pool, fed.test, metrics, spent)
+
+
+def fit(
+    model: nn.Module,
+    data: ArrayData,
+    schedule: LocalSchedule,
+    *,
+    epsilon: float | None,
+    delta: float,
+    max_grad_norm: float,
+    seed: int,
+    max_noise: float = 20.0,
+) -> float:
+    """Train ``model`` in place on ``data``: DP-SGD with its noise planned for ``epsilon`` over
+    the whole schedule, or plain SGD (``epsilon=None``). Returns the epsilon spent (inf)."""
+    if epsilon is None:
+        train_plain(model, data, schedule, seed=seed)
+        return float("inf")
+    q = sample_rate(len(data), schedule.batch_size)
+    steps = schedule.epochs * batches_per_epoch(len(data), schedule.batch_size)
+    sigma = plan_noise(
+        target_epsilon=epsilon, delta=delta, sample_rate=q, steps=steps, max_noise=max_noise
+    )
+    outcome = train_private(
+        model,
+        data,
+        schedule,
+        noise_multiplier=sigma,
+        max_grad_norm=max_grad_norm,
+        history=[],
+        seed=seed,
+    )
+    return epsilon_spent(outcome.history, delta)

@@ -8,10 +8,11 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedaiot import secure_node
+from fedaiot.node_errors import guarded
 from fedaiot.secure_wire import unpack
 
 if TYPE_CHECKING:
-    from fedaiot.node import NodeReply
+    from fedaiot.replies import NodeReply
 
 app = ClientApp()
 
@@ -21,23 +22,22 @@ app = ClientApp()
 # them, so those imports wait until a message asks for training.
 
 
-def _train(msg: Message, context: Context) -> NodeReply:
+def _train(msg: Message, context: Context, *, released_on_return: bool) -> NodeReply:
     from fedaiot import faults
     from fedaiot.config import RunConfig
     from fedaiot.deploy.node_round import DATA_PATH, NodeSettings, deployed_round
     from fedaiot.node import simulated_partition, train_round
 
     cfg = RunConfig.from_run_config(context.run_config)
+    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+    config = dict(msg.content["config"])
     if DATA_PATH in context.node_config:  # a deployed institution: its own files and ledger
-        arrays_in: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
         settings = NodeSettings.from_node_config(context.node_config)
-        config_in = dict(msg.content["config"])
-        return deployed_round(cfg, settings, config_in, arrays_in.to_torch_state_dict())
+        state = arrays.to_torch_state_dict()
+        return deployed_round(cfg, settings, config, state, released_on_return=released_on_return)
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
     node = f"node-{partition_id}"
-    config = msg.content["config"]
-    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
     server_round = int(config["server-round"])  # type: ignore[arg-type]
     faults.before_training(cfg, node, server_round)
     reply = train_round(
@@ -47,37 +47,51 @@ def _train(msg: Message, context: Context) -> NodeReply:
         global_state=arrays.to_torch_state_dict(),
         server_round=server_round,
         run_key=str(config["run-key"]),
-        ledger_path=cfg.output_path / "ledgers" / f"{node}.json",
+        ledger_dir=cfg.output_path / "ledgers",
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        released_on_return=released_on_return,
     )
     faults.after_training(cfg, node, server_round)
     return reply
 
 
 @app.train()
+@guarded
 def train(msg: Message, context: Context) -> Message:
+    from fedaiot.config import RunConfig
     from fedaiot.messages import reply_content
 
-    return Message(content=reply_content(_train(msg, context)), reply_to=msg)
+    reply = _train(msg, context, released_on_return=True)
+    private = RunConfig.from_run_config(context.run_config).private
+    return Message(content=reply_content(reply, private=private), reply_to=msg)
 
 
 @app.train("secagg")
+@guarded
 def train_and_advertise(msg: Message, context: Context) -> Message:
+    from fedaiot.config import RunConfig
+
+    secure_node.forget_round(context)  # an abandoned round's update must never leave later
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    content = secure_node.advertise(_train(msg, context), arrays, unpack(msg.content), context)
+    reply = _train(msg, context, released_on_return=False)
+    private = RunConfig.from_run_config(context.run_config).private
+    content = secure_node.advertise(reply, arrays, unpack(msg.content), context, private=private)
     return Message(content=content, reply_to=msg)
 
 
 @app.query("secagg_share")
+@guarded
 def share_keys(msg: Message, context: Context) -> Message:
     return Message(content=secure_node.share_keys(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_mask")
+@guarded
 def masked_input(msg: Message, context: Context) -> Message:
     return Message(content=secure_node.masked_input(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_unmask")
+@guarded
 def unmask(msg: Message, context: Context) -> Message:
     return Message(content=secure_node.unmask(msg.content, context), reply_to=msg)

@@ -239,7 +239,8 @@ def node_start(
     settings = prepared.settings
     print(
         f"node {settings.node_name}: {prepared.examples} examples of {task} from "
-        f"{settings.data_path}, ledger {settings.ledger_path}, SuperLink {superlink} (log {log})",
+        f"{settings.data_path}, ledgers in {settings.ledger_dir}, SuperLink {superlink} "
+        f"(log {log})",
         flush=True,
     )
     code = wait(process)

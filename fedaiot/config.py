@@ -26,6 +26,8 @@ StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 class ConfigError(ValueError):
     """A run configuration value is missing, malformed or out of range."""
 
+    reason = "config-error"  # the code a node sends on the wire instead of the text
+
 
 def fedaiot_home() -> Path:
     """Where relative paths of a run are anchored: ``$FEDAIOT_HOME`` or ``~/.fedaiot``."""
@@ -48,6 +50,14 @@ class RunConfig(BaseModel):
     epsilon: float = 3.0
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # DP-SGD's Poisson sampling rate, the same for every node: the noise is planned from it,
+    # never from a node's size (a round is ceil(local-epochs / sample-rate) steps).
+    sample_rate: float = Field(0.2, gt=0, le=1)
+    # Standard deviation of the Gaussian noise on the count a node releases once per data set.
+    count_noise: float = Field(20.0, gt=0)
+    # Research only: noise and sampling from the run's seed, reproducible and NOT private.
+    # Recorded in every manifest; a deployed node refuses such a run.
+    seeded_noise: bool = False
 
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1)
@@ -65,6 +75,12 @@ class RunConfig(BaseModel):
     secure_aggregation: bool = True
     secagg_threshold: int = Field(0, ge=0)
     secagg_timeout: float = Field(120.0, gt=0)
+    # The threat model that sizes SecAgg+'s graph and threshold (fedaiot.secagg.parameters):
+    # the fraction of a round's nodes that may collude with the coordinator, the fraction that
+    # may drop out, and the security parameter in bits.
+    secagg_collusion: float = Field(0.2, ge=0, lt=1)
+    secagg_dropout: float = Field(0.1, ge=0, lt=1)
+    secagg_security_bits: int = Field(40, ge=40, le=128)
     # Run this many rounds now and pause (0: run to the end); the same config resumes later.
     stop_after_round: int = Field(0, ge=0)
     # Simulated faults for operational scenarios (fedaiot.faults); all off in a real deployment.
@@ -73,6 +89,9 @@ class RunConfig(BaseModel):
     fault_straggler_delay: float = Field(0.0, ge=0)
 
     output_dir: str = "runs/flwr-run"
+    # Deployment: a JSON file of Flower node id -> institution name, written by the
+    # coordinator's kit when it registers the keys. Identities come from it, never from nodes.
+    node_roster: str = ""
 
     @field_validator("epsilon")
     @classmethod
@@ -112,13 +131,24 @@ class RunConfig(BaseModel):
         return {key.replace("_", "-"): value for key, value in self.model_dump().items()}
 
     @property
+    def steps_per_round(self) -> int:
+        """DP-SGD steps a node takes each round: ``local-epochs`` passes in expectation."""
+        return max(1, math.ceil(round(self.local_epochs / self.sample_rate, 9)))
+
+    @property
     def output_path(self) -> Path:
         path = Path(self.output_dir).expanduser()
         return path if path.is_absolute() else fedaiot_home() / path
 
     def fingerprint(self) -> str:
         """A stable hash of what makes two runs the same run (where and how long excluded)."""
-        volatile = {"output_dir", "round_timeout", "secagg_timeout", "stop_after_round"}
+        volatile = {
+            "output_dir",
+            "round_timeout",
+            "secagg_timeout",
+            "stop_after_round",
+            "node_roster",
+        }
         fields = self.model_dump(exclude=volatile)
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

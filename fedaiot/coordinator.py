@@ -8,9 +8,11 @@ goes into the registry, and a restarted coordinator resumes after the last regis
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,7 +22,8 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedaiot.config import ConfigError, RunConfig
 from fedaiot.journal import Journal
-from fedaiot.messages import ReceivedReply, receive
+from fedaiot.messages import ReceivedReply, receive, refuse_duplicates
+from fedaiot.privacy.disclosure import disclosure
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.secure_rounds import SecureAggregation, as_strategy_reply
 from fedaiot.strategy_state import load_moments, save_moments
@@ -49,6 +52,12 @@ class RunState:
     round: int = 0
     nodes: dict[str, NodePrivacy] = field(default_factory=dict)
     best_accuracy: float = -math.inf
+    aggregated: int = 0  # rounds whose aggregate became the global model
+    no_aggregate: str = ""  # why the last round without an aggregate had none
+
+
+def run_key(cfg: RunConfig) -> str:
+    return f"{cfg.output_path.name}:{cfg.fingerprint()}"
 
 
 def resume_point(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], Manifest] | None:
@@ -71,12 +80,24 @@ def resume_point(cfg: RunConfig) -> tuple[dict[str, torch.Tensor], Manifest] | N
     return weights, manifest
 
 
+def rounds_done(cfg: RunConfig) -> int:
+    """Rounds of this run already played: registered, or journalled without an aggregate."""
+    resumed = resume_point(cfg)
+    registered = resumed[1].round if resumed else 0
+    events, _ = Journal(cfg.output_path).events()
+    key = run_key(cfg)
+    played = [e["round"] for e in events if e["event"] == "round" and e.get("run_key") == key]
+    return max([registered, *played])
+
+
 class Coordinator:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.task: Task = get_task(cfg.task)
         self.run = cfg.output_path.name
-        self.run_key = f"{self.run}:{cfg.fingerprint()}"
+        self.run_key = run_key(cfg)
+        self.roster = load_roster(cfg.node_roster)
+        self.privacy = disclosure(cfg)
         self.registry = ModelRegistry(cfg.output_path / "registry")
         self.journal = Journal(cfg.output_path)
         held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed)
@@ -91,13 +112,14 @@ class Coordinator:
     def initial_state(self) -> tuple[ArrayRecord, RunState]:
         """The fresh model, or the last registered round of this run (its hash checked)."""
         resumed = resume_point(self.cfg)
+        played = rounds_done(self.cfg)
         if resumed is None:
             torch.manual_seed(self.cfg.seed)
-            return ArrayRecord(self.task.build_model().state_dict()), RunState()
+            return ArrayRecord(self.task.build_model().state_dict()), RunState(played)
         weights, manifest = resumed
         versions = self.registry.versions(run=self.run)
         best = max(self.registry.manifest(v).metrics.get("accuracy", -math.inf) for v in versions)
-        state = RunState(manifest.round, {n.id: n for n in manifest.nodes}, best)
+        state = RunState(played, {n.id: n for n in manifest.nodes}, best, len(versions))
         return self.as_model(ArrayRecord(weights)), state  # the model's own key order
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
@@ -121,25 +143,32 @@ class Coordinator:
             if self.cfg.secure_aggregation:
                 accepted, replies, notes = self._secure(grid, messages, arrays)
             else:
-                replies = [
-                    receive(reply, arrays)
-                    for reply in grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
-                ]
+                received = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+                replies = refuse_duplicates([receive(r, arrays, self.roster) for r in received])
                 accepted, notes = [r.message for r in replies if r.message is not None], {}
+            aggregated = None
             if accepted:
                 aggregated, _ = strategy.aggregate_train(server_round, accepted)
-                arrays = self.as_model(aggregated) if aggregated is not None else arrays
-            metrics = self.evaluate(arrays)
             self._account(state, replies, server_round)
-            self._register(arrays, state, server_round, metrics)
-            save_moments(strategy, moments, server_round)
+            metrics: dict[str, float] = {}
+            if aggregated is not None:
+                arrays = self.as_model(aggregated)
+                metrics = self.evaluate(arrays)
+                self._register(arrays, state, server_round, metrics)
+                save_moments(strategy, moments, server_round)
+                state.aggregated += 1
+            else:  # the previous model stays; nothing is registered for this round
+                state.no_aggregate = _why_nothing(replies, notes)
             state.round = server_round
             self.journal.append(
                 "round",
                 round=server_round,
+                run_key=self.run_key,
+                aggregated=aggregated is not None,
                 metrics=metrics,
                 seconds=time.perf_counter() - started,
                 replies=[_describe(r) for r in replies],
+                **({} if aggregated is not None else {"no_aggregate": state.no_aggregate}),
                 **notes,
             )
             if replies and all(r.status == "refused" for r in replies):
@@ -148,6 +177,8 @@ class Coordinator:
             if server_round == self.cfg.stop_after_round < self.cfg.num_rounds:
                 status = "paused"
                 break
+        if status != "budget-exhausted" and state.aggregated == 0:
+            status = "no-aggregate"
         return self.summary(state, status)
 
     def _secure(
@@ -158,7 +189,7 @@ class Coordinator:
         A node whose update did not make it into the sum (it dropped out, or the round failed)
         is recorded as "dropped"; its privacy spend is still accounted.
         """
-        secure = SecureAggregation(self.cfg, grid).run(messages, arrays)
+        secure = SecureAggregation(self.cfg, grid, self.roster).run(messages, arrays)
         failed = secure.arrays is None
         replies = [
             replace(r, status="dropped", problem=secure.error or secure.dropped[r.node])
@@ -167,7 +198,11 @@ class Coordinator:
             for r in secure.replies
         ]
         notes = {
-            "secure_aggregation": {"error": secure.error, "dropped": secure.dropped},
+            "secure_aggregation": {
+                "error": secure.error,
+                "dropped": secure.dropped,
+                "parameters": secure.parameters,
+            },
             "stage_seconds": secure.seconds,
         }
         if secure.arrays is None:
@@ -216,6 +251,7 @@ class Coordinator:
                 metrics=metrics,
                 nodes=sorted(state.nodes.values(), key=lambda n: n.id),
                 config={**self.cfg.model_dump(), "fingerprint": self.cfg.fingerprint()},
+                privacy=self.privacy,
                 weights_sha256="",
                 created=time.time(),
             ),
@@ -240,15 +276,42 @@ class Coordinator:
             "model_version": latest.version if latest else None,
             "registry": str(self.registry.root),
             "nodes": [n.model_dump() for n in sorted(state.nodes.values(), key=lambda n: n.id)],
+            "aggregated_rounds": state.aggregated,
+            "privacy": self.privacy,
         }
+        if status == "no-aggregate":
+            summary["error"] = f"no round aggregated any update ({state.no_aggregate})"
         self.journal.write_summary(summary)
-        self.journal.append("end", status=status)
+        self.journal.append("end", status=status, error=summary.get("error", ""))
         return summary
 
 
 def _examples(metrics: dict[str, float]) -> int | None:
     count = metrics.get("num-examples")
     return int(count) if count is not None and math.isfinite(count) else None
+
+
+def load_roster(path: str) -> dict[int, str]:
+    """Flower node id -> institution name, as the coordinator's kit registered them."""
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+        return {int(node_id): str(name) for node_id, name in raw.items()}
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"node-roster {path} is unreadable: {exc}") from None
+
+
+def _why_nothing(replies: list[ReceivedReply], notes: dict[str, Any]) -> str:
+    error = notes.get("secure_aggregation", {}).get("error", "")
+    if error:
+        return f"secure aggregation failed: {error}"
+    if not replies:
+        return "no node replied"
+    counts: dict[str, int] = {}
+    for reply in replies:
+        counts[reply.status] = counts.get(reply.status, 0) + 1
+    return "no update to aggregate: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
 
 
 def _describe(reply: ReceivedReply) -> dict[str, Any]:

@@ -50,18 +50,21 @@ class RoundProgress:
             metrics = event["metrics"]
             epsilons = [r["epsilon"] for r in event["replies"] if r.get("epsilon") is not None]
             refused = [r["node"] for r in event["replies"] if r["status"] != "trained"]
+            if event.get("aggregated", True):
+                result = f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
+                status = f"acc {metrics['accuracy']:.3f}"
+            else:
+                result = f"[red]no aggregate, model kept: {event.get('no_aggregate', '')}[/]"
+                status = "no aggregate"
             line = (
-                f"round {event['round']:>3}: accuracy {metrics['accuracy']:.4f}  "
-                f"loss {metrics['loss']:.4f}  "
+                f"round {event['round']:>3}: {result}  "
                 f"max epsilon {_fmt(max(epsilons) if epsilons else None)}  "
                 f"{event['seconds']:.1f}s"
             )
             if refused:
                 line += f"  [yellow]not used: {', '.join(refused)}[/]"
             self.console.print(line)
-            self.progress.update(
-                self.task, completed=event["round"], status=f"acc {metrics['accuracy']:.3f}"
-            )
+            self.progress.update(self.task, completed=event["round"], status=status)
         elif kind == "failed":
             self.console.print(f"[red]run failed: {event['error']}[/]")
 
@@ -77,6 +80,9 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     result.add_row("rounds", str(summary.get("rounds")))
     result.add_row("wall seconds", _fmt(summary.get("wall_seconds"), 1))
     result.add_row("model version", str(summary.get("model_version")))
+    privacy = summary.get("privacy", {})
+    if privacy and not privacy.get("private", True) and "seed" in privacy.get("noise", ""):
+        result.add_row("privacy", f"[red]{privacy['noise']}[/]")
 
     nodes = Table(title="privacy spent per node")
     for column in ("node", "examples", "epsilon", "delta", "noise multiplier", "rounds"):

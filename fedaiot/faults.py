@@ -17,9 +17,13 @@ from fedaiot.config import RunConfig
 class SimulatedDropout(RuntimeError):
     """The node plays an institution that went offline for this round."""
 
+    reason = "dropped-out"  # the code a node sends on the wire instead of the text
+
 
 class MissedDeadline(RuntimeError):
     """The node plays an institution whose update arrived after the round closed."""
+
+    reason = "missed-deadline"
 
 
 def _uniform(cfg: RunConfig, node: str, server_round: int, fault: str) -> float:

@@ -20,7 +20,6 @@ Arrays are read with ``allow_pickle=False``: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,8 @@ MIN_EXAMPLES = 2
 
 class LocalDataError(ValueError):
     """The institution's data does not match the task's schema (one line, names the fault)."""
+
+    reason = "data-error"  # the code a node sends on the wire instead of the text
 
 
 class TabularSchema(BaseModel):
@@ -90,15 +91,6 @@ def load_local(task: Task, path: Path) -> ArrayData:
     if len(data) < MIN_EXAMPLES:
         raise LocalDataError(f"{path}: {len(data)} examples, a node needs at least {MIN_EXAMPLES}")
     return data
-
-
-def fingerprint(data: ArrayData) -> str:
-    """The raw data's identity: the privacy ledger is tied to it, whatever the normalization."""
-    digest = hashlib.sha256()
-    digest.update(str(data.x.shape).encode())
-    digest.update(np.ascontiguousarray(data.x).tobytes())
-    digest.update(np.ascontiguousarray(data.y).tobytes())
-    return digest.hexdigest()
 
 
 # --- labels -----------------------------------------------------------------------------------

@@ -3,24 +3,35 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedaiot.node import NodeReply
+from fedaiot.replies import FAILED, REASONS, REFUSED, TRAINED, NodeReply, clear_metrics
 
 ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
 
 
-def reply_content(reply: NodeReply) -> RecordDict:
+def wire_mode(status: str, *, private: bool, secure: bool) -> str:
+    """Which list of :data:`fedaiot.replies.CLEAR_METRICS` a reply of ``status`` may use."""
+    if status != TRAINED:
+        return REFUSED if status == REFUSED else FAILED
+    return ("private" if private else "non-private") + ("-secure" if secure else "")
+
+
+def reply_content(reply: NodeReply, *, private: bool, secure: bool = False) -> RecordDict:
+    """The reply as Flower records: the clear metrics of its mode, the status, a reason code,
+    and the update itself only for a trained reply without secure aggregation."""
+    mode = wire_mode(reply.status, private=private, secure=secure)
     content = RecordDict(
         {
-            METRICS: MetricRecord(dict(reply.metrics)),
+            METRICS: MetricRecord(clear_metrics(mode, reply.metrics)),  # type: ignore[arg-type]
             NODE: ConfigRecord({"id": reply.node, "status": reply.status, "reason": reply.reason}),
         }
     )
-    if reply.state is not None:
+    if reply.state is not None and reply.status == TRAINED and not secure:
         content[ARRAYS] = ArrayRecord(reply.state)
     return content
 
@@ -30,44 +41,82 @@ class ReceivedReply:
     """A node's reply as the coordinator sees it; ``problem`` is set when it was rejected."""
 
     node: str
-    status: str  # "trained", "refused", "rejected" or "failed"
+    status: str  # "trained", "refused", "rejected", "failed" or "dropped"
     metrics: dict[str, float]
     message: Message | None
     problem: str = ""
+    source: int = 0  # the Flower node id the SuperLink delivered it from
 
 
-def read_reply(message: Message) -> ReceivedReply:
+def identity(message: Message, claimed: str, roster: Mapping[int, str]) -> str:
+    """Who a reply is from: the roster's name for the authenticated Flower node id; without a
+    roster, the partition a simulated node reports; else the Flower node id."""
+    source = message.metadata.src_node_id
+    if roster:
+        return roster.get(source, f"unregistered node {source}")
+    return claimed or f"node {source}"
+
+
+def read_reply(message: Message, roster: Mapping[int, str] | None = None) -> ReceivedReply:
     """Who replied, with what status, metrics and reason; the update itself is not checked.
 
     An error reply is "failed" and a reply without the node's record or metrics "rejected"
     (both without ``message``); otherwise the status is the node's own and ``message`` is set.
+    A reason that is not one of the codes is not repeated (it could carry the node's data).
     """
-    source = f"node {message.metadata.src_node_id}"
+    roster = roster or {}
+    source = message.metadata.src_node_id
     if message.has_error():
-        return ReceivedReply(source, "failed", {}, None, message.error.reason or "failed")
+        name = identity(message, "", roster)
+        return ReceivedReply(name, FAILED, {}, None, "the node's app raised an error", source)
     content = message.content
     try:
         info = content.config_records[NODE]
         metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]
-        node, status = str(info["id"]), str(info["status"])
+        claimed, status = str(info["id"]), str(info["status"])
     except (KeyError, TypeError, ValueError) as exc:
-        return ReceivedReply(source, "rejected", {}, None, f"malformed reply: missing {exc}")
-    return ReceivedReply(node, status, metrics, message, str(info.get("reason", "")))
+        name = identity(message, "", roster)
+        return ReceivedReply(name, "rejected", {}, None, f"malformed reply: missing {exc}", source)
+    reason = str(info.get("reason", ""))
+    problem = reason if reason in REASONS else ("unknown reason code" if reason else "")
+    name = identity(message, claimed, roster)
+    return ReceivedReply(name, status, metrics, message, problem, source)
 
 
-def receive(message: Message, reference: ArrayRecord) -> ReceivedReply:
+def receive(
+    message: Message, reference: ArrayRecord, roster: Mapping[int, str] | None = None
+) -> ReceivedReply:
     """Classify one reply; an update that could corrupt the global model is rejected here."""
-    reply = read_reply(message)
+    reply = read_reply(message, roster)
     if reply.message is None:
         return reply
-    if reply.status == "refused":
+    if reply.status != TRAINED:
         return replace(reply, message=None)
     problem = _update_problem(message.content, reply.metrics, reference)
     if problem:
-        return ReceivedReply(
-            reply.node, "rejected", reply.metrics, None, f"{reply.node}: {problem}"
+        return replace(reply, status="rejected", message=None, problem=f"{reply.node}: {problem}")
+    return reply
+
+
+def refuse_duplicates(replies: list[ReceivedReply]) -> list[ReceivedReply]:
+    """Replies from two or more Flower nodes under one identity are all rejected, their
+    accounting dropped: neither can be told from the other, and recording both under one
+    name would merge two institutions' privacy spend into one line."""
+    sources: dict[str, set[int]] = {}
+    for reply in replies:
+        sources.setdefault(reply.node, set()).add(reply.source)
+    return [
+        replace(
+            r,
+            status="rejected",
+            metrics={},
+            message=None,
+            problem=f"duplicate identity: {len(sources[r.node])} nodes answered as {r.node}",
         )
-    return ReceivedReply(reply.node, "trained", reply.metrics, message)
+        if len(sources[r.node]) > 1
+        else r
+        for r in replies
+    ]
 
 
 def _update_problem(content: RecordDict, metrics: dict[str, float], reference: ArrayRecord) -> str:

@@ -52,7 +52,7 @@ class RegistryError(RuntimeError):
 
 class NodePrivacy(BaseModel):
     id: str
-    examples: int | None  # None under secure aggregation: the count travels masked
+    examples: int | None  # the weight it reported: a noisy count under DP; None when masked
     epsilon: float | None  # None for a non-private node
     delta: float
     noise_multiplier: float
@@ -70,6 +70,8 @@ class Manifest(BaseModel):
     metrics: dict[str, float]
     nodes: list[NodePrivacy] = Field(default_factory=list)
     config: dict[str, Any]
+    # what the nodes disclosed to the coordinator in the clear (fedaiot.privacy.disclosure)
+    privacy: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str
     created: float
 

@@ -1,11 +1,12 @@
 """The node's side of a securely aggregated round, one function per message.
 
 Flower starts a ClientApp afresh for each message, so the round's secrets (key pairs, self-mask
-seed, received shares) and the node's update wait between stages in ``Context.state``: memory
-or storage on the node itself, never sent. They are deleted when the round ends. What leaves
-the node: its privacy accounting (epsilon, delta, noise multiplier, time), public keys,
-encrypted shares, the masked vector, and at the end the shares the protocol asks for. Its update
-and its number of examples travel only inside the masked vector.
+seed, received shares), the node's update and its pending privacy charge wait between stages in
+``Context.state``: memory or storage on the node itself, never sent. They are deleted when the
+round ends, and before the next round trains. What leaves the node: its privacy accounting
+(epsilon, delta, noise multiplier), public keys, encrypted shares, the masked vector, and at
+the end the shares the protocol asks for. Its update and its weight (the noisy count) travel
+only inside the masked vector; the charge is marked released when the masked vector is built.
 """
 
 from __future__ import annotations
@@ -25,35 +26,55 @@ from fedaiot.secagg import (
 from fedaiot.secure_wire import flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
-    from fedaiot.node import NodeReply
+    from fedaiot.replies import NodeReply
 
-_SETUP, _CLIENT, _UPDATE = "secagg-setup", "secagg-client", "secagg-update"
-# What a node reports in the clear under secure aggregation: accounting, not data statistics.
-PUBLIC_METRICS = ("epsilon", "delta", "noise-multiplier", "train-seconds")
+_SETUP, _CLIENT, _UPDATE, _PENDING = (
+    "secagg-setup",
+    "secagg-client",
+    "secagg-update",
+    "secagg-charge",
+)
+
+
+def forget_round(context: Context) -> None:
+    """Drop whatever an earlier round left on the node (its update, keys and pending charge).
+
+    Called before training: once a round is forgotten its update can never be masked and
+    sent, which is what lets the budget return that round's unreleased charge.
+    """
+    for name in (_SETUP, _CLIENT, _UPDATE, _PENDING):
+        if name in context.state:
+            del context.state[name]
 
 
 def advertise(
-    reply: NodeReply, global_arrays: ArrayRecord, setup_record: dict[str, object], context: Context
+    reply: NodeReply,
+    global_arrays: ArrayRecord,
+    setup_record: dict[str, object],
+    context: Context,
+    *,
+    private: bool,
 ) -> RecordDict:
     """After local training: keep the update, start the SecAgg round, send the key advert."""
-    from fedaiot.messages import METRICS, NODE, reply_content
+    from fedaiot.messages import METRICS, NODE, reply_content, wire_mode
+    from fedaiot.replies import clear_metrics
 
     if reply.status != "trained" or reply.state is None:
-        return reply_content(reply)  # a refusal carries no update and joins no round
+        return reply_content(reply, private=private, secure=True)  # joins no round
     setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
     client = SecAggClient(int(setup_record["node"]), setup)  # type: ignore[call-overload]
     advert = client.advertise()
     update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
-    context.state[_UPDATE] = ConfigRecord(
-        {"update": update.tobytes(), "weight": float(reply.examples)}
-    )
-    public = {k: v for k, v in reply.metrics.items() if k in PUBLIC_METRICS}
+    context.state[_UPDATE] = ConfigRecord({"update": update.tobytes(), "weight": reply.weight})
+    if reply.pending is not None:
+        context.state[_PENDING] = ConfigRecord(reply.pending.to_record())  # type: ignore[arg-type]
+    mode = wire_mode(reply.status, private=private, secure=True)
     return pack(
         advert.to_record(),
         **{
-            METRICS: MetricRecord(public),  # type: ignore[arg-type]
+            METRICS: MetricRecord(clear_metrics(mode, reply.metrics)),  # type: ignore[arg-type]
             NODE: ConfigRecord({"id": reply.node, "status": "trained", "reason": ""}),
         },
     )
@@ -91,6 +112,11 @@ def masked_input(content: RecordDict, context: Context) -> RecordDict:
     )
     _save(context, client)
     del context.state[_UPDATE]  # the update is no longer needed once masked
+    if _PENDING in context.state:  # it leaves now, masked: its charge is spent for good
+        from fedaiot.privacy.budget import PendingRelease
+
+        PendingRelease.from_record(dict(context.state.config_records[_PENDING])).release()
+        del context.state[_PENDING]
     return pack(masked.to_record())
 
 
@@ -99,6 +125,4 @@ def unmask(content: RecordDict, context: Context) -> RecordDict:
     try:
         return pack(client.unmask(UnmaskRequest.from_record(unpack(content))).to_record())
     finally:
-        for name in (_SETUP, _CLIENT, _UPDATE):
-            if name in context.state:
-                del context.state[name]
+        forget_round(context)

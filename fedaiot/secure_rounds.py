@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -20,15 +20,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedaiot.config import ConfigError, RunConfig
-from fedaiot.messages import ARRAYS, METRICS, ReceivedReply, read_reply
+from fedaiot.messages import ARRAYS, METRICS, ReceivedReply, read_reply, refuse_duplicates
+from fedaiot.replies import FAILED
 from fedaiot.secagg import (
     KeyAdvert,
     MaskedInput,
     RoundSetup,
     SecAggError,
+    SecAggParameters,
     SecAggServer,
     ShareBundle,
     UnmaskShares,
+    choose,
 )
 from fedaiot.secure_wire import (
     MASKED_INPUT,
@@ -60,13 +63,26 @@ class SecureRound:
     error: str = ""
     dropped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
+    parameters: dict[str, Any] = field(default_factory=dict)  # degree, threshold, threat model
 
 
 class SecureAggregation:
     """Runs the stages for the nodes ``configure_train`` chose, with ``grid`` as transport."""
 
-    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
-        self.cfg, self.grid = cfg, grid
+    def __init__(self, cfg: RunConfig, grid: Grid, roster: Mapping[int, str] | None = None) -> None:
+        self.cfg, self.grid, self.roster = cfg, grid, roster or {}
+
+    def parameters(self, n: int) -> SecAggParameters:
+        """Degree and threshold from the run's threat model."""
+        try:
+            return choose(
+                n,
+                collusion=self.cfg.secagg_collusion,
+                dropout=self.cfg.secagg_dropout,
+                security_bits=self.cfg.secagg_security_bits,
+            )
+        except SecAggError as exc:
+            raise ConfigError(f"secure aggregation: {exc}") from None
 
     def run(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
         flower_ids = [m.metadata.dst_node_id for m in messages]
@@ -77,14 +93,20 @@ class SecureAggregation:
             )
         ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids: 1..n
         self.flower_of = {i: fid for fid, i in ids.items()}
-        self.names = {i: f"node {fid}" for fid, i in ids.items()}  # until the node names itself
-        setup = RoundSetup.create(
-            list(ids.values()),
-            vector_length=sum(a.numpy().size for a in arrays.values()),
-            threshold=self.cfg.secagg_threshold or None,
-            frac_bits=FRAC_BITS,
-            max_abs=MAX_ABS,
-        )
+        self.names = {i: self.roster.get(fid, f"node {fid}") for fid, i in ids.items()}
+        params = self.parameters(len(ids))
+        try:
+            setup = RoundSetup.create(
+                list(ids.values()),
+                vector_length=sum(a.numpy().size for a in arrays.values()),
+                degree=params.degree,
+                threshold=self.cfg.secagg_threshold or params.threshold,
+                frac_bits=FRAC_BITS,
+                max_abs=MAX_ABS,
+            )
+        except SecAggError as exc:
+            raise ConfigError(f"secagg-threshold: {exc}") from None
+        self.setup_notes = {**params.to_dict(), "threshold": setup.threshold}
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
         self.laps: dict[str, float] = {}
@@ -105,11 +127,21 @@ class SecureAggregation:
             self._lap("unmask")
         except SecAggError as exc:
             return SecureRound(
-                None, replies, error=str(exc), dropped=self._dropped(server), seconds=self.laps
+                None,
+                replies,
+                error=str(exc),
+                dropped=self._dropped(server),
+                seconds=self.laps,
+                parameters=self.setup_notes,
             )
         average = unflatten(flatten(arrays) + weighted_sum / total, arrays)
         return SecureRound(
-            average, replies, total, dropped=self._dropped(server), seconds=self.laps
+            average,
+            replies,
+            total,
+            dropped=self._dropped(server),
+            seconds=self.laps,
+            parameters=self.setup_notes,
         )
 
     def _lap(self, stage: str) -> None:
@@ -147,18 +179,22 @@ class SecureAggregation:
                 )
             )
         adverts = []
-        for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout):
-            received = replace(read_reply(reply), message=None)
-            if reply.metadata.src_node_id in ids and not reply.has_error():
-                self.names[ids[reply.metadata.src_node_id]] = received.node
-            if received.status == "trained":
-                advert = self._parse(reply, KeyAdvert, setup, ids)
+        raw = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout))
+        received = [replace(read_reply(m, self.roster), message=None) for m in raw]
+        for message, reply in zip(raw, refuse_duplicates(received), strict=True):
+            fid = message.metadata.src_node_id
+            if fid in ids:
+                self.names[ids[fid]] = reply.node
+            if reply.status == "trained":
+                advert = self._parse(message, KeyAdvert, setup, ids)
                 if advert is None:
-                    problem = self.problems.get(ids.get(reply.metadata.src_node_id, -1), "")
-                    received = replace(received, status="rejected", problem=problem)
+                    problem = self.problems.get(ids.get(fid, -1), "")
+                    reply = replace(reply, status="rejected", problem=problem)
                 else:
                     adverts.append(advert)
-            replies.append(received)
+            elif fid in ids and reply.problem:
+                self.problems[ids[fid]] = reply.problem
+            replies.append(reply)
         return adverts
 
     def _exchange(
@@ -187,7 +223,11 @@ class SecureAggregation:
             return None
         what = kind.__name__
         if reply.has_error():
-            self.problems[sender] = f"{what}: the node failed: {reply.error.reason}"
+            self.problems[sender] = f"{what}: the node's app raised an error"
+            return None
+        failed = read_reply(reply)
+        if failed.status == FAILED:  # a guarded node: a reason code, never its error text
+            self.problems[sender] = f"{what}: the node failed ({failed.problem})"
             return None
         try:
             parsed = kind.from_record(unpack(reply.content))

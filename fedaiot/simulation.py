@@ -52,9 +52,9 @@ def project_dir() -> Path:
 def preflight(cfg: RunConfig, nodes: int) -> int:
     """Refuse what would only fail later inside Flower, with the same clear message.
 
-    Returns how many rounds of this run are already registered (0 for a new run).
+    Returns how many rounds of this run were already played (0 for a new run).
     """
-    from fedaiot.coordinator import resume_point
+    from fedaiot.coordinator import rounds_done
     from fedaiot.node import simulated_federation
     from fedaiot.secure_rounds import MIN_NODES
 
@@ -74,8 +74,7 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
         and {entry.name for entry in out.iterdir()} - started_only
     ):
         raise ValueError(f"{out} exists and is not a fedaiot run folder")
-    resumed = resume_point(cfg)
-    return resumed[1].round if resumed else 0
+    return rounds_done(cfg)
 
 
 def simulate(

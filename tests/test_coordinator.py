@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context, Message
 from clients.client_app import train
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
-from fedaiot.node import dataset_fingerprint, simulated_partition
+from fedaiot.node import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
 from tests.inprocess_grid import InProcessGrid
 
@@ -45,11 +45,7 @@ def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path:
         output_dir=str(tmp_path / "run"),
     )
     # node-1 arrives with its budget already spent on an earlier run over the same data
-    spent = PrivacyLedger(
-        cfg.output_path / "ledgers" / "node-1.json",
-        node="node-1",
-        dataset=dataset_fingerprint(simulated_partition(cfg, 1, 3)),
-    )
+    spent = PrivacyLedger.for_data(cfg.output_path / "ledgers", simulated_partition(cfg, 1, 3))
     with spent.update() as record:
         record.history = [(0.5, 0.5, 500)]
 
@@ -67,7 +63,7 @@ def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path:
     replies = [r for e in events if e["event"] == "round" for r in e["replies"]]
     statuses = {(r["node"], r["status"]) for r in replies}
     assert statuses == {("node-0", "trained"), ("node-1", "refused"), ("node-2", "rejected")}
-    assert any("already spent" in r["problem"] for r in replies if r["node"] == "node-1")
+    assert any(r["problem"] == "budget-exhausted" for r in replies if r["node"] == "node-1")
     assert any("NaN" in r["problem"] for r in replies if r["node"] == "node-2")
 
 
@@ -81,16 +77,14 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
         output_dir=str(tmp_path / "run"),
     )
     for partition in range(2):
-        ledger = PrivacyLedger(
-            cfg.output_path / "ledgers" / f"node-{partition}.json",
-            node=f"node-{partition}",
-            dataset=dataset_fingerprint(simulated_partition(cfg, partition, 2)),
-        )
+        data = simulated_partition(cfg, partition, 2)
+        ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", data)
         with ledger.update() as record:
             record.history = [(0.5, 0.5, 500)]
     summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train]))
     assert summary["status"] == "budget-exhausted"
     assert summary["rounds"] == 1
+    assert not (cfg.output_path / "registry" / "versions").exists()  # nothing was learned
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
@@ -128,6 +122,7 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> No
             epsilon=2.0,
             strategy="fedadam",
             secure_aggregation=False,
+            seeded_noise=True,  # the same noise in both runs, so that only the restart differs
             min_available_nodes=3,
             stop_after_round=stop,
             output_dir=str(tmp_path / name),
@@ -148,3 +143,73 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> No
     events = [json.loads(line) for line in (tmp_path / "split" / "journal.jsonl").open()]
     starts = [e for e in events if e["event"] == "start"]
     assert [s["strategy_state_restored"] for s in starts] == [False, True]
+
+
+def test_a_nodes_data_error_reaches_the_coordinator_as_a_code_only(tmp_path: Path) -> None:
+    """A bad cell and the institution's file path stay on the node; the journal gets a code."""
+    from fedaiot.deploy.demo_data import export
+
+    cfg = RunConfig(
+        task="breast-cancer",
+        num_rounds=1,
+        epsilon=1.0,
+        min_available_nodes=3,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "run"),
+    )
+    folder = tmp_path / "st-mary-oncology-secret"
+    folder.mkdir()
+    path = export(cfg, 3, folder, ["alpha", "beta", "gamma"])[2]
+    rows = path.read_text().splitlines()
+    cells = rows[1].split(",")
+    cells[0] = "Smith-4411"  # a value that must not travel
+    path.write_text("\n".join([rows[0], ",".join(cells), *rows[2:]]) + "\n")
+    grid = InProcessGrid(cfg, 3)
+    grid.contexts[2].node_config = {
+        "data-path": str(path),
+        "node-name": "gamma",
+        "task": "breast-cancer",
+    }
+    summary = Coordinator(cfg).run_rounds(grid)
+    journal = (cfg.output_path / "journal.jsonl").read_text()
+    assert "Smith" not in journal and "st-mary" not in journal and "gamma" not in journal
+    events = [json.loads(line) for line in journal.splitlines()]
+    replies = next(e for e in events if e["event"] == "round")["replies"]
+    failed = [r for r in replies if r["status"] == "failed"]
+    assert [r["problem"] for r in failed] == ["data-error"]
+    assert summary["status"] == "completed"  # the two others trained
+
+
+def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_path: Path) -> None:
+    cfg = RunConfig(
+        task="breast-cancer",
+        num_rounds=1,
+        epsilon=1.0,
+        min_available_nodes=3,
+        secure_aggregation=False,
+        output_dir=str(tmp_path / "run"),
+    )
+
+    def impostor(message: Message, context: Context) -> Message:
+        reply = train(message, context)
+        reply.content["node"]["id"] = "node-0"  # claims node-0's partition
+        return reply
+
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train, impostor]))
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    replies = next(e for e in events if e["event"] == "round")["replies"]
+    assert sorted((r["node"], r["status"]) for r in replies) == [
+        ("node-0", "rejected"),
+        ("node-0", "rejected"),
+        ("node-1", "trained"),
+    ]
+    assert all("duplicate identity" in r["problem"] for r in replies if r["node"] == "node-0")
+    assert [n["id"] for n in summary["nodes"]] == ["node-1"]  # no spend merged under node-0
+
+    roster = tmp_path / "roster.json"
+    roster.write_text(json.dumps({"100": "alpha", "101": "beta", "102": "gamma"}))
+    named = cfg.model_copy(
+        update={"node_roster": str(roster), "output_dir": str(tmp_path / "named")}
+    )
+    summary = Coordinator(named).run_rounds(InProcessGrid(named, [train, train, impostor]))
+    assert [n["id"] for n in summary["nodes"]] == ["alpha", "beta", "gamma"]  # claims ignored

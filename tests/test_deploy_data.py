@@ -23,8 +23,9 @@ from fedaiot.deploy.node_round import (
     default_ledger_dir,
     deployed_round,
 )
-from fedaiot.local_data import LocalDataError, fingerprint, load_local, schema_of
+from fedaiot.local_data import LocalDataError, load_local, schema_of
 from fedaiot.node import simulated_partition
+from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
 from fedaiot.tasks import federate, get_task
 from fedaiot.tasks.partition import standardize
 
@@ -169,8 +170,15 @@ def _round_config(server_round: int) -> dict[str, object]:
     }
 
 
-def _settings(path: Path, ledger: Path, cap: float | None = None) -> NodeSettings:
-    return NodeSettings(path, "gamma", "breast-cancer", ledger, cap)
+def _settings(
+    path: Path, ledger: Path, cap: float | None = None, name: str = "gamma"
+) -> NodeSettings:
+    return NodeSettings(path, name, "breast-cancer", ledger, cap)
+
+
+def _ledger_of(settings: NodeSettings) -> dict:
+    dataset = dataset_fingerprint(load_local(BC, settings.data_path))
+    return json.loads(ledger_path(settings.ledger_dir, dataset).read_text())
 
 
 def test_deployed_round_keeps_its_ledger_next_to_the_data(files: list[Path]) -> None:
@@ -181,21 +189,56 @@ def test_deployed_round_keeps_its_ledger_next_to_the_data(files: list[Path]) -> 
     torch.manual_seed(0)
     state = BC.build_model().state_dict()
     reply = deployed_round(CFG, settings, _round_config(1), state)
-    assert reply.status == "trained" and reply.node == "gamma" and reply.examples == 45
-    ledger = json.loads(settings.ledger_path.read_text())
-    assert ledger["dataset"] == fingerprint(load_local(BC, files[2]))
+    assert reply.status == "trained"
+    assert reply.node == ""  # the coordinator names the node from its authenticated key
+    assert reply.metrics["examples"] == 45  # the node's own console; the wire gets the weight
+    ledger = _ledger_of(settings)
     assert [r["round"] for r in ledger["rounds"]] == [1]
+    assert ledger["count"]["value"] == reply.weight
     assert 0 < reply.metrics["epsilon"] <= 1.0
 
 
 def test_node_cap_lowers_the_budget_and_never_raises_it(files: list[Path], tmp_path: Path) -> None:
     state = BC.build_model().state_dict()
     low = deployed_round(CFG, _settings(files[2], tmp_path / "low", 0.05), _round_config(1), state)
-    assert low.status == "refused" and "budget" in low.reason
+    assert low.status == "refused" and low.reason == "budget-exhausted"
     high = _settings(files[2], tmp_path / "high", 50.0)
     reply = deployed_round(CFG, high, _round_config(1), state)
-    plan = json.loads(high.ledger_path.read_text())["plans"]["run:abc"]
+    plan = _ledger_of(high)["plans"]["run:abc"]
     assert reply.status == "trained" and plan["target_epsilon"] == CFG.epsilon
+
+
+def test_a_node_restarted_under_another_name_refuses_once_the_data_is_spent(
+    files: list[Path], tmp_path: Path
+) -> None:
+    """The same CSV under another --name (and in another format) draws on one budget."""
+    state = BC.build_model().state_dict()
+    ledgers = tmp_path / "ledgers"
+    for server_round in (1, 2):
+        reply = deployed_round(
+            CFG, _settings(files[0], ledgers), _round_config(server_round), state
+        )
+        assert reply.status == "trained"
+    spent = reply.metrics["epsilon"]
+    assert spent > 0.95 * CFG.epsilon
+    table = pa.Table.from_pandas(__import__("pandas").read_csv(files[0]))
+    renamed = tmp_path / "export.parquet"
+    pq.write_table(table, renamed)
+    another_run = {**_round_config(1), "run-key": "other-study:def"}
+    again = deployed_round(CFG, _settings(renamed, ledgers, name="delta"), another_run, state)
+    assert again.status == "refused" and again.reason == "budget-exhausted"
+    assert again.metrics["epsilon"] == pytest.approx(spent)
+
+
+def test_a_deployed_node_refuses_seeded_noise(files: list[Path], tmp_path: Path) -> None:
+    from fedaiot.deploy.node_round import SeededNoiseRefused
+
+    seeded = CFG.model_copy(update={"seeded_noise": True})
+    state = BC.build_model().state_dict()
+    with pytest.raises(SeededNoiseRefused, match="own secure generator"):
+        deployed_round(seeded, _settings(files[2], tmp_path), _round_config(1), state)
+    assert SeededNoiseRefused.reason == "seeded-noise-refused"
+    assert not list(tmp_path.glob("ledger-*.json"))  # refused before anything was charged
 
 
 def test_deployed_round_refuses_another_task_or_missing_statistics(

@@ -10,6 +10,8 @@ import pytest
 from fedaiot import faults
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
+from fedaiot.node import simulated_partition
+from fedaiot.privacy.ledger import PrivacyLedger
 from tests.inprocess_grid import FIRST_ID, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -82,5 +84,8 @@ def test_a_straggler_past_the_deadline_spends_budget_but_its_update_does_not_cou
         index = int(node["id"].removeprefix("node-"))
         assert node["rounds"] == sum((r, index) not in late for r in (1, 2))
     for r, n in late:  # the node's own ledger charged the round it trained for nothing
-        ledger = json.loads((cfg.output_path / "ledgers" / f"node-{n}.json").read_text())
+        data = simulated_partition(cfg, n, 4)
+        ledger = json.loads(
+            PrivacyLedger.for_data(cfg.output_path / "ledgers", data).path.read_text()
+        )
         assert r in [entry["round"] for entry in ledger["rounds"]]

@@ -17,7 +17,14 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 
 
 def _cfg(tmp_path: Path, name: str, **overrides: Any) -> RunConfig:
-    fields = {"task": "breast-cancer", "num_rounds": 1, "epsilon": 2.0, "min_available_nodes": 5}
+    # two of five may collude: the complete graph, threshold 3
+    fields = {
+        "task": "breast-cancer",
+        "num_rounds": 1,
+        "epsilon": 2.0,
+        "min_available_nodes": 5,
+        "secagg_collusion": 0.4,
+    }
     return RunConfig(**{**fields, **overrides}, output_dir=str(tmp_path / name))
 
 
@@ -30,13 +37,16 @@ def _round_one(cfg: RunConfig, grid: InProcessGrid) -> tuple[dict[str, torch.Ten
 
 
 def test_secure_model_equals_plain_fedavg_up_to_quantisation(tmp_path: Path) -> None:
-    plain, _ = _round_one(
-        _cfg(tmp_path, "plain", secure_aggregation=False),
-        InProcessGrid(_cfg(tmp_path, "plain", secure_aggregation=False), 5),
-    )
-    cfg = _cfg(tmp_path, "secure")
+    # the same noise in both runs (seeded, research only), so that only aggregation differs
+    plain_cfg = _cfg(tmp_path, "plain", secure_aggregation=False, seeded_noise=True)
+    plain, _ = _round_one(plain_cfg, InProcessGrid(plain_cfg, 5))
+    cfg = _cfg(tmp_path, "secure", seeded_noise=True)
     secure, event = _round_one(cfg, InProcessGrid(cfg, 5))
-    assert event["secure_aggregation"] == {"error": "", "dropped": {}}
+    assert event["secure_aggregation"]["error"] == ""
+    assert event["secure_aggregation"]["dropped"] == {}
+    chosen = event["secure_aggregation"]["parameters"]  # the threat model and its (k, t)
+    assert (chosen["n"], chosen["collusion"], chosen["dropout"]) == (5, 0.4, 0.1)
+    assert chosen["security_bits"] == 40 and chosen["threshold"] > (chosen["degree"] + 1) / 2
     assert all(r["status"] == "trained" for r in event["replies"])
     # under secure aggregation nodes report no example counts and no training loss
     assert all(r["examples"] is None for r in event["replies"])
@@ -64,22 +74,61 @@ def test_a_node_dropping_after_key_sharing_is_left_out_and_the_round_completes(
     assert "no masked input" in event["secure_aggregation"]["dropped"]["node-3"]
 
 
-def test_below_threshold_the_round_fails_and_the_model_is_kept(tmp_path: Path) -> None:
+def test_a_run_none_of_whose_rounds_aggregated_fails_and_registers_nothing(
+    tmp_path: Path,
+) -> None:
     cfg = _cfg(tmp_path, "fail", num_rounds=2)
-    gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}  # 2 of 5 left, threshold 4
-    coordinator = Coordinator(cfg)
-    initial, _ = coordinator.initial_state()
-    summary = coordinator.run_rounds(InProcessGrid(cfg, 5, overrides=gone))
-    assert summary["rounds"] == 2
-    kept, _ = coordinator.registry.load("fail-r0002")
-    for name, tensor in initial.to_torch_state_dict().items():
-        assert torch.equal(kept[name], tensor)
+    gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}  # 2 of 5 left, threshold 3
+    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=gone))
+    assert summary["status"] == "no-aggregate"
+    assert "no round aggregated any update" in summary["error"]
+    assert "threshold" in summary["error"]
+    assert summary["rounds"] == 2 and summary["aggregated_rounds"] == 0
+    assert summary["model_version"] is None
+    assert not (cfg.output_path / "registry" / "versions").exists()  # nothing registered
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
-    error = events[1]["secure_aggregation"]["error"]
-    assert "threshold" in error
-    assert all(r["status"] == "dropped" for r in events[1]["replies"])
-    # every node still spent its privacy on the rounds it trained
+    rounds = [e for e in events if e["event"] == "round"]
+    assert [e["aggregated"] for e in rounds] == [False, False]
+    assert all(r["status"] == "dropped" for r in rounds[0]["replies"])
+    # the two nodes that sent masked inputs spent their budget; the three whose update never
+    # left them were charged too, and each got round 1's charge back when round 2 came
     assert all(n["epsilon"] > 0 and n["rounds"] == 0 for n in summary["nodes"])
+    ledgers = [json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").glob("*.json")]
+    fates = sorted(
+        (e["round"], e["released"], e["refunded"]) for ledger in ledgers for e in ledger["rounds"]
+    )
+    assert fates == [
+        *[(1, False, True)] * 3,  # masked input never sent: returned when round 2 came
+        *[(1, True, False)] * 2,
+        *[(2, False, False)] * 3,  # no round 3 came to return them: they stay charged
+        *[(2, True, False)] * 2,
+    ]
+    assert events[-1] == {"event": "end", "status": "no-aggregate", "error": summary["error"]}
+
+
+def test_a_round_without_an_aggregate_keeps_the_model_and_is_not_registered(
+    tmp_path: Path,
+) -> None:
+    cfg = _cfg(tmp_path, "gap", num_rounds=2)
+    gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}
+    coordinator = Coordinator(cfg)
+    failing = InProcessGrid(cfg, 5, overrides=gone)
+    calls = {"n": 0}
+    real = failing.send_and_receive
+
+    def first_round_fails(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "train.secagg":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                failing.overrides.clear()  # round 2: everyone answers
+        return real(messages, timeout=timeout)
+
+    failing.send_and_receive = first_round_fails  # type: ignore[method-assign]
+    summary = coordinator.run_rounds(failing)
+    assert summary["status"] == "completed"
+    assert coordinator.registry.versions() == ["gap-r0002"]
+    assert summary["aggregated_rounds"] == 1
 
 
 def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_path: Path) -> None:
@@ -136,3 +185,57 @@ def test_flatten_follows_the_global_models_key_order() -> None:
     assert not (flatten(backward) == flatten(forward)).all()
     rebuilt = unflatten(flatten(backward, order=forward), forward)
     assert list(rebuilt.keys()) == ["a", "b"]
+
+
+def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) -> None:
+    """Under secure aggregation, what a node sends in the clear is a function of the budget
+    and the coordinator's settings: nothing in it tells a large data set from a small one."""
+    from clients import client_app
+    from fedaiot.node import simulated_partition
+    from fedaiot.secure_wire import SECAGG
+
+    cfg = _cfg(tmp_path, "sizes", partitioner="dirichlet", dirichlet_alpha=0.3)
+    sizes = [len(simulated_partition(cfg, i, 5)) for i in range(5)]
+    assert max(sizes) > 2 * min(sizes)
+    seen: dict[int, Any] = {}
+
+    def recording(index: int):  # type: ignore[no-untyped-def]
+        def handler(message, context):  # type: ignore[no-untyped-def]
+            reply = client_app.train_and_advertise(message, context)
+            seen[index] = reply.content
+            return reply
+
+        return handler
+
+    overrides = {(i, "train.secagg"): recording(i) for i in range(5)}
+    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
+    small, large = seen[sizes.index(min(sizes))], seen[sizes.index(max(sizes))]
+    assert dict(small.metric_records["metrics"]) == dict(large.metric_records["metrics"])
+    assert set(small.metric_records["metrics"]) == {"epsilon", "delta", "noise-multiplier"}
+    clear = {name: dict(record) for name, record in small.config_records.items()}
+    assert set(clear) == {"node", SECAGG}
+    assert set(clear[SECAGG]) == {"node_id", "round_id", "enc_public", "mask_public"}
+    assert not small.array_records  # no update, no count
+
+
+def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> None:
+    from clients import client_app
+    from fedaiot.node import simulated_partition
+    from fedaiot.privacy.ledger import PrivacyLedger
+
+    cfg = _cfg(tmp_path, "refusal")
+    ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", simulated_partition(cfg, 4, 5))
+    with ledger.update() as record:
+        record.history = [(0.5, 0.5, 500)]  # node-4's data was spent by another study
+    seen = {}
+
+    def recording(message, context):  # type: ignore[no-untyped-def]
+        reply = client_app.train_and_advertise(message, context)
+        seen["reply"] = reply.content
+        return reply
+
+    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides={(4, "train.secagg"): recording}))
+    refusal = seen["reply"]
+    assert dict(refusal.config_records["node"])["status"] == "refused"
+    assert set(refusal.metric_records["metrics"]) == {"epsilon", "delta"}
+    assert not refusal.array_records

@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 
 from fedaiot.config import RunConfig
-from fedaiot.privacy.accounting import epsilon_independent
+from fedaiot.node import simulated_partition
+from fedaiot.privacy.accounting import epsilon_prv
+from fedaiot.privacy.ledger import PrivacyLedger
 from fedaiot.registry import ModelRegistry
 from fedaiot.simulation import simulate
 
@@ -52,7 +54,7 @@ def test_three_nodes_two_rounds_paused_then_resumed(tmp_path: Path) -> None:
     # securely aggregated (the default): no errors, no node's example count in the clear
     rounds = [json.loads(x) for x in (run / "journal.jsonl").read_text().splitlines()]
     secure = [e["secure_aggregation"] for e in rounds if e["event"] == "round"]
-    assert secure == [{"error": "", "dropped": {}}] * 2
+    assert [(s["error"], s["dropped"]) for s in secure] == [("", {})] * 2
     assert all(node["examples"] is None for node in summary["nodes"])
     registry = ModelRegistry(run / "registry")
     assert registry.versions() == ["bc-r0001", "bc-r0002"]
@@ -64,15 +66,19 @@ def test_three_nodes_two_rounds_paused_then_resumed(tmp_path: Path) -> None:
 
     # every node's epsilon: within budget, counted once per round, and independently reproducible
     assert [n["id"] for n in summary["nodes"]] == ["node-0", "node-1", "node-2"]
-    for node in summary["nodes"]:
-        ledger = json.loads((run / "ledgers" / f"{node['id']}.json").read_text())
+    cfg = RunConfig(task="breast-cancer", num_rounds=2, epsilon=1.0)
+    for index, node in enumerate(summary["nodes"]):
+        data = simulated_partition(cfg, index, 3)
+        ledger = json.loads(PrivacyLedger.for_data(run / "ledgers", data).path.read_text())
         assert [entry["round"] for entry in ledger["rounds"]] == [1, 2]
         assert node["epsilon"] <= 1.0
         assert node["epsilon"] == pytest.approx(ledger["rounds"][-1]["epsilon"])
-        independent = epsilon_independent([tuple(h) for h in ledger["history"]], node["delta"])
+        independent = epsilon_prv([tuple(h) for h in ledger["history"]], node["delta"])
         assert abs(independent - node["epsilon"]) / node["epsilon"] < 0.01
+    assert summary["privacy"]["private"] and summary["privacy"]["secure_aggregation"]
     verify = _fedaiot("ledger", "verify", *map(str, sorted((run / "ledgers").glob("*.json"))))
     assert verify.returncode == 0, verify.stderr
+    assert verify.stdout.count("prv") == 3
 
     # the same command again: nothing left to do, nothing rewritten
     before = sorted(p.stat().st_mtime_ns for p in (run / "registry").rglob("*"))
@@ -99,3 +105,14 @@ def test_a_run_that_fails_inside_flower_is_reported_as_failed(tmp_path: Path, mo
     outcome = simulate(cfg, 2)
     assert outcome.status == "failed"
     assert "fashion-mnist data not found" in outcome.error
+
+
+def test_a_run_that_aggregated_nothing_exits_4_and_registers_nothing(tmp_path: Path) -> None:
+    run = tmp_path / "nothing"
+    every_node_drops = ["--set", "fault-drop-rate=0.99", "--secure-aggregation", "off"]
+    done = _fedaiot(*RUN, "--output", str(run), *every_node_drops)
+    assert done.returncode == 4, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "no round aggregated any update" in last and "no model was registered" in last
+    assert not (run / "registry" / "versions").exists()
+    assert _journal_rounds(run) == [1, 2]

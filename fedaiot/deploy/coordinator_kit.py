@@ -67,20 +67,21 @@ def coordinate(
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
 ) -> Outcome:
     """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink."""
-    from fedaiot.coordinator import resume_point
+    from fedaiot.coordinator import rounds_done
 
     paths.check()
     keys = provision.registered_keys(paths.pki)
     if not keys:
         raise DeployError(f"no institution keys in {paths.pki / provision.INSTITUTIONS}")
-    resumed = resume_point(cfg)
-    done = resumed[1].round if resumed else 0
+    done = rounds_done(cfg)
     journal = Journal(cfg.output_path)
     if done >= cfg.num_rounds and (summary := journal.read_summary()):
         say(f"run {cfg.output_path.name} already completed its {done} rounds")
         return Outcome("completed", summary, "", 0.0, paths.log)
     paths.state.mkdir(parents=True, exist_ok=True)
     overrides = paths.state / "run-config.toml"
+    # the ServerApp names each institution from the key the SuperLink authenticated
+    cfg = cfg.model_copy(update={"node_roster": str(paths.roster.resolve())})
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
     started = time.perf_counter()
     with open(paths.log, "ab") as log:

@@ -6,6 +6,7 @@ data; the ClientApp hands it here instead of drawing a simulated partition. Flow
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fedaiot.config import RunConfig
-from fedaiot.local_data import fingerprint, load_local
-from fedaiot.node import NodeReply, train_round
+from fedaiot.local_data import load_local
+from fedaiot.node import train_round
+from fedaiot.privacy.ledger import dataset_fingerprint
+from fedaiot.replies import NodeReply, describe
 from fedaiot.tasks import get_task
 from fedaiot.tasks.partition import standardize
 from fedaiot.training import StateDict
@@ -28,8 +31,13 @@ DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
 )
 
 
+LOG = logging.getLogger("fedaiot.node")
+
+
 class NodeConfigError(ValueError):
     """The node's own configuration is incomplete, or does not fit the run it is asked into."""
+
+    reason = "config-error"  # the code a node sends on the wire instead of the text
 
 
 def default_ledger_dir(data_path: Path) -> Path:
@@ -45,10 +53,6 @@ class NodeSettings:
     task: str
     ledger_dir: Path
     max_epsilon: float | None = None  # the institution's own lifetime cap (None: the run's)
-
-    @property
-    def ledger_path(self) -> Path:
-        return self.ledger_dir / f"ledger-{self.node_name}.json"
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -101,13 +105,30 @@ def normalization_from(config: Mapping[str, Any], size: int) -> dict[str, list[f
     return stats
 
 
+class SeededNoiseRefused(NodeConfigError):
+    """The run asks for noise from a known seed: never on an institution's real data."""
+
+    reason = "seeded-noise-refused"
+
+
 def deployed_round(
     cfg: RunConfig,
     settings: NodeSettings,
     config: Mapping[str, Any],
     global_state: StateDict,
+    *,
+    released_on_return: bool = True,
 ) -> NodeReply:
-    """One round on the institution's files (refused when the run is for another task)."""
+    """One round on the institution's files (refused when the run is for another task).
+
+    The reply names no node: the coordinator knows the institution by the key the SuperLink
+    authenticated, and the name the kit was started under stays in the node's own log.
+    """
+    if cfg.seeded_noise and cfg.private:
+        raise SeededNoiseRefused(
+            "the run asks for seeded-noise (noise anyone who knows the seed can recompute): "
+            "a deployed node trains only with noise from its own secure generator"
+        )
     if cfg.task != settings.task:
         raise NodeConfigError(
             f"{settings.node_name} holds {settings.task} data, the run is for task {cfg.task}"
@@ -120,14 +141,19 @@ def deployed_round(
             f"task {task.name} standardizes its inputs, the coordinator sent no statistics"
         )
     data = standardize(raw, stats) if stats is not None else raw
-    return train_round(
+    reply = train_round(
         capped(cfg, settings),
-        node=settings.node_name,
+        node="",
         data=data,
         global_state=global_state,
         server_round=int(config["server-round"]),
         run_key=str(config["run-key"]),
-        ledger_path=settings.ledger_path,
+        ledger_dir=settings.ledger_dir,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        dataset_id=fingerprint(raw),
+        dataset_id=dataset_fingerprint(raw),
+        released_on_return=released_on_return,
     )
+    LOG.info(
+        "fedaiot node %s, round %s: %s", settings.node_name, config["server-round"], describe(reply)
+    )
+    return reply

@@ -65,6 +65,11 @@ class CoordinatorPaths:
     def log(self) -> Path:
         return self.state / "superlink.log"
 
+    @property
+    def roster(self) -> Path:
+        """Flower node id -> institution name: who is who, by the key each registered."""
+        return self.state / "roster.json"
+
     def check(self) -> None:
         for path in (self.ca, self.server_cert, self.server_key, self.signing_key):
             if not path.is_file():
@@ -158,18 +163,41 @@ def flwr(paths: CoordinatorPaths, *args: str, timeout: float = 180.0) -> dict[st
 
 
 def register_nodes(paths: CoordinatorPaths, keys: dict[str, Path]) -> dict[str, str]:
-    """Register each institution's public key (idempotent); returns what happened to each."""
+    """Register each institution's public key (idempotent) and keep the roster of node ids
+    the SuperLink assigned; returns what happened to each."""
+    roster = read_roster(paths)
     outcome = {}
     for name, key in keys.items():
         answer = flwr(paths, "supernode", "register", str(key), CONNECTION, "--name", name)
         if answer.get("success"):
+            roster[str(answer["node-id"])] = name
             outcome[name] = f"registered as node {answer.get('node-id')}"
         elif "already in use" in str(answer.get("error-message", "")):
             outcome[name] = "already registered"
         else:
             message = str(answer.get("error-message", "")).strip().splitlines()
             raise DeployError(f"registering {name} ({key}) failed: {message[-1:]}")
+        if name not in roster.values():
+            raise DeployError(
+                f"{name} is registered but {paths.roster} does not name its node id: the "
+                "roster was lost; start from a new --state folder"
+            )
+    names = list(roster.values())
+    if len(set(names)) != len(names):
+        raise DeployError(f"{paths.roster} names one institution twice: {sorted(names)}")
+    tmp = paths.roster.with_suffix(".tmp")
+    tmp.write_text(json.dumps(roster, indent=2, sort_keys=True))
+    tmp.replace(paths.roster)
     return outcome
+
+
+def read_roster(paths: CoordinatorPaths) -> dict[str, str]:
+    if not paths.roster.exists():
+        return {}
+    try:
+        return {str(k): str(v) for k, v in json.loads(paths.roster.read_text()).items()}
+    except (ValueError, AttributeError) as exc:
+        raise DeployError(f"{paths.roster} is unreadable: {exc}") from None
 
 
 def runs(paths: CoordinatorPaths, run_id: int | None = None) -> list[dict[str, Any]]:

@@ -14,9 +14,11 @@ import torch
 from torch import nn
 
 from fedaiot.privacy.accounting import epsilon_spent, plan_noise
+from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import ArrayData, FederatedData, federate, get_task
 from fedaiot.training import (
     LocalSchedule,
+    PrivateSteps,
     batches_per_epoch,
     evaluate,
     sample_rate,
@@ -96,13 +98,9 @@ def fit(
     sigma = plan_noise(
         target_epsilon=epsilon, delta=delta, sample_rate=q, steps=steps, max_noise=max_noise
     )
-    outcome = train_private(
-        model,
-        data,
-        schedule,
-        noise_multiplier=sigma,
-        max_grad_norm=max_grad_norm,
-        history=[],
-        seed=seed,
+    mechanism = PrivateSteps(
+        sample_rate=q, steps=steps, noise_multiplier=sigma, max_grad_norm=max_grad_norm
     )
-    return epsilon_spent(outcome.history, delta)
+    # A baseline on public reference data protects no one: reproducible from its seed.
+    train_private(model, data, schedule, mechanism, randomness=SecureRandom.seeded("central", seed))
+    return epsilon_spent([(sigma, q, steps)], delta)

@@ -26,7 +26,7 @@ def spend_elsewhere(
     goes over the budget and is refused.
     """
     record = LedgerRecord.model_validate_json(Path(ledger_path).read_bytes())
-    ledger = PrivacyLedger(ledger_path, node=record.node, dataset=record.dataset)
+    ledger = PrivacyLedger(ledger_path, dataset=record.dataset)
     with ledger.update() as current:
         target = budget - leave
         low, high = 0, 1

@@ -79,6 +79,8 @@ class Scenario(BaseModel):
         values: dict[str, Any] = {}
         if self.drop_rate:
             values["fault-drop-rate"] = self.drop_rate
+            # secure aggregation sized for the drop-outs the scenario plays
+            values["secagg-dropout"] = self.drop_rate
         if self.straggler_rate:
             values["fault-straggler-rate"] = self.straggler_rate
             values["fault-straggler-delay"] = self.straggler_delay

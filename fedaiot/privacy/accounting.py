@@ -4,15 +4,24 @@ The guarantee. A node that trains only through :func:`fedaiot.training.train_pri
 noise multiplier from :func:`plan_noise` gives *record-level* (epsilon, delta)-differential
 privacy for its local data set: whatever the coordinator (or anyone who sees every update the
 node ever sent) learns, it would have learned with about the same probability had any one
-record been absent. The accounting is Rényi DP of the sub-sampled Gaussian mechanism (Mironov
-et al. 2019, as in Opacus' ``RDPAccountant``) with Poisson sampling at rate ``q``.
+record been absent. Each step is the Poisson-subsampled Gaussian mechanism (sampling rate
+``q``, noise ``sigma`` times the clipping norm), and the steps compose over the node's whole
+history. Epsilon is computed with the privacy-loss-distribution (PLD) accountant of Google's
+``dp-accounting`` (Koskela et al. 2020; Doroshenko et al. 2022) with its pessimistic
+discretisation: an upper bound, tight to about 0.1 %. At fedaiot's settings it lets a node use
+about 8 % less noise than the Rényi-DP bound for the same epsilon.
+
+Two independent recomputations back it up (``fedaiot ledger verify``): Opacus' PRV accountant
+(Gopi et al. 2021, another numerical composition, which must agree within 1 %) and Opacus' RDP
+accountant (Mironov et al. 2019, a looser upper bound that must never fall below it).
 
 What the caller must do for this to hold:
 
-* keep *one* history per data set across every round and every run (see
+* keep *one* history per data set across every round, run and study (see
   :class:`fedaiot.privacy.ledger.PrivacyLedger`); a fresh accountant per round under-reports;
 * plan the noise once for the whole participation, against the history already spent;
 * never train on the data outside the planned steps (each extra step costs epsilon);
+* draw the noise and the sampling from :class:`fedaiot.privacy.randomness.SecureRandom`;
 * pick ``delta`` well below ``1 / n`` for ``n`` records.
 """
 
@@ -20,48 +29,46 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Sequence
 
-import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as privacy_analysis
-
-# (noise multiplier, sample rate, steps), exactly Opacus' accountant history format.
+# (noise multiplier, sample rate, steps), exactly Opacus' accountant history format. A release
+# of a count with Gaussian noise (sensitivity 1) is the entry (sigma, 1.0, 1).
 HistoryEntry = tuple[float, float, int]
+ACCOUNTANT = "pld"
+# Coarse enough to make one evaluation take ~0.05 s, fine enough to cost < 0.05 % of epsilon.
+PLD_INTERVAL = 5e-4
+AGREEMENT = 0.01  # how far an independent recomputation may differ (relative)
 
 
 class BudgetExhaustedError(RuntimeError):
     """The next planned training would spend more than the node's privacy budget."""
 
 
-@functools.lru_cache(maxsize=4096)
-def _rdp_per_step(sigma: float, sample_rate: float) -> np.ndarray:
-    """One step's RDP at Opacus' orders: the costly part (about 0.2 s for the fractional ones).
-
-    Every node of a run asks for the same few (sigma, q) pairs, and ``plan_noise`` bisects
-    through the same sigmas for nodes of equal size, so a cache makes accounting almost free
-    after a process's first node instead of seconds for every newly sampled node.
-    """
-    rdp = privacy_analysis.compute_rdp(
-        q=sample_rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
-    )
-    rdp.setflags(write=False)
-    return rdp
+def _key(history: Sequence[HistoryEntry]) -> tuple[HistoryEntry, ...]:
+    return tuple((float(s), float(q), int(n)) for s, q, n in history)
 
 
 def epsilon_spent(history: Sequence[HistoryEntry], delta: float) -> float:
-    """Epsilon of the composed history at ``delta`` (0 for an empty history).
+    """Epsilon of the composed history at ``delta`` (0 for an empty one), with the PLD."""
+    return _pld_epsilon(_key(history), float(delta), PLD_INTERVAL)
 
-    Exactly Opacus' ``RDPAccountant.get_epsilon`` (RDP is linear in the steps and adds up over
-    the history), with the per-step RDP cached.
-    """
+
+@functools.lru_cache(maxsize=4096)
+def _pld_epsilon(history: tuple[HistoryEntry, ...], delta: float, interval: float) -> float:
+    """Every node of a run composes the same few histories, and planning bisects through the
+    same ones for every node: a process computes each once."""
     if not history:
         return 0.0
-    rdp = sum(_rdp_per_step(float(s), float(q)) * int(n) for s, q, n in history)
-    epsilon, _ = privacy_analysis.get_privacy_spent(
-        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
-    )
-    return float(epsilon)
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    accountant = PLDAccountant(value_discretization_interval=interval)
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(event, steps)
+    value = float(accountant.get_epsilon(delta))
+    return value if math.isfinite(value) else math.inf
 
 
 def plan_noise(
@@ -112,20 +119,34 @@ def plan_noise(
     return high
 
 
-def epsilon_independent(history: Sequence[HistoryEntry], delta: float) -> float:
-    """Epsilon recomputed with Google's ``dp_accounting`` library, as a cross-check.
+def epsilon_pld_fine(history: Sequence[HistoryEntry], delta: float) -> float:
+    """The same PLD at a 5x finer discretisation: what ``ledger verify`` compares against."""
+    return _pld_epsilon(_key(history), float(delta), PLD_INTERVAL / 5)
 
-    Same mechanism (Poisson-sampled Gaussian, RDP), different implementation and order grid:
-    the two agree to well under 1 % on DP-SGD histories.
-    """
+
+def epsilon_prv(history: Sequence[HistoryEntry], delta: float) -> float:
+    """Epsilon from Opacus' PRV accountant: an independent numerical composition."""
     if not history:
         return 0.0
-    import dp_accounting
+    from opacus.accountants import PRVAccountant
 
-    orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 256))
-    accountant = dp_accounting.rdp.RdpAccountant(orders)
-    for sigma, q, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        accountant.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
-    value = float(accountant.get_epsilon(delta))
+    accountant = PRVAccountant()
+    accountant.history = list(_key(history))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # log(0) at a sampling rate of 1: handled by Opacus
+        value = float(accountant.get_epsilon(delta, eps_error=1e-3))
+    return value if math.isfinite(value) else math.inf
+
+
+def epsilon_rdp(history: Sequence[HistoryEntry], delta: float) -> float:
+    """Epsilon from Opacus' Rényi-DP accountant: a looser bound, never below the PLD's."""
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(_key(history))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": still a bound
+        value = float(accountant.get_epsilon(delta))
     return value if math.isfinite(value) else math.inf

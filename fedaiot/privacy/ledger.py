@@ -1,27 +1,38 @@
-"""The node's privacy ledger: a JSON file next to the node's data that never forgets.
+"""The node's privacy ledger: one JSON file per data set, on the node's disk, that never forgets.
 
-The ledger holds the accountant history of one data set across every round of every run, the
-noise plan of each run, and a line per trained round. A node restarted mid-run, or a new run
-over the same data, reads it back and goes on from the epsilon already spent. It is plain JSON
-(never pickle), written atomically (a crash leaves the old or the new file, never half of one),
-and tied to the data by a fingerprint so that a ledger is never applied to other data.
+A ledger is found by the data's fingerprint (:func:`dataset_fingerprint`: the records, in any
+order), never by a name: the same records under another node name, another run, another study
+or another file format draw on the same budget. It holds the accountant history of the data
+across every round of every run, the noise plan of each run, the data set's one noisy count,
+and a line per charged round. A restarted node, or a new run over the same data, reads it back
+and goes on from the epsilon already spent. It is plain JSON (never pickle), written
+atomically under an exclusive lock (a crash leaves the old or the new file, never half of one).
+
+Ledgers of the first format (``ledger-<node name>.json`` and simulated ``node-N.json``) are
+read too: the first time a data set's ledger is opened in a folder, every older ledger there
+of the same data is folded into it and renamed ``*.adopted``, so no spend is ever lost.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
-from fedaiot.privacy.accounting import epsilon_spent
+from fedaiot.privacy.accounting import ACCOUNTANT, epsilon_spent
 
-LEDGER_FORMAT = "fedaiot-privacy-ledger/1"
+if TYPE_CHECKING:
+    from fedaiot.tasks import ArrayData
+
+LEDGER_FORMAT = "fedaiot-privacy-ledger/2"
+FORMATS = ("fedaiot-privacy-ledger/1", LEDGER_FORMAT)
 
 
 class LedgerError(RuntimeError):
@@ -37,10 +48,12 @@ class NoisePlan(BaseModel):
     rounds: int
     target_epsilon: float
     delta: float
+    accountant: str = "rdp"  # plans of the first format were made with the RDP accountant
 
 
 class RoundEntry(BaseModel):
-    """One round of local training, as it was accounted."""
+    """One charged round. ``released`` turns true once anything computed from the round's
+    training left the node; a charge never released is returned when the round is over."""
 
     run: str
     round: int
@@ -50,36 +63,96 @@ class RoundEntry(BaseModel):
     epsilon: float
     delta: float
     examples: int
+    released: bool = True  # the first format charged only what it sent
+    refunded: bool = False
+    time: float = Field(default_factory=time.time)
+
+
+class CountRelease(BaseModel):
+    """The data set's size, released once with Gaussian noise and reused by every run."""
+
+    value: int
+    noise: float
+    run: str
     time: float = Field(default_factory=time.time)
 
 
 class LedgerRecord(BaseModel):
     format: str = LEDGER_FORMAT
-    node: str
     dataset: str
+    node: str = ""  # the last name the node ran under: for people, never a key
     history: list[tuple[float, float, int]] = Field(default_factory=list)
     plans: dict[str, NoisePlan] = Field(default_factory=dict)
     rounds: list[RoundEntry] = Field(default_factory=list)
+    count: CountRelease | None = None
+    adopted: list[str] = Field(default_factory=list)
+
+
+def dataset_fingerprint(data: ArrayData) -> str:
+    """SHA-256 over the sorted digests of the records: the same records in any order, from
+    CSV or Parquet, give the same fingerprint; one record more or less gives another."""
+    rows = data.x.reshape(len(data), -1)
+    digests = sorted(
+        hashlib.sha256(row.tobytes() + label.tobytes()).digest()
+        for row, label in zip(rows, data.y, strict=True)
+    )
+    outer = hashlib.sha256(f"fedaiot-records/1:{data.x.shape[1:]}".encode())
+    for digest in digests:
+        outer.update(digest)
+    return outer.hexdigest()
+
+
+def legacy_fingerprint(data: ArrayData) -> str:
+    """The fingerprint ledgers of the first format were tied to (order-dependent)."""
+    import numpy as np
+
+    digest = hashlib.sha256()
+    digest.update(str(data.x.shape).encode())
+    digest.update(np.ascontiguousarray(data.x).tobytes())
+    digest.update(np.ascontiguousarray(data.y).tobytes())
+    return digest.hexdigest()
+
+
+def ledger_path(folder: Path, dataset: str) -> Path:
+    return Path(folder) / f"ledger-{dataset[:32]}.json"
+
+
+def _parse(data: bytes, path: Path) -> LedgerRecord:
+    try:
+        record = LedgerRecord.model_validate_json(data)
+    except (ValidationError, ValueError) as exc:
+        first = str(exc).splitlines()[0]
+        raise LedgerError(f"privacy ledger {path} is unreadable: {first}") from None
+    if record.format not in FORMATS:
+        raise LedgerError(f"privacy ledger {path} has unknown format {record.format!r}")
+    return record
 
 
 class PrivacyLedger:
-    """Read and update one node's ledger file under an exclusive lock."""
+    """Read and update one data set's ledger file under an exclusive lock.
 
-    def __init__(self, path: Path, *, node: str, dataset: str) -> None:
+    ``also`` names other fingerprints the same records had under an older scheme: their
+    ledgers in the same folder are adopted when this one is first created.
+    """
+
+    def __init__(self, path: Path, *, dataset: str, also: Iterable[str] = ()) -> None:
         self.path = Path(path)
-        self.node = node
         self.dataset = dataset
+        self.also = frozenset(also)
+
+    @classmethod
+    def for_data(cls, folder: Path, data: ArrayData, *, dataset: str = "") -> PrivacyLedger:
+        """The ledger of ``data`` in ``folder`` (``dataset`` overrides the fingerprint)."""
+        dataset = dataset or dataset_fingerprint(data)
+        return cls(ledger_path(folder, dataset), dataset=dataset, also=[legacy_fingerprint(data)])
 
     def read(self) -> LedgerRecord:
         if not self.path.exists():
-            return LedgerRecord(node=self.node, dataset=self.dataset)
+            return LedgerRecord(dataset=self.dataset)
         try:
-            record = LedgerRecord.model_validate_json(self.path.read_bytes())
-        except (ValidationError, ValueError, OSError) as exc:
-            first = str(exc).splitlines()[0]
-            raise LedgerError(f"privacy ledger {self.path} is unreadable: {first}") from None
-        if record.format != LEDGER_FORMAT:
-            raise LedgerError(f"privacy ledger {self.path} has unknown format {record.format!r}")
+            record = _parse(self.path.read_bytes(), self.path)
+        except OSError as exc:
+            raise LedgerError(f"privacy ledger {self.path} is unreadable: {exc}") from None
         if record.dataset != self.dataset:
             raise LedgerError(
                 f"privacy ledger {self.path} belongs to another data set "
@@ -95,13 +168,36 @@ class PrivacyLedger:
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                fresh = not self.path.exists()
                 record = self.read()
+                if fresh:
+                    self._adopt(record)
                 yield record
                 self._write(record)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _adopt(self, record: LedgerRecord) -> None:
+        """Fold in the older ledgers of the same records found next to this one."""
+        for path in sorted(self.path.parent.glob("*.json")):
+            if path == self.path:
+                continue
+            try:
+                old = _parse(path.read_bytes(), path)
+            except (LedgerError, OSError):
+                continue  # not a ledger: leave it alone
+            if old.dataset != self.dataset and old.dataset not in self.also:
+                continue
+            record.history = [*record.history, *old.history]
+            record.rounds = [*record.rounds, *old.rounds]
+            record.plans = {**old.plans, **record.plans}
+            record.count = record.count or old.count
+            record.node = record.node or old.node
+            record.adopted.append(path.name)
+            os.replace(path, path.with_name(path.name + ".adopted"))
+
     def _write(self, record: LedgerRecord) -> None:
+        record.format = LEDGER_FORMAT
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.write_text(record.model_dump_json(indent=1))
         with open(tmp, "rb") as handle:
@@ -115,17 +211,19 @@ class PrivacyLedger:
 def summarize(path: Path) -> dict[str, Any]:
     """A ledger file read without knowing its data set, for ``fedaiot ledger show``."""
     try:
-        record = LedgerRecord.model_validate_json(Path(path).read_bytes())
-    except (ValidationError, ValueError, OSError) as exc:
-        raise LedgerError(
-            f"privacy ledger {path} is unreadable: {str(exc).splitlines()[0]}"
-        ) from None
+        record = _parse(Path(path).read_bytes(), Path(path))
+    except OSError as exc:
+        raise LedgerError(f"privacy ledger {path} is unreadable: {exc}") from None
     delta = record.rounds[-1].delta if record.rounds else 1e-5
     return {
-        "node": record.node,
         "dataset": record.dataset,
-        "rounds": len(record.rounds),
+        "node": record.node,
+        "rounds": len([r for r in record.rounds if not r.refunded]),
+        "refunded_rounds": len([r for r in record.rounds if r.refunded]),
         "delta": delta,
         "epsilon": epsilon_spent(record.history, delta),
+        "accountant": ACCOUNTANT,
+        "noisy_count": record.count.value if record.count else None,
         "history": record.history,
+        "adopted": record.adopted,
     }

@@ -31,6 +31,7 @@ from fedaiot.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
+from fedaiot.secagg.parameters import SecAggParameters, choose, exposure_probability
 from fedaiot.secagg.protocol import RoundTrace, run_round_in_memory
 from fedaiot.secagg.quantize import Quantizer
 from fedaiot.secagg.records import Record, record_size
@@ -51,13 +52,16 @@ __all__ = [
     "RoundTrace",
     "SecAggClient",
     "SecAggError",
+    "SecAggParameters",
     "SecAggServer",
     "ShareBundle",
     "TooFewSurvivorsError",
     "UnmaskRequest",
     "UnmaskShares",
+    "choose",
     "default_degree",
     "default_threshold",
+    "exposure_probability",
     "record_size",
     "run_round_in_memory",
 ]

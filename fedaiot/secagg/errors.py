@@ -12,6 +12,8 @@ from __future__ import annotations
 class SecAggError(RuntimeError):
     """The round cannot go on: a message is malformed, out of place, or fails a check."""
 
+    reason = "protocol-error"  # the code a node sends on the wire instead of the text
+
 
 class ProtocolViolation(SecAggError):
     """A party sent something the protocol forbids: a replay, a duplicate, an unknown node,

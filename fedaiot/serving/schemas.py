@@ -44,6 +44,10 @@ class ModelCard(BaseModel):
     round: int
     metrics: dict[str, float]
     nodes: list[NodePrivacy] = Field(description="each node's examples, epsilon and delta")
+    privacy: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the guarantee, the noise, what the nodes sent the coordinator in the clear",
+    )
     training_config: dict[str, Any]
     input_schema: dict[str, Any]
     weights_sha256: str
@@ -60,6 +64,7 @@ def model_card(manifest: Manifest) -> ModelCard:
         round=manifest.round,
         metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},
         nodes=manifest.nodes,
+        privacy=manifest.privacy,
         training_config=manifest.config,
         input_schema=manifest.input_schema,
         weights_sha256=manifest.weights_sha256,

@@ -13,6 +13,8 @@ import torch
 class DataUnavailableError(RuntimeError):
     """A task's data is not on this machine; the message says how to get it."""
 
+    reason = "data-error"  # the code a node sends on the wire instead of the text
+
 
 @dataclass(frozen=True)
 class ArrayData:

@@ -1,0 +1,52 @@
+"""A node's failures on the wire: a reason code for the coordinator, the detail in its own log.
+
+An exception's text can quote the institution's data (a cell value) or its file paths; Flower
+would copy it into the error reply, and the coordinator into its journal. Every ClientApp
+handler is therefore :func:`guarded`: whatever it raises is logged on the node, and the reply
+carries only the code of :data:`fedaiot.replies.REASONS` that the exception's class names in
+its ``reason`` attribute (``internal-error`` for any other).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+
+from flwr.app import Context, Message
+
+from fedaiot.replies import REASONS, failure
+
+LOG = logging.getLogger("fedaiot.node")
+Handler = Callable[[Message, Context], Message]
+
+
+def reason_of(exc: BaseException) -> str:
+    reason = getattr(type(exc), "reason", "internal-error")
+    return reason if reason in REASONS else "internal-error"
+
+
+def guarded(handler: Handler) -> Handler:
+    """``handler`` with every exception turned into a failure reply that names only a code."""
+
+    @functools.wraps(handler)
+    def wrapper(message: Message, context: Context) -> Message:
+        try:
+            return handler(message, context)
+        except Exception as exc:
+            reason = reason_of(exc)
+            LOG.log(
+                logging.ERROR if reason == "internal-error" else logging.WARNING,
+                "fedaiot node: %s failed (%s): %s: %s",
+                message.metadata.message_type,
+                reason,
+                type(exc).__name__,
+                exc,
+                exc_info=reason == "internal-error",
+            )
+            from fedaiot.messages import reply_content
+
+            content = reply_content(failure("", reason), private=True)
+            return Message(content=content, reply_to=message)
+
+    return wrapper

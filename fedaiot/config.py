@@ -45,6 +45,9 @@ class RunConfig(BaseModel):
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_node: int = Field(2, ge=1)
     seed: int = 42
+    # "validation": the coordinator evaluates on a slice of the training pool and the test set
+    # is never touched (for tuning hyperparameters); "test": the held-out test set.
+    holdout: Literal["test", "validation"] = "test"
 
     private: bool = True
     epsilon: float = 3.0

@@ -100,7 +100,8 @@ class Coordinator:
         self.privacy = disclosure(cfg)
         self.registry = ModelRegistry(cfg.output_path / "registry")
         self.journal = Journal(cfg.output_path)
-        held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed)
+        validation = cfg.holdout == "validation"
+        held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed, validation=validation)
         self.test: ArrayData = held_out.test
         self.input_schema = self.task.input_schema(held_out.normalization)
         # Sent with every round: a deployed node standardizes its own files with these, the

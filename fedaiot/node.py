@@ -40,6 +40,7 @@ def simulated_federation(cfg: RunConfig, num_partitions: int) -> FederatedData:
         alpha=cfg.dirichlet_alpha,
         classes_per_node=cfg.classes_per_node,
         seed=cfg.seed,
+        validation=cfg.holdout == "validation",
     )
 
 

@@ -17,9 +17,9 @@ from flwr.app import ArrayRecord, Context, Message
 from clients.client_app import train
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
+from fedaiot.experiments.inprocess import InProcessGrid
 from fedaiot.node import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
-from tests.inprocess_grid import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 Handler = Callable[[Message, Context], Message]

@@ -10,9 +10,9 @@ import pytest
 from fedaiot import faults
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
+from fedaiot.experiments.inprocess import FIRST_ID, InProcessGrid
 from fedaiot.node import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
-from tests.inprocess_grid import FIRST_ID, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

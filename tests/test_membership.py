@@ -14,11 +14,11 @@ from torch import nn
 
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
+from fedaiot.experiments.inprocess import InProcessGrid
 from fedaiot.experiments.membership import MembershipError, attack, attack_run
 from fedaiot.node import simulated_federation
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, RegistryError
 from fedaiot.tasks import ArrayData, federate, get_task
-from tests.inprocess_grid import InProcessGrid
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from fedaiot.config import RunConfig
 from fedaiot.coordinator import Coordinator
-from tests.inprocess_grid import InProcessGrid
+from fedaiot.experiments.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

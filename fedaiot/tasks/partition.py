@@ -170,6 +170,7 @@ def plan_partitions(
     classes_per_node: int = 2,
     test_fraction: float = 0.2,
     seed: int = 42,
+    validation: bool = False,
 ) -> SplitPlan:
     """Decide which pool samples form the test set and each node's partition (see federate).
 
@@ -177,7 +178,9 @@ def plan_partitions(
     """
     _validate(task, num_partitions, partitioner, alpha, classes_per_node, test_fraction)
     key = _TaskKey(task)
-    return _plan_lru(key, num_partitions, partitioner, alpha, classes_per_node, test_fraction, seed)
+    return _plan_lru(
+        key, num_partitions, partitioner, alpha, classes_per_node, test_fraction, seed, validation
+    )
 
 
 class _TaskKey:
@@ -203,6 +206,7 @@ def _plan_lru(
     classes_per_node: int,
     test_fraction: float,
     seed: int,
+    validation: bool,
 ) -> SplitPlan:
     task = key.task
     pool, predefined_test = load_raw(task)
@@ -214,6 +218,11 @@ def _plan_lru(
         test_index = np.sort(test_index)
     else:
         train_index, test_index = np.arange(len(pool)), None
+    if validation:  # tuning: the test set is never touched; a slice of training stands in
+        train_index, test_index = train_test_split(
+            train_index, test_size=test_fraction, stratify=pool.y[train_index], random_state=seed
+        )
+        train_index, test_index = np.sort(train_index), np.sort(test_index)
     if num_partitions > len(train_index):
         raise ValueError(
             f"cannot split {len(train_index)} training samples of task {task.name} "
@@ -274,8 +283,13 @@ def federate(
     classes_per_node: int = 2,
     test_fraction: float = 0.2,
     seed: int = 42,
+    validation: bool = False,
 ) -> FederatedData:
     """Split ``task`` into a server test set and ``num_partitions`` node partitions.
+
+    With ``validation`` the test set is set aside unused, and a stratified ``test_fraction``
+    of the training pool takes its place: hyperparameters are tuned on that, never on the test
+    set.
 
     The task's predefined test set is the server's test set; otherwise a stratified
     ``test_fraction`` of the pool is held out. The rest is split among nodes with a
@@ -285,7 +299,7 @@ def federate(
     server's test set only. The same arguments always give the same arrays.
     """
     plan = plan_partitions(
-        task, num_partitions, partitioner, alpha, classes_per_node, test_fraction, seed
+        task, num_partitions, partitioner, alpha, classes_per_node, test_fraction, seed, validation
     )
     pool, predefined_test = load_raw(task)
 
@@ -293,7 +307,7 @@ def federate(
         return ArrayData(x=pool.x[index], y=pool.y[index])
 
     if plan.test_index is not None:
-        test = take(plan.test_index)
+        test = take(plan.test_index)  # the held-out test set, or the validation slice
     else:
         assert predefined_test is not None
         test = ArrayData(x=predefined_test.x.copy(), y=predefined_test.y.copy())

@@ -1,7 +1,9 @@
 """A Flower Grid that delivers messages in-process to the real ClientApp handlers (no Ray).
 
 Each node keeps one Context across messages, as a SuperNode does, so the secure-aggregation
-stages find their state. A handler that raises becomes an error reply, as in Flower.
+stages find their state. A handler that raises becomes an error reply, as in Flower. The same
+coordinator, apps and node code run as under Flower's simulation engine, without Ray's start-up
+or message dispatch: tests use it, and so do tuning scripts that need many short runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from clients import client_app
 from fedaiot.config import RunConfig
@@ -35,11 +38,12 @@ class InProcessGrid(Grid):
         *,
         overrides: dict[tuple[int, str], Handler | None] | None = None,
     ) -> None:
+        self.overrides: dict[tuple[int, str], Handler | None] = {}
         if isinstance(nodes, list):  # one train handler per node, for plain rounds
             self.overrides = {(i, "train"): h for i, h in enumerate(nodes)}
             count = len(nodes)
         else:
-            self.overrides, count = {}, nodes
+            count = nodes
         self.overrides.update(overrides or {})
         self.contexts = [
             Context(
@@ -72,18 +76,29 @@ class InProcessGrid(Grid):
         return replies
 
     # the rest of Grid's interface is not used by the coordinator
-    def set_run(self, run_id: int) -> None:
+    def set_run(self, run: Run) -> None:
         raise NotImplementedError
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]
+    def run(self) -> Run:
         raise NotImplementedError
 
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def create_message(self, *args: object, **kwargs: object) -> Message:
         raise NotImplementedError
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         raise NotImplementedError
+
+
+def run_inprocess(cfg: RunConfig, nodes: int) -> dict[str, object]:
+    """Run ``cfg`` over ``nodes`` in-process nodes through the real coordinator; its summary."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedaiot.coordinator import Coordinator
+
+    # Flower messages need a task identity, which a running Flower process would set.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    return Coordinator(cfg).run_rounds(InProcessGrid(cfg, nodes))

@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
 
     local_epochs: int = Field(1, ge=1, le=100)
     batch_size: int = Field(32, ge=1)
-    learning_rate: float = Field(0.3, gt=0)
+    learning_rate: float = Field(0.2, gt=0)
     momentum: float = Field(0.0, ge=0, lt=1)
 
     strategy: StrategyName = "fedavg"

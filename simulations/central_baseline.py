@@ -69,19 +69,27 @@ def main() -> None:
             )[0]
             for seed in track(range(args.seeds), description=f"epsilon {epsilon or 'inf'}")
         ]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         rows.append(
-            {"epsilon": epsilon, "median": statistics.median(accuracies), "runs": accuracies}
+            {
+                "epsilon": epsilon,
+                "mean": statistics.mean(accuracies),
+                "sd": spread,
+                "runs": accuracies,
+            }
         )
     if args.json:
         print(json.dumps({"task": args.task, "central": rows}))
         return
-    table = Table(title=f"central baseline, {args.task}, median of {args.seeds} seeds")
+    table = Table(title=f"central baseline, {args.task}, mean of {args.seeds} seeds")
     table.add_column("epsilon", justify="right")
     table.add_column("test accuracy", justify="right")
+    table.add_column("sd", justify="right")
     table.add_column("per seed")
     for row in rows:
         label = "non-private" if row["epsilon"] is None else f"{row['epsilon']:g}"
-        table.add_row(label, f"{row['median']:.4f}", " ".join(f"{a:.3f}" for a in row["runs"]))
+        runs = " ".join(f"{a:.3f}" for a in row["runs"])
+        table.add_row(label, f"{row['mean']:.4f}", f"{row['sd']:.4f}", runs)
     Console().print(table)
 
 

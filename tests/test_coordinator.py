@@ -213,3 +213,35 @@ def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_pa
     )
     summary = Coordinator(named).run_rounds(InProcessGrid(named, [train, train, impostor]))
     assert [n["id"] for n in summary["nodes"]] == ["alpha", "beta", "gamma"]  # claims ignored
+
+
+def test_every_manifest_and_the_model_card_say_what_the_coordinator_saw(tmp_path: Path) -> None:
+    from fedaiot.serving.schemas import model_card
+
+    cfg = RunConfig(
+        task="breast-cancer",
+        num_rounds=1,
+        epsilon=1.0,
+        min_available_nodes=3,
+        output_dir=str(tmp_path / "run"),
+    )
+    coordinator = Coordinator(cfg)
+    coordinator.run_rounds(InProcessGrid(cfg, 3))
+    card = model_card(coordinator.registry.manifest("run-r0001"))
+    assert card.privacy["private"] is True
+    assert card.privacy["secure_aggregation"] is True
+    assert card.privacy["coordinator_saw_per_node"] == [
+        "status",
+        "reason code",
+        "epsilon",
+        "delta",
+        "noise-multiplier",
+    ]
+    assert "sum of their weights" in " ".join(card.privacy["coordinator_saw_in_total"])
+    assert all(node.examples is None for node in card.nodes)  # the weights travelled masked
+
+    seeded = cfg.model_copy(update={"seeded_noise": True, "output_dir": str(tmp_path / "s")})
+    research = Coordinator(seeded)
+    research.run_rounds(InProcessGrid(seeded, 3))
+    card = model_card(research.registry.manifest("s-r0001"))
+    assert card.privacy["private"] is False and card.privacy["noise"].startswith("NOT PRIVATE")

@@ -31,6 +31,7 @@ import functools
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 # (noise multiplier, sample rate, steps), exactly Opacus' accountant history format. A release
 # of a count with Gaussian noise (sensitivity 1) is the entry (sigma, 1.0, 1).
@@ -126,27 +127,26 @@ def epsilon_pld_fine(history: Sequence[HistoryEntry], delta: float) -> float:
 
 def epsilon_prv(history: Sequence[HistoryEntry], delta: float) -> float:
     """Epsilon from Opacus' PRV accountant: an independent numerical composition."""
-    if not history:
-        return 0.0
     from opacus.accountants import PRVAccountant
 
-    accountant = PRVAccountant()
-    accountant.history = list(_key(history))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # log(0) at a sampling rate of 1: handled by Opacus
-        value = float(accountant.get_epsilon(delta, eps_error=1e-3))
-    return value if math.isfinite(value) else math.inf
+    return _opacus_epsilon(PRVAccountant(), history, delta, eps_error=1e-3)
 
 
 def epsilon_rdp(history: Sequence[HistoryEntry], delta: float) -> float:
     """Epsilon from Opacus' Rényi-DP accountant: a looser bound, never below the PLD's."""
-    if not history:
-        return 0.0
     from opacus.accountants import RDPAccountant
 
-    accountant = RDPAccountant()
+    return _opacus_epsilon(RDPAccountant(), history, delta)
+
+
+def _opacus_epsilon(
+    accountant: Any, history: Sequence[HistoryEntry], delta: float, **options: float
+) -> float:
+    if not history:
+        return 0.0
     accountant.history = list(_key(history))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "optimal order is the largest alpha": still a bound
-        value = float(accountant.get_epsilon(delta))
+        # RDP: "optimal order is the largest alpha" (still a bound); PRV: log(0) at q = 1
+        warnings.simplefilter("ignore")
+        value = float(accountant.get_epsilon(delta, **options))
     return value if math.isfinite(value) else math.inf

@@ -9,6 +9,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -25,6 +26,18 @@ pytestmark = pytest.mark.usefixtures("flower_identity")
 Handler = Callable[[Message, Context], Message]
 
 
+def _cfg(tmp_path: Path, name: str = "run", **overrides: Any) -> RunConfig:
+    """A breast-cancer run of one round over three plain (not secure) nodes, unless told."""
+    fields: dict[str, Any] = {
+        "task": "breast-cancer",
+        "num_rounds": 1,
+        "epsilon": 1.0,
+        "min_available_nodes": 3,
+        "secure_aggregation": False,
+    }
+    return RunConfig(**{**fields, **overrides}, output_dir=str(tmp_path / name))
+
+
 def _poisoned(message: Message, context: Context) -> Message:
     reply = train(message, context)
     arrays: ArrayRecord = reply.content["arrays"]  # type: ignore[assignment]
@@ -36,14 +49,7 @@ def _poisoned(message: Message, context: Context) -> Message:
 
 
 def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=2,
-        epsilon=1.0,
-        min_available_nodes=3,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path, num_rounds=2)
     # node-1 arrives with its budget already spent on an earlier run over the same data
     spent = PrivacyLedger.for_data(cfg.output_path / "ledgers", simulated_partition(cfg, 1, 3))
     with spent.update() as record:
@@ -68,14 +74,7 @@ def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path:
 
 
 def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=3,
-        epsilon=0.5,
-        min_available_nodes=2,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path, num_rounds=3, epsilon=0.5, min_available_nodes=2)
     for partition in range(2):
         data = simulated_partition(cfg, partition, 2)
         ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", data)
@@ -89,14 +88,7 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
 def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy: str) -> None:
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=2,
-        epsilon=2.0,
-        strategy=strategy,  # type: ignore[arg-type]
-        min_available_nodes=3,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path, num_rounds=2, epsilon=2.0, strategy=strategy, secure_aggregation=True)
     assert cfg.secure_aggregation  # the default path
     coordinator = Coordinator(cfg)
     initial, _ = coordinator.initial_state()
@@ -116,16 +108,14 @@ def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy
 
 def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
     def cfg(name: str, stop: int = 0) -> RunConfig:
-        return RunConfig(
-            task="breast-cancer",
+        return _cfg(
+            tmp_path,
+            name,
             num_rounds=3,
             epsilon=2.0,
             strategy="fedadam",
-            secure_aggregation=False,
-            seeded_noise=True,  # the same noise in both runs, so that only the restart differs
-            min_available_nodes=3,
+            seeded_noise=True,
             stop_after_round=stop,
-            output_dir=str(tmp_path / name),
         )
 
     whole = Coordinator(cfg("run"))
@@ -149,14 +139,7 @@ def test_a_nodes_data_error_reaches_the_coordinator_as_a_code_only(tmp_path: Pat
     """A bad cell and the institution's file path stay on the node; the journal gets a code."""
     from fedaiot.deploy.demo_data import export
 
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=1,
-        epsilon=1.0,
-        min_available_nodes=3,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path)
     folder = tmp_path / "st-mary-oncology-secret"
     folder.mkdir()
     path = export(cfg, 3, folder, ["alpha", "beta", "gamma"])[2]
@@ -181,14 +164,7 @@ def test_a_nodes_data_error_reaches_the_coordinator_as_a_code_only(tmp_path: Pat
 
 
 def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_path: Path) -> None:
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=1,
-        epsilon=1.0,
-        min_available_nodes=3,
-        secure_aggregation=False,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path)
 
     def impostor(message: Message, context: Context) -> Message:
         reply = train(message, context)
@@ -218,13 +194,7 @@ def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_pa
 def test_every_manifest_and_the_model_card_say_what_the_coordinator_saw(tmp_path: Path) -> None:
     from fedaiot.serving.schemas import model_card
 
-    cfg = RunConfig(
-        task="breast-cancer",
-        num_rounds=1,
-        epsilon=1.0,
-        min_available_nodes=3,
-        output_dir=str(tmp_path / "run"),
-    )
+    cfg = _cfg(tmp_path, secure_aggregation=True)
     coordinator = Coordinator(cfg)
     coordinator.run_rounds(InProcessGrid(cfg, 3))
     card = model_card(coordinator.registry.manifest("run-r0001"))

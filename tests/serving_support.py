@@ -18,6 +18,7 @@ from sklearn.datasets import load_breast_cancer
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.serving import ServingSettings, create_app
 from fedaiot.serving.auth import issue_token
+from fedaiot.serving.protocol import uvicorn_config
 from fedaiot.signing import generate_keypair, load_private_key
 from fedaiot.tasks import get_task
 
@@ -99,7 +100,7 @@ class LiveServer:
         self.app = create_app(settings)
         self.sock = bound_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        config = uvicorn_config(self.app, settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -128,5 +129,6 @@ def auth(keys: Keys, role: str, subject: str | None = None) -> dict[str, str]:
 
 
 def instance(shift: float = 0.0) -> list[float]:
-    """One realistic row (the data set's first record), optionally shifted."""
-    return [float(v) + shift for v in DATA[0]]
+    """One realistic row (the data set's first record), optionally shifted by ``shift``
+    standard deviations of each feature (the service refuses inputs 100 away)."""
+    return [float(v) for v in DATA[0] + shift * DATA.std(axis=0)]

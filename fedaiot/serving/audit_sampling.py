@@ -30,10 +30,12 @@ class _Tally:
 
 
 class RefusalSampler:
-    def __init__(self, window: float, per_key: int, total: int, max_keys: int) -> None:
+    def __init__(
+        self, window: float, per_key: int, total: int, max_keys: int, start: float | None = None
+    ) -> None:
         self.window, self.per_key, self.total, self.max_keys = window, per_key, total, max_keys
         self._lock = threading.Lock()
-        self._start = time.monotonic()
+        self._start = time.monotonic() if start is None else start
         self._written = 0
         self._tallies: dict[Key, _Tally] = {}
 

@@ -119,7 +119,11 @@ def _code(exc: jwt.PyJWTError) -> str:
             return "wrong_issuer"
         case jwt.MissingRequiredClaimError():
             return "missing_claim"
-        case jwt.InvalidIssuedAtError():
+        case (
+            jwt.InvalidIssuedAtError()
+            | jwt.exceptions.InvalidSubjectError()
+            | jwt.exceptions.InvalidJTIError()
+        ):
             return "bad_claim"
         case jwt.InvalidAlgorithmError():
             return "bad_algorithm"

@@ -1,6 +1,8 @@
 """Pure ASGI middleware: request bodies over the size limit, or too slow, are refused.
 
-* A ``Content-Length`` over the limit gets 413 at once: nothing of the body is read.
+* A ``Content-Length`` over the limit gets 413 before any of the body is read: at once
+  without a token, else when the handler starts to read (after the token is checked, so the
+  audit row names who sent it).
 * A body sent without a length (chunked) is counted while it streams: 413 past the limit.
 * A body still incomplete ``timeout`` seconds after the handler started to read it gets 408.
 
@@ -25,10 +27,11 @@ from fedaiot.serving.observe import audit_fields
 _DRAINED = 1 << 16  # an unread body up to this size is drained by uvicorn (keep-alive stays)
 
 
-def _declared(scope: Scope) -> tuple[int | None, bool]:
-    """(Content-Length or None, whether the body is chunked); ValueError if unparseable."""
+def _declared(scope: Scope) -> tuple[int | None, bool, bool]:
+    """(Content-Length or None, whether the body is chunked, whether there is an Authorization
+    header); ValueError if the length is unparseable."""
     length: int | None = None
-    chunked = False
+    chunked = authorized = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             length = int(value)
@@ -36,7 +39,9 @@ def _declared(scope: Scope) -> tuple[int | None, bool]:
                 raise ValueError("negative Content-Length")
         elif name == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
-    return length, chunked
+        elif name == b"authorization":
+            authorized = True
+    return length, chunked, authorized
 
 
 class BodyLimit:
@@ -49,11 +54,12 @@ class BodyLimit:
             return
         limit = self.limit()
         try:
-            length, chunked = _declared(scope)
+            length, chunked, authorized = _declared(scope)
         except ValueError:
             await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
             return
-        if length is not None and length > limit:
+        oversized = length is not None and length > limit
+        if oversized and not authorized:
             audit_fields(scope, reason=reasons.BODY_TOO_LARGE)
             detail = f"request body over {limit} bytes"
             headers = {"Connection": "close"}
@@ -67,6 +73,9 @@ class BodyLimit:
             nonlocal seen, complete, deadline
             if complete:
                 return await receive()
+            if oversized:
+                audit_fields(scope, reason=reasons.BODY_TOO_LARGE)
+                raise HTTPException(413, f"request body over {limit} bytes")
             deadline = deadline or time.monotonic() + self.timeout
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):

@@ -5,6 +5,7 @@ Over real uvicorn servers on loopback, with the default limits unless a test say
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -125,16 +126,29 @@ def test_probabilities_are_rounded(tmp_path: Path, keys: Keys) -> None:
 def test_callers_without_a_valid_token_are_limited_per_address(tmp_path: Path, keys: Keys) -> None:
     lenient = {"admin": RateLimit(per_second=1000, burst=1000)}
     unauthenticated = RateLimit(per_second=0.01, burst=5)
-    server = _server(tmp_path, keys, rate_limits=lenient, unauthenticated_limit=unauthenticated)
+    server = _server(
+        tmp_path,
+        keys,
+        rate_limits=lenient,
+        unauthenticated_limit=unauthenticated,
+        blocked_hold_seconds=0.5,
+    )
     try:
         with httpx.Client(base_url=server.url) as client:
             statuses = [client.get("/v1/model").status_code for _ in range(8)]
             assert statuses == [401] * 5 + [429] * 3
             refused = client.get("/v1/model", headers={"Authorization": "Bearer forged"})
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 1
-            # A valid token from the same address is still served.
+            # A valid token from the same address is still served on its open connection...
             assert client.get("/v1/model", headers=auth(keys, "admin")).status_code == 200
             rows = client.get("/v1/audit?status=429", headers=auth(keys, "admin")).json()
+            # ... but a new connection from the address is held unanswered, then dropped.
+            started = time.monotonic()
+            with pytest.raises(httpx.TransportError):
+                httpx.get(server.url + "/healthz", timeout=30)
+            assert time.monotonic() - started >= 0.4
+            metrics = client.get("/metrics").text
         assert {row["reason"] for row in rows["entries"]} == {"unauthenticated_rate_limited"}
+        assert 'fedaiot_connections_refused_total{reason="address_blocked"} 1.0' in metrics
     finally:
         server.stop()

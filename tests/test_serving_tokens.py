@@ -279,7 +279,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterato
     root = tmp_path_factory.mktemp("registry")
     make_registry(root, keys.private)
     lenient = RateLimit(per_second=1e6, burst=1_000_000)  # every fuzzed call reaches the check
-    server = LiveServer(settings_for(root, keys, unauthenticated_limit=lenient))
+    limits = {role: lenient for role in ("clinician", "device")}
+    server = LiveServer(settings_for(root, keys, rate_limits=limits, unauthenticated_limit=lenient))
     yield server
     server.stop()
 

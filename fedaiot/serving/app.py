@@ -26,6 +26,7 @@ from fedaiot.serving.audit import AuditError, AuditLog
 from fedaiot.serving.audit_query import AuditFilter
 from fedaiot.serving.audit_sampling import RefusalSampler
 from fedaiot.serving.auth import Principal, TokenVerifier
+from fedaiot.serving.authenticate import Authenticate
 from fedaiot.serving.body_limit import BodyLimit
 from fedaiot.serving.guard import Guard
 from fedaiot.serving.inference import Predictor, Refusal, body_limit
@@ -103,7 +104,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
     holder, model_key, verifier = _load(settings)
     audit, used_today = _audit_log(settings)
     limiter = RateLimiter(settings.rate_limits)
-    guard = Guard(verifier, limiter, AddressLimiter(settings.unauthenticated_limit))
+    addresses = AddressLimiter(settings.unauthenticated_limit)
+    guard = Guard(verifier, limiter, addresses)
     predictor = Predictor(settings, limiter, DailyQuota(settings.rate_limits, used_today))
     metrics = ServiceMetrics(audit)
     metrics.served(holder.current.version)
@@ -131,8 +133,15 @@ def create_app(settings: ServingSettings) -> FastAPI:
         limit=lambda: body_limit(settings, holder.current),
         timeout=settings.body_timeout_seconds,
     )
-    app.add_middleware(Observe, audit=audit, metrics=metrics)
+    guarded_metrics = settings.metrics_auth == "admin"
+
+    def protected(path: str) -> bool:
+        return path.startswith("/v1/") or (guarded_metrics and path == "/metrics")
+
+    app.add_middleware(Authenticate, guard=guard, protected=protected)
+    app.add_middleware(Observe, audit=audit, metrics=metrics)  # outermost: sees every answer
     app.state.holder, app.state.audit, app.state.metrics = holder, audit, metrics
+    app.state.address_blocked = addresses.spent  # read by the uvicorn protocol (protocol.py)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

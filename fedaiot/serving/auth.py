@@ -7,6 +7,8 @@ OpenID Connect issuer instead, fetching its keys with ``jwt.PyJWKClient`` (``jwk
 
 Whatever goes wrong, ``TokenVerifier.verify`` raises ``TokenError`` with one of the fixed reason
 codes of ``fedaiot.serving.reasons``: never another exception, never the library's own text.
+A token that verified is remembered (by its exact text, at most 5 minutes and never past its
+``exp``), so a caller's next requests skip the signature check.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import base64
 import binascii
 import json
 import logging
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +56,8 @@ WHAT = {
 _ALWAYS_REQUIRED = ["exp", "iat", "sub", "iss", "aud"]
 _NUMERIC_DATES = ("exp", "iat", "nbf")
 MAX_TOKEN_CHARS = 8192  # ours are ~400; an OIDC token with many groups stays well below
+_CACHE_SIZE = 10_000
+_CACHE_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +170,9 @@ class TokenVerifier:
             assert settings.jwks_url is not None
             self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300)
             self._algorithms = list(settings.jwks_algorithms)
+        # token text -> (principal, valid from, valid until), in unix seconds
+        self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def blocking(self) -> bool:
@@ -171,8 +180,13 @@ class TokenVerifier:
         return self._jwks is not None
 
     def verify(self, token: str) -> Principal:
+        now = time.time()
+        with self._lock:
+            known = self._verified.get(token)
+        if known is not None and known[1] <= now < known[2]:
+            return known[0]
         try:
-            return self._verify(token)
+            principal, claims = self._verify(token)
         except TokenError:
             raise
         except jwt.PyJWTError as exc:
@@ -181,8 +195,16 @@ class TokenVerifier:
             # Hostile tokens reach corners of the JWT and crypto libraries that raise TypeError,
             # OverflowError, ... A token is either valid or refused: never a server error.
             raise TokenError("invalid_token", repr(exc)) from None
+        leeway = self._settings.leeway_seconds
+        start = max(claims["iat"], claims.get("nbf", claims["iat"])) - leeway
+        end = min(claims["exp"] + leeway, now + _CACHE_SECONDS)
+        with self._lock:
+            self._verified[token] = (principal, start, end)
+            if len(self._verified) > _CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return principal
 
-    def _verify(self, token: str) -> Principal:
+    def _verify(self, token: str) -> tuple[Principal, dict[str, Any]]:
         s = self._settings
         if len(token) > MAX_TOKEN_CHARS:
             raise TokenError("malformed_token", f"{len(token)} characters")
@@ -210,11 +232,12 @@ class TokenVerifier:
             known = [r for r in role if isinstance(r, str) and r in ROLES]
             role = known[0] if len(known) == 1 else None
         jti = claims.get("jti")
-        return Principal(
+        principal = Principal(
             subject=claims["sub"],
             role=role if isinstance(role, str) and role in ROLES else "none",
             jti=jti if isinstance(jti, str) and 0 < len(jti) <= 128 else None,
         )
+        return principal, claims
 
     def _check_claims(self, claims: dict[str, Any]) -> None:
         s = self._settings

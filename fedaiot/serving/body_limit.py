@@ -1,13 +1,11 @@
 """Pure ASGI middleware: request bodies over the size limit, or too slow, are refused.
 
-* A ``Content-Length`` over the limit gets 413 before any of the body is read: at once
-  without a token, else when the handler starts to read (after the token is checked, so the
-  audit row names who sent it).
+* A ``Content-Length`` over the limit gets 413 at once: nothing of the body is read.
 * A body sent without a length (chunked) is counted while it streams: 413 past the limit.
 * A body still incomplete ``timeout`` seconds after the handler started to read it gets 408.
 
-Handlers read bodies only after the token and the role are checked (see ``guard``), so a
-refused caller's body is never read at all. When a response goes out before a large or chunked
+It runs after ``Authenticate``: a caller without a valid token is refused (401) before this,
+and a refused caller's body is never read at all. When a response goes out before a large or chunked
 body was read, it says ``Connection: close``: the server does not take in the rest.
 """
 
@@ -27,11 +25,10 @@ from fedaiot.serving.observe import audit_fields
 _DRAINED = 1 << 16  # an unread body up to this size is drained by uvicorn (keep-alive stays)
 
 
-def _declared(scope: Scope) -> tuple[int | None, bool, bool]:
-    """(Content-Length or None, whether the body is chunked, whether there is an Authorization
-    header); ValueError if the length is unparseable."""
+def _declared(scope: Scope) -> tuple[int | None, bool]:
+    """(Content-Length or None, whether the body is chunked); ValueError if unparseable."""
     length: int | None = None
-    chunked = authorized = False
+    chunked = False
     for name, value in scope["headers"]:
         if name == b"content-length":
             length = int(value)
@@ -39,9 +36,17 @@ def _declared(scope: Scope) -> tuple[int | None, bool, bool]:
                 raise ValueError("negative Content-Length")
         elif name == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
-        elif name == b"authorization":
-            authorized = True
-    return length, chunked, authorized
+    return length, chunked
+
+
+def close_if_unread(scope: Scope) -> dict[str, str]:
+    """``Connection: close`` for a response sent before the body was read, if that body is
+    large or unbounded (chunked): the server should not take it in just to discard it."""
+    try:
+        length, chunked = _declared(scope)
+    except ValueError:
+        return {"Connection": "close"}
+    return {"Connection": "close"} if chunked or (length or 0) > _DRAINED else {}
 
 
 class BodyLimit:
@@ -54,12 +59,11 @@ class BodyLimit:
             return
         limit = self.limit()
         try:
-            length, chunked, authorized = _declared(scope)
+            length, chunked = _declared(scope)
         except ValueError:
             await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
             return
-        oversized = length is not None and length > limit
-        if oversized and not authorized:
+        if length is not None and length > limit:
             audit_fields(scope, reason=reasons.BODY_TOO_LARGE)
             detail = f"request body over {limit} bytes"
             headers = {"Connection": "close"}
@@ -73,9 +77,6 @@ class BodyLimit:
             nonlocal seen, complete, deadline
             if complete:
                 return await receive()
-            if oversized:
-                audit_fields(scope, reason=reasons.BODY_TOO_LARGE)
-                raise HTTPException(413, f"request body over {limit} bytes")
             deadline = deadline or time.monotonic() + self.timeout
             try:
                 async with asyncio.timeout(max(0.0, deadline - time.monotonic())):

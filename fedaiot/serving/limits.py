@@ -47,6 +47,13 @@ class Buckets:
                 self._shrink(now)
         return 0.0
 
+    def peek(self, key: Hashable, rate: float, burst: int, now: float | None = None) -> float:
+        """The tokens ``key`` has now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            tokens, last, _, _ = self._state.get(key, (float(burst), now, rate, burst))
+        return min(float(burst), tokens + (now - last) * rate)
+
     def _shrink(self, now: float) -> None:
         for key, (tokens, last, rate, burst) in list(self._state.items()):
             if tokens + (now - last) * rate >= burst:
@@ -62,6 +69,7 @@ class RateLimiter:
 
     def __init__(self, limits: dict[str, RateLimit]) -> None:
         self._limits = limits
+        self.roles = frozenset(limits)
         self._requests = Buckets()
         self._rows = Buckets()
 
@@ -121,3 +129,7 @@ class AddressLimiter:
 
     def take(self, address: str, now: float | None = None) -> float:
         return self._buckets.take(address, 1, self._limit.per_second, self._limit.burst, now)
+
+    def spent(self, address: str, now: float | None = None) -> bool:
+        """Whether ``address`` has no call left now (nothing is spent by asking)."""
+        return self._buckets.peek(address, self._limit.per_second, self._limit.burst, now) < 1

@@ -7,7 +7,12 @@ data). ``GuardedHttpTools`` adds both:
 
 * a request line plus headers over ``max_header_bytes`` gets 431 and the connection closes;
 * a connection must complete each request's headers within ``header_timeout_seconds`` of
-  connecting or of its previous response: else 408 and the connection closes.
+  connecting or of its previous response: else 408 and the connection closes;
+* a new connection from an address that has spent its budget of calls without a valid token
+  is turned away by ``AddressGate`` before any parsing: held unanswered for a few seconds, then
+  dropped. A client that retries at once is slowed to one try per hold; one that opens many
+  connections finds them dropped at once past ``blocked_hold_max``. Either way a flood from one
+  address costs little more than its accepts.
 
 It subclasses uvicorn's protocol (pinned below 0.50 in pyproject.toml) and only adds to three
 of its callbacks.
@@ -40,21 +45,64 @@ _TOO_LARGE = _refusal(431, "Request Header Fields Too Large", "request headers t
 _TOO_SLOW = _refusal(408, "Request Timeout", "request headers not received in time")
 
 
+class AddressGate:
+    """Turns away the connections of blocked addresses: held (not read, not answered) for
+    ``hold_seconds``, at most ``max_held`` at a time, then dropped; the rest dropped at once."""
+
+    def __init__(
+        self,
+        blocked: Callable[[str], bool],
+        hold_seconds: float,
+        max_held: int,
+        on_refused: Callable[[str], None],
+    ) -> None:
+        self.blocked, self.hold_seconds, self.max_held = blocked, hold_seconds, max_held
+        self.on_refused = on_refused
+        self.held = 0
+
+    def turn_away(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> bool:
+        peer = transport.get_extra_info("peername")
+        if not peer or not self.blocked(str(peer[0])):
+            return False
+        self.on_refused("address_blocked")
+        if self.hold_seconds > 0 and self.held < self.max_held:
+            self.held += 1
+            transport.pause_reading()
+            loop.call_later(self.hold_seconds, self._release, transport)
+        else:
+            transport.abort()
+        return True
+
+    def _release(self, transport: asyncio.Transport) -> None:
+        self.held -= 1
+        transport.abort()  # a no-op if the client has gone already
+
+
 def guarded_protocol(
-    max_header_bytes: int, header_timeout: float, on_refused: Callable[[str], None]
+    max_header_bytes: int,
+    header_timeout: float,
+    on_refused: Callable[[str], None],
+    gate: AddressGate | None = None,
 ) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a header size limit and a header timeout."""
+    """uvicorn's httptools protocol with a header size limit and a header timeout, turning
+    away connections from the addresses ``gate`` blocks."""
 
     class GuardedHttpTools(HttpToolsProtocol):
         _in_headers = False  # a request has begun and its headers are not complete
         _header_bytes = 0
         _header_timer: asyncio.TimerHandle | None = None
+        _gated = False
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if gate is not None and gate.turn_away(transport, asyncio.get_running_loop()):
+                self._gated = True
+                return
             super().connection_made(transport)
             self._arm_timer()
 
         def data_received(self, data: bytes) -> None:
+            if self._gated:
+                return
             # Counted from the read after the one a request began in (that one may also hold
             # the end of an earlier body): over the limit plus one read at most, then refused.
             counting = self._in_headers
@@ -91,6 +139,8 @@ def guarded_protocol(
                 self._arm_timer()
 
         def connection_lost(self, exc: Exception | None) -> None:
+            if self._gated:  # never set up: nothing to undo
+                return
             self._cancel_timer()
             super().connection_lost(exc)
 
@@ -123,13 +173,22 @@ def guarded_protocol(
 
 
 def uvicorn_config(app: Any, settings: ServingSettings, **options: Any) -> uvicorn.Config:
-    """The uvicorn configuration of ``app`` under ``settings``; ``options`` (log level, access
-    log) are passed on."""
-    metrics = getattr(app.state, "metrics", None)
+    """The uvicorn configuration of ``app`` (from ``create_app``) under ``settings``;
+    ``options`` (log level, access log) are passed on."""
+    refused = app.state.metrics.connection_refused
+    gate = AddressGate(
+        app.state.address_blocked,
+        settings.blocked_hold_seconds,
+        settings.blocked_hold_max,
+        refused,
+    )
+    # Behind a proxy every connection comes from the proxy: no gate by address.
+    use_gate = settings.block_flooding_addresses and not settings.trusted_proxies
     protocol = guarded_protocol(
         settings.max_header_bytes,
         settings.header_timeout_seconds,
-        metrics.connection_refused if metrics is not None else lambda reason: None,
+        refused,
+        gate if use_gate else None,
     )
     return uvicorn.Config(
         app,

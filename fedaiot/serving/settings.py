@@ -104,6 +104,12 @@ class ServingSettings(BaseModel):
     unauthenticated_limit: RateLimit = Field(
         default_factory=lambda: RateLimit(per_second=5, burst=20, rows_per_day=0)
     )
+    # New connections from an address past that budget are turned away until it refills: held
+    # unanswered for blocked_hold_seconds (at most blocked_hold_max at a time), then dropped.
+    # (Off behind a trusted proxy: there every connection is the proxy's.)
+    block_flooding_addresses: bool = True
+    blocked_hold_seconds: float = Field(default=5.0, ge=0, le=60)
+    blocked_hold_max: int = Field(default=256, ge=0)
     metrics_auth: Literal["none", "admin"] = "none"
     served_history: int = Field(default=20, ge=2)
     # Applied process-wide by `fedaiot serve` (torch.set_num_threads). One intra-op thread is

@@ -1,8 +1,8 @@
 """Soak: normal callers' latency alone, then while a hostile client sends oversized and slow
 requests. Loopback only; every loop bounded in time and count.
 
-Starts ``fedaiot serve`` (defaults, except that the normal callers' clinician role is not rate
-limited) with a signed breast-cancer model. Normal callers: ``--callers`` threads, each with its
+Starts ``fedaiot serve`` (defaults, except that the clinicians' daily row quota is lifted)
+with a signed breast-cancer model. Normal callers: ``--callers`` threads, each with its
 own keep-alive connection and clinician token, sending 1-row predictions at ``--rate`` requests
 a second. Three phases of ``--seconds`` each, in one run:
 
@@ -243,7 +243,12 @@ def main() -> None:
             for i in range(args.callers)
         ]
         attacker = issue_token(key, subject="insider", role="clinician", ttl_seconds=3600)
-        env = {"FEDAIOT_SERVE_BLOCK_FLOODING_ADDRESSES": "false"} if args.no_gate else {}
+        # The default limits, but for the daily row quota: the normal callers predict more
+        # rows in a run than a clinician may in a day.
+        limits = {"clinician": {"rows_per_day": 10**12}}
+        env = {"FEDAIOT_SERVE_RATE_LIMITS": json.dumps(limits)}
+        if args.no_gate:
+            env["FEDAIOT_SERVE_BLOCK_FLOODING_ADDRESSES"] = "false"
         process, url = start_server(root, public_path, env)
         port = int(url.rsplit(":", 1)[1])
         try:

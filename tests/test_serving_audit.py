@@ -86,6 +86,8 @@ def test_refused_rows_say_why_from_where_and_which_token(
     assert set(rows) >= {"missing_token", "bad_signature", "malformed_token", "bad_input"}
     assert "forbidden" in rows
     assert all(row["client"] == "127.0.0.1" for row in rows.values())
+    # Refused before routing, yet named by the route template (never the caller's path text).
+    assert rows["missing_token"]["endpoint"] == "/v1/predict"
     attempt = rows["bad_signature"]
     assert (attempt["status"], attempt["subject"], attempt["jti"]) == (401, None, "forged-1")
     assert "sub=mallory" in attempt["note"] and "role=admin" in attempt["note"]

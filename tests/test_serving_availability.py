@@ -130,16 +130,25 @@ def test_healthz_stays_fast_while_tokenless_clients_upload_6_mb(tmp_path: Path, 
     assert median < 0.1
 
 
-def test_oversized_headers_get_431(server: LiveServer) -> None:
+def _connection_rows(server: LiveServer, keys: Keys, reason: str) -> list[dict]:
+    query = f"/v1/audit?reason={reason}&limit=100"
+    return httpx.get(server.url + query, headers=auth(keys, "auditor")).json()["entries"]
+
+
+def test_oversized_headers_get_431(server: LiveServer, keys: Keys) -> None:
     head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (1 << 20) + b"\r\n\r\n"
     assert status_of(raw_exchange(server.url, head)) == 431
     many = b"".join(b"X-H%d: %s\r\n" % (i, b"b" * 100) for i in range(400))
     answer = raw_exchange(server.url, b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"\r\n")
     assert status_of(answer) == 431
     assert httpx.get(server.url + "/healthz").status_code == 200  # normal headers still fine
+    rows = _connection_rows(server, keys, "headers_too_large")
+    assert len(rows) == 2
+    assert all((r["endpoint"], r["status"], r["client"]) == ("(connection)", 431, "127.0.0.1")
+               for r in rows)  # fmt: skip
 
 
-def test_half_sent_headers_are_cut_off(server: LiveServer) -> None:
+def test_half_sent_headers_are_cut_off(server: LiveServer, keys: Keys) -> None:
     """A client that never finishes its headers is answered 408 and closed (here after the
     1 s configured; the default is 10 s), even if it keeps sending a byte now and then."""
     with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
@@ -166,6 +175,7 @@ def test_half_sent_headers_are_cut_off(server: LiveServer) -> None:
                 break
     assert status_of(answer) == 408
     assert time.monotonic() - started < 10
+    assert _connection_rows(server, keys, "header_timeout")
 
 
 def test_a_body_that_stalls_gets_408(server: LiveServer, keys: Keys) -> None:

@@ -8,6 +8,7 @@ See docs/serving.md for the endpoints, the roles, the limits and the decisions.
 """
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from fedaiot.registry import ModelRegistry, RegistryError
 from fedaiot.serving import reasons
-from fedaiot.serving.audit import AuditError, AuditLog
+from fedaiot.serving.audit import AuditError, AuditLog, make_record
 from fedaiot.serving.audit_query import AuditFilter
 from fedaiot.serving.audit_sampling import RefusalSampler
 from fedaiot.serving.auth import Principal, TokenVerifier
@@ -139,9 +140,21 @@ def create_app(settings: ServingSettings) -> FastAPI:
         return path.startswith("/v1/") or (guarded_metrics and path == "/metrics")
 
     app.add_middleware(Authenticate, guard=guard, protected=protected)
-    app.add_middleware(Observe, audit=audit, metrics=metrics)  # outermost: sees every answer
+    # Outermost: sees every answer.
+    app.add_middleware(Observe, audit=audit, metrics=metrics, routes=app.router.routes)
     app.state.holder, app.state.audit, app.state.metrics = holder, audit, metrics
     app.state.address_blocked = addresses.spent  # read by the uvicorn protocol (protocol.py)
+
+    def connection_refused(reason: str, address: str | None) -> None:
+        """A connection turned away by the protocol: counted, and audited (sampled)."""
+        metrics.connection_refused(reason)
+        status = reasons.CONNECTION_STATUS[reason]
+        audit.record(
+            make_record(request_id=uuid.uuid4().hex, method="-", endpoint="(connection)",
+                        status=status, duration_ms=0.0, client=address, reason=reason)
+        )  # fmt: skip
+
+    app.state.connection_refused = connection_refused
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

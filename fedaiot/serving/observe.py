@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from starlette.requests import HTTPConnection
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedaiot.serving import reasons
@@ -33,9 +35,20 @@ def client_address(where: HTTPConnection | Scope) -> str:
     return str(client[0]) if client else "unknown"
 
 
+def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
+    """The route template a request is for (``/v1/models/{version}/promote``), also when it was
+    answered before routing (a refused token): never the caller's own path text."""
+    route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] is not Match.NONE), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
 class Observe:
-    def __init__(self, app: ASGIApp, audit: AuditLog, metrics: ServiceMetrics) -> None:
-        self.app, self.audit, self.metrics = app, audit, metrics
+    def __init__(
+        self, app: ASGIApp, audit: AuditLog, metrics: ServiceMetrics, routes: Sequence[BaseRoute]
+    ) -> None:
+        self.app, self.audit, self.metrics, self.routes = app, audit, metrics, routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,8 +69,7 @@ class Observe:
             await self.app(scope, receive, observed_send)
         finally:
             seconds = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = route_template(scope, self.routes)
             method = scope["method"]
             self.metrics.observe(method, endpoint, status, seconds)
             if scope["path"].startswith("/v1/"):

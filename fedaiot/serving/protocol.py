@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from fedaiot.serving.reasons import ADDRESS_BLOCKED, HEADER_TIMEOUT, HEADERS_TOO_LARGE
 from fedaiot.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class AddressGate:
         blocked: Callable[[str], bool],
         hold_seconds: float,
         max_held: int,
-        on_refused: Callable[[str], None],
+        on_refused: Callable[[str, str | None], None],
     ) -> None:
         self.blocked, self.hold_seconds, self.max_held = blocked, hold_seconds, max_held
         self.on_refused = on_refused
@@ -64,7 +65,7 @@ class AddressGate:
         peer = transport.get_extra_info("peername")
         if not peer or not self.blocked(str(peer[0])):
             return False
-        self.on_refused("address_blocked")
+        self.on_refused(ADDRESS_BLOCKED, str(peer[0]))
         if self.hold_seconds > 0 and self.held < self.max_held:
             self.held += 1
             transport.pause_reading()
@@ -81,7 +82,7 @@ class AddressGate:
 def guarded_protocol(
     max_header_bytes: int,
     header_timeout: float,
-    on_refused: Callable[[str], None],
+    on_refused: Callable[[str, str | None], None],
     gate: AddressGate | None = None,
 ) -> type[HttpToolsProtocol]:
     """uvicorn's httptools protocol with a header size limit and a header timeout, turning
@@ -110,7 +111,7 @@ def guarded_protocol(
             if counting and self._in_headers:
                 self._header_bytes += len(data)
                 if self._header_bytes > max_header_bytes:
-                    self._refuse(_TOO_LARGE, "headers_too_large")
+                    self._refuse(_TOO_LARGE, HEADERS_TOO_LARGE)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -121,7 +122,7 @@ def guarded_protocol(
             self._cancel_timer()
             size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
             if size > max_header_bytes:
-                self._refuse(_TOO_LARGE, "headers_too_large")
+                self._refuse(_TOO_LARGE, HEADERS_TOO_LARGE)
                 return
             super().on_headers_complete()
 
@@ -152,18 +153,21 @@ def guarded_protocol(
             self._header_timer = None
             busy = self.cycle is not None and not self.cycle.response_complete
             if not busy and not self.pipeline:  # idle, or still receiving a request's headers
-                # An idle connection just closes: a 408 could cross a request being sent.
-                self._refuse(_TOO_SLOW if self._in_headers else b"", "header_timeout")
+                # An idle connection just closes: a 408 could cross a request being sent. Only a
+                # connection that began a request, or never sent one, is a refusal to record.
+                record = self._in_headers or self.cycle is None
+                self._refuse(_TOO_SLOW if self._in_headers else b"", HEADER_TIMEOUT, record)
 
         def _cancel_timer(self) -> None:
             if self._header_timer is not None:
                 self._header_timer.cancel()
                 self._header_timer = None
 
-        def _refuse(self, response: bytes, reason: str) -> None:
+        def _refuse(self, response: bytes, reason: str, record: bool = True) -> None:
             self._in_headers = False
             self._cancel_timer()
-            on_refused(reason)
+            if record:
+                on_refused(reason, self.client[0] if self.client else None)
             if not self.transport.is_closing():
                 if response:
                     self.transport.write(response)
@@ -175,7 +179,7 @@ def guarded_protocol(
 def uvicorn_config(app: Any, settings: ServingSettings, **options: Any) -> uvicorn.Config:
     """The uvicorn configuration of ``app`` (from ``create_app``) under ``settings``;
     ``options`` (log level, access log) are passed on."""
-    refused = app.state.metrics.connection_refused
+    refused = app.state.connection_refused
     gate = AddressGate(
         app.state.address_blocked,
         settings.blocked_hold_seconds,

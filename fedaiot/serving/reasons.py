@@ -39,6 +39,11 @@ BAD_INPUT = "bad_input"
 OUT_OF_RANGE = "out_of_range"
 NO_FINITE_OUTPUT = "no_finite_output"
 BUSY = "busy"
+# Connections turned away before a request reached the app (the audit's endpoint: "(connection)").
+ADDRESS_BLOCKED = "address_blocked"
+HEADERS_TOO_LARGE = "headers_too_large"
+HEADER_TIMEOUT = "header_timeout"
+CONNECTION_STATUS = {ADDRESS_BLOCKED: 429, HEADERS_TOO_LARGE: 431, HEADER_TIMEOUT: 408}
 NOT_FOUND = "not_found"
 REFUSED = "refused"
 FAILED = "failed"
@@ -62,9 +67,3 @@ _BY_STATUS = {
 def for_status(status: int) -> str:
     """The reason of a row whose handler named none: what its status says."""
     return _BY_STATUS.get(status, OK if status < 400 else ERROR)
-
-
-def all_codes() -> list[str]:
-    codes = set(TOKEN_REASONS) | set(_BY_STATUS.values())
-    codes |= {v for k, v in globals().items() if k.isupper() and isinstance(v, str)}
-    return sorted(codes)

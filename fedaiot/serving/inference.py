@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -68,8 +69,8 @@ class Predictor:
 
     async def predict(self, body: bytes, model: LoadedModel, principal: Principal) -> Prediction:
         if self._waiting >= self._settings.inference_queue:
-            raise Refusal(503, "server busy: too many predictions waiting", reasons.BUSY,
-                          {"Retry-After": "1"})  # fmt: skip
+            detail = "server busy: too many predictions waiting"
+            raise Refusal(503, detail, reasons.BUSY, {"Retry-After": "1"})
         self._waiting += 1
         try:
             loop = asyncio.get_running_loop()
@@ -110,14 +111,14 @@ class Predictor:
         role, subject = principal.role, principal.subject
         limit = self._limiter.limit(role)
         wait = self._limiter.rows(role, subject, rows)
-        if wait == float("inf"):
+        if math.isinf(wait):
             raise Refusal(
                 429,
                 f"role {role!r} may predict at most {limit.rows_burst} rows at once",
                 reasons.ROWS_RATE_LIMITED,
             )
         if wait > 0:
-            retry = str(max(1, int(wait + 0.999)))
+            retry = str(max(1, math.ceil(wait)))
             raise Refusal(
                 429,
                 f"row rate of role {role!r} exceeded: retry in {retry} s",

@@ -108,7 +108,9 @@ def test_a_tokenless_flood_adds_a_bounded_number_of_rows(
             assert client.post("/v1/predict", json={"instances": []}).status_code == 401
         for _ in range(calls // 4):
             assert client.get("/v1/model", headers={"Authorization": "Bearer x"}).status_code == 401
-    rows = [row for row in _entries(server, keys) if row["status"] == 401]
+    everything = _entries(server, keys)
+    assert all(row["reason"] and row["client"] == "127.0.0.1" for row in everything)
+    rows = [row for row in everything if row["status"] == 401]
     # 5 rows one by one per (address, status, reason, endpoint), the rest in aggregates.
     assert len(rows) <= 2 * 5 + 2 * 2
     assert sum(row["count"] for row in rows) == calls + calls // 4

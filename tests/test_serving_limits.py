@@ -5,6 +5,7 @@ Over real uvicorn servers on loopback, with the default limits unless a test say
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,32 @@ def test_an_extraction_of_4096_rows_hits_the_daily_quota(tmp_path: Path, keys: K
         assert sum(row["rows"] or 0 for row in audit) == 2048
         refused = [row for row in audit if row["status"] == 429]
         assert refused and all(row["reason"] == "quota_exhausted" for row in refused)
+    finally:
+        server.stop()
+
+
+def test_with_the_default_limits_a_patient_extractor_stops_at_2048_rows(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """All limits at their defaults; the extractor waits as Retry-After says when the row rate
+    stops it (256 rows/s past a burst of 1,024), and is stopped for the day at 2,048 rows."""
+    server = _server(tmp_path, keys)
+    try:
+        headers = auth(keys, "clinician", "patient")
+        predicted, reasons = 0, []
+        with httpx.Client(base_url=server.url, headers=headers, timeout=30) as client:
+            for i in range(40):  # 16 batches wanted; bounded whatever the server says
+                response = client.post("/v1/predict", json=_rows(256 * i, 256))
+                if response.status_code == 200:
+                    predicted += 256
+                    continue
+                assert response.status_code == 429
+                if "daily row quota" in response.text:
+                    break
+                reasons.append("row rate")
+                time.sleep(min(5, int(response.headers["retry-after"])))
+        assert predicted == 2048 and "daily row quota" in response.text
+        assert reasons  # the row rate stopped it too, on the way
     finally:
         server.stop()
 
@@ -150,5 +177,31 @@ def test_callers_without_a_valid_token_are_limited_per_address(tmp_path: Path, k
             metrics = client.get("/metrics").text
         assert {row["reason"] for row in rows["entries"]} == {"unauthenticated_rate_limited"}
         assert 'fedaiot_connections_refused_total{reason="address_blocked"} 1.0' in metrics
+    finally:
+        server.stop()
+
+
+def test_held_connections_are_capped(tmp_path: Path, keys: Keys) -> None:
+    """Past ``blocked_hold_max`` held connections, the next ones are dropped at once."""
+    server = _server(
+        tmp_path,
+        keys,
+        unauthenticated_limit=RateLimit(per_second=0.01, burst=1),
+        blocked_hold_seconds=30,
+        blocked_hold_max=1,
+    )
+    port = int(server.url.rsplit(":", 1)[1])
+    try:
+        assert httpx.get(server.url + "/v1/model").status_code == 401  # the budget is spent
+        held = socket.create_connection(("127.0.0.1", port), timeout=30)
+        held.sendall(b"GET /healthz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+        started = time.monotonic()
+        with pytest.raises(httpx.TransportError):
+            httpx.get(server.url + "/healthz", timeout=30)
+        assert time.monotonic() - started < 10  # dropped, not held for 30 s
+        held.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # the first one is still held: open, unanswered
+            held.recv(1)
+        held.close()
     finally:
         server.stop()

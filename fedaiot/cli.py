@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedaiot.cli_audit import register as register_audit
 from fedaiot.cli_deploy import register as register_deployment
 from fedaiot.cli_serve import register as register_serving
 from fedaiot.cli_sweep import register as register_sweep
@@ -266,6 +267,7 @@ def registry_verify(root: Path) -> None:
 
 
 register_serving(app)
+register_audit(app)
 register_deployment(app)
 register_sweep(app)
 

@@ -7,6 +7,7 @@ reported on one line and exit with status 2.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import socket
@@ -140,15 +141,21 @@ def serve(
     torch_threads: Annotated[
         int | None, typer.Option(help="torch intra-op threads (default 1)")
     ] = None,
+    inference_threads: Annotated[
+        int | None, typer.Option(help="threads that parse and run predictions (default 2)")
+    ] = None,
+    docs: Annotated[
+        bool | None,
+        typer.Option("--docs/--no-docs", help="serve /docs, /redoc and /openapi.json"),
+    ] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn's log level")] = "info",
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log")] = False,
 ) -> None:
     """Serve the registry's model over HTTP: role-gated, audited, hot-swappable."""
-    import uvicorn
-
     from fedaiot.serving.app import ServingStartupError, create_app
+    from fedaiot.serving.protocol import uvicorn_config
     from fedaiot.serving.settings import ServingSettings, settings_error
 
     try:
@@ -162,6 +169,8 @@ def serve(
             audit_db=audit_db,
             max_batch=max_batch,
             torch_threads=torch_threads,
+            inference_threads=inference_threads,
+            docs=docs,
         )
     except ValidationError as exc:
         raise _fail(settings_error(exc)) from None
@@ -174,10 +183,14 @@ def serve(
         app = create_app(settings)
     except ServingStartupError as exc:
         raise _fail(str(exc)) from None
+    import uvicorn
+
     sock = _listen(host, port)
     version = app.state.holder.current.version
     print(f"fedaiot serve: model {version} on http://{host}:{port}", file=sys.stderr)
-    config = uvicorn.Config(app, log_level=log_level, access_log=access_log, lifespan="on")
+    logging.basicConfig(format="%(levelname)s: %(name)s: %(message)s")
+    logging.getLogger("fedaiot").setLevel("DEBUG" if log_level == "trace" else log_level.upper())
+    config = uvicorn_config(app, settings, log_level=log_level, access_log=access_log)
     uvicorn.Server(config).run(sockets=[sock])
 
 

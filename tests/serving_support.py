@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import torch
 import uvicorn
@@ -18,6 +24,7 @@ from sklearn.datasets import load_breast_cancer
 from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.serving import ServingSettings, create_app
 from fedaiot.serving.auth import issue_token
+from fedaiot.serving.protocol import uvicorn_config
 from fedaiot.signing import generate_keypair, load_private_key
 from fedaiot.tasks import get_task
 
@@ -99,7 +106,7 @@ class LiveServer:
         self.app = create_app(settings)
         self.sock = bound_socket()
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", lifespan="on")
+        config = uvicorn_config(self.app, settings, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
@@ -128,5 +135,69 @@ def auth(keys: Keys, role: str, subject: str | None = None) -> dict[str, str]:
 
 
 def instance(shift: float = 0.0) -> list[float]:
-    """One realistic row (the data set's first record), optionally shifted."""
-    return [float(v) + shift for v in DATA[0]]
+    """One realistic row (the data set's first record), optionally shifted by ``shift``
+    standard deviations of each feature (the service refuses inputs 100 away)."""
+    return [float(v) for v in DATA[0] + shift * DATA.std(axis=0)]
+
+
+class ServeProcess:
+    """``fedaiot serve`` in a subprocess (its own interpreter: no GIL shared with the test)."""
+
+    def __init__(self, registry: Path, keys: Keys, **settings: Any) -> None:
+        env = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        for name, value in settings.items():
+            text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+            env[f"FEDAIOT_SERVE_{name.upper()}"] = text
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        command = [sys.executable, "-m", "fedaiot", "serve", "--registry", str(registry)]
+        command += ["--public-key", str(keys.public_path), "--port", str(self.port)]
+        command += ["--log-level", "warning"]
+        self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90.0  # imports torch: slow on a loaded machine
+        while True:
+            try:
+                httpx.get(self.url + "/healthz", timeout=2).raise_for_status()
+                return
+            except httpx.TransportError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("fedaiot serve did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> str:
+        """Stop the server; its stderr."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            _, err = self.process.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            _, err = self.process.communicate()
+        return err or ""
+
+
+def raw_exchange(url: str, head: bytes, body: bytes = b"", timeout: float = 10.0) -> bytes:
+    """Send ``head`` and ``body`` on a fresh connection (a failed send is ignored: the server
+    may close first) and return what the server answered: b"" for none before it closed."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+        with contextlib.suppress(OSError):
+            sock.sendall(head + body)
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+                if b"\r\n\r\n" in b"".join(chunks):
+                    break
+        except OSError:
+            pass
+    return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int | None:
+    """The status code of a raw HTTP answer, None if there is none."""
+    parts = answer.split(b" ", 2)
+    return int(parts[1]) if len(parts) > 1 and answer.startswith(b"HTTP/1.") else None

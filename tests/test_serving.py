@@ -34,7 +34,7 @@ from tests.serving_support import (
     token,
 )
 
-MARKER = 4242.125  # a distinctive input value that must never reach the audit log
+MARKER = 4242.125  # a distinctive input value (a mean area) that must never reach the audit log
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +138,10 @@ def test_bad_tokens_are_401_with_a_reason(shared: LiveServer, keys: Keys, kind: 
 NAMES = list(TASK.feature_names or [])
 BAD_BODIES: dict[str, tuple[str, str]] = {
     "short-row": (json.dumps({"instances": [instance()[:29]]}), "wrong shape"),
-    "nested": (json.dumps({"instances": [[instance()]]}), "valid number"),
+    "nested": (json.dumps({"instances": [[instance()]]}), "wrong shape"),
     "unknown-feature": (
         json.dumps({"instances": [{**dict(zip(NAMES, instance(), strict=True)), "age": 3}]}),
-        "unknown feature names ['age']",
+        "1 unknown feature name(s)",
     ),
     "missing-feature": (
         json.dumps({"instances": [dict(zip(NAMES[1:], instance()[1:], strict=True))]}),
@@ -149,10 +149,10 @@ BAD_BODIES: dict[str, tuple[str, str]] = {
     ),
     "nan": ('{"instances": [[NaN' + ", 1.0" * 29 + "]]}", "is NaN"),
     "infinity": ('{"instances": [[1.0, -Infinity' + ", 1.0" * 28 + "]]}", "is infinite"),
-    "too-large": (json.dumps({"instances": [instance()] * 257}), "batch too large: 257"),
+    "too-large": (json.dumps({"instances": [instance()] * 257}), "batch too large: more than 256"),
     "empty": (json.dumps({"instances": []}), "empty"),
     "string": (json.dumps({"instances": [["1.0"] * 30]}), "valid number"),
-    "no-instances": (json.dumps({"rows": []}), "Field required"),
+    "no-instances": (json.dumps({"rows": []}), "takes one field, instances"),
 }
 
 
@@ -286,7 +286,9 @@ def test_promote_and_rollback_under_load_fail_no_request(
 
 def test_audit_rows_without_input_data(fresh: tuple[LiveServer, ModelRegistry], keys: Keys) -> None:
     server, registry = fresh
-    body = {"instances": [instance(MARKER), instance()]}
+    marked = instance()
+    marked[3] = MARKER
+    body = {"instances": [marked, instance()]}
     assert httpx.post(
         server.url + "/v1/predict", json=body, headers=auth(keys, "clinician", "dr-a")
     )

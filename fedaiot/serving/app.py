@@ -4,27 +4,39 @@
 
 Everything that can be wrong at startup (keys, registry, the served version, the audit
 database) is checked inside ``create_app``, which raises ``ServingStartupError`` with one line.
-See docs/serving.md for the endpoints, the roles and the decisions.
+See docs/serving.md for the endpoints, the roles, the limits and the decisions.
 """
 
-import time
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.requests import ClientDisconnect
 
 from fedaiot.registry import ModelRegistry, RegistryError
+from fedaiot.serving import reasons
 from fedaiot.serving.audit import AuditError, AuditLog, make_record
-from fedaiot.serving.auth import AUDIT_SCOPE_KEY, Guard, Principal, RateLimiter, TokenVerifier
+from fedaiot.serving.audit_query import AuditFilter
+from fedaiot.serving.audit_sampling import RefusalSampler
+from fedaiot.serving.auth import Principal, TokenVerifier
+from fedaiot.serving.authenticate import Authenticate
+from fedaiot.serving.body_limit import BodyLimit
+from fedaiot.serving.guard import Guard
+from fedaiot.serving.inference import Predictor, Refusal, body_limit
+from fedaiot.serving.inputs import InputError
+from fedaiot.serving.limits import AddressLimiter, DailyQuota, RateLimiter
 from fedaiot.serving.metrics import ServiceMetrics
-from fedaiot.serving.models import InputError, ModelHolder, ModelLoadError, parse_instances
+from fedaiot.serving.models import ModelHolder, ModelLoadError
+from fedaiot.serving.observe import Observe, audit_fields
+from fedaiot.serving.redact import redact_paths
 from fedaiot.serving.schemas import (
     AuditEntries,
     Health,
@@ -38,12 +50,20 @@ from fedaiot.serving.schemas import (
 from fedaiot.serving.settings import ServingSettings
 from fedaiot.signing import SigningError, load_public_key
 
-_INLINE_VALUES = 16_384  # batches up to this many values run on the event loop (no thread hop)
+log = logging.getLogger(__name__)
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no token, or an expired / badly signed one (reason in detail)"},
+    401: {"description": "no token, or a refused one (a fixed reason in detail)"},
     403: {"description": "the token's role may not call this endpoint"},
-    429: {"description": "the role's rate limit is exceeded (see Retry-After)"},
+    429: {"description": "a rate limit or quota is reached (see Retry-After)"},
+}
+# The body is read by hand, after the token check, so FastAPI does not parse it: the schema is
+# stated here for the OpenAPI document.
+_PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": PredictRequest.model_json_schema()}},
+    }
 }
 
 
@@ -51,60 +71,7 @@ class ServingStartupError(RuntimeError):
     """The service cannot start; the message is one line."""
 
 
-class _Observe:
-    """Pure ASGI middleware: body size limit, Prometheus metrics, and one audit row per call."""
-
-    def __init__(
-        self, app: ASGIApp, audit: AuditLog, metrics: ServiceMetrics, max_body: int
-    ) -> None:
-        self.app, self.audit, self.metrics, self.max_body = app, audit, metrics, max_body
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        fields: dict[str, Any] = {}
-        scope[AUDIT_SCOPE_KEY] = fields
-        status = 500
-        seen = 0
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise HTTPException(413, f"request body over {self.max_body} bytes")
-            return message
-
-        try:
-            await self.app(scope, limited_receive, observed_send)
-        finally:
-            seconds = time.perf_counter() - started
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            method = scope["method"]
-            self.metrics.observe(method, endpoint, status, seconds)
-            if scope["path"].startswith("/v1/"):
-                self.audit.record(
-                    make_record(
-                        request_id=uuid.uuid4().hex,
-                        method=method,
-                        endpoint=endpoint,
-                        status=status,
-                        duration_ms=seconds * 1000.0,
-                        **fields,
-                    )
-                )
-
-
-def _load(settings: ServingSettings) -> tuple[ModelHolder, TokenVerifier, AuditLog]:
+def _load(settings: ServingSettings) -> tuple[ModelHolder, Ed25519PublicKey, TokenVerifier]:
     if not settings.registry.is_dir():
         raise ServingStartupError(f"model registry {settings.registry} not found")
     try:
@@ -117,22 +84,40 @@ def _load(settings: ServingSettings) -> tuple[ModelHolder, TokenVerifier, AuditL
         holder.start()
     except (RegistryError, OSError) as exc:
         raise ServingStartupError(f"cannot serve a model: {exc}") from None
+    return holder, model_key, verifier
+
+
+def _audit_log(settings: ServingSettings) -> tuple[AuditLog, dict[str, int]]:
+    sampler = RefusalSampler(
+        settings.audit_window_seconds,
+        settings.audit_refused_per_key,
+        settings.audit_refused_total,
+        settings.audit_max_keys,
+    )
     try:
-        audit = AuditLog(settings.audit_path)
+        audit = AuditLog(settings.audit_path, sampler)
+        return audit, audit.rows_today()
     except AuditError as exc:
         raise ServingStartupError(str(exc)) from None
-    return holder, verifier, audit
 
 
 def create_app(settings: ServingSettings) -> FastAPI:
-    holder, verifier, audit = _load(settings)
-    guard = Guard(verifier, RateLimiter(settings.rate_limits))
+    holder, model_key, verifier = _load(settings)
+    audit, used_today = _audit_log(settings)
+    limiter = RateLimiter(settings.rate_limits)
+    addresses = AddressLimiter(settings.unauthenticated_limit)
+    guard = Guard(verifier, limiter, addresses)
+    predictor = Predictor(settings, limiter, DailyQuota(settings.rate_limits, used_today))
     metrics = ServiceMetrics(audit)
     metrics.served(holder.current.version)
+
+    def public(text: str) -> str:
+        return redact_paths(text, [settings.registry])
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        predictor.close()
         audit.close()
 
     app = FastAPI(
@@ -140,22 +125,51 @@ def create_app(settings: ServingSettings) -> FastAPI:
         version="1",
         description="Predictions from the federated global model, role-gated and audited.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url="/redoc" if settings.docs else None,
+        openapi_url="/openapi.json" if settings.docs else None,
     )
-    app.add_middleware(_Observe, audit=audit, metrics=metrics, max_body=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        limit=lambda: body_limit(settings, holder.current),
+        timeout=settings.body_timeout_seconds,
+    )
+    guarded_metrics = settings.metrics_auth == "admin"
+
+    def protected(path: str) -> bool:
+        return path.startswith("/v1/") or (guarded_metrics and path == "/metrics")
+
+    app.add_middleware(Authenticate, guard=guard, protected=protected)
+    # Outermost: sees every answer.
+    app.add_middleware(Observe, audit=audit, metrics=metrics, routes=app.router.routes)
     app.state.holder, app.state.audit, app.state.metrics = holder, audit, metrics
+    app.state.address_blocked = addresses.spent  # read by the uvicorn protocol (protocol.py)
+
+    def connection_refused(reason: str, address: str | None) -> None:
+        """A connection turned away by the protocol: counted, and audited (sampled)."""
+        metrics.connection_refused(reason)
+        status = reasons.CONNECTION_STATUS[reason]
+        audit.record(
+            make_record(request_id=uuid.uuid4().hex, method="-", endpoint="(connection)",
+                        status=status, duration_ms=0.0, client=address, reason=reason)
+        )  # fmt: skip
+
+    app.state.connection_refused = connection_refused
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Without "input": the caller's data is never echoed (and NaN would not encode).
+        audit_fields(request, reason=reasons.BAD_INPUT)
         errors = [{k: e[k] for k in ("loc", "msg", "type") if k in e} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    def audit_fields(request: Request, **values: Any) -> None:
-        request.scope.setdefault(AUDIT_SCOPE_KEY, {}).update(values)
-
-    @app.post("/v1/predict", response_model=PredictResponse, responses=_AUTH_ERRORS)
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={**_AUTH_ERRORS, 413: {"description": "body too large"}},
+        openapi_extra=_PREDICT_BODY,
+    )
     async def predict(
-        body: PredictRequest,
         request: Request,
         principal: Annotated[Principal, Depends(guard.require("predict"))],
     ) -> Response:
@@ -163,31 +177,21 @@ def create_app(settings: ServingSettings) -> FastAPI:
         model = holder.current  # this request uses this object to the end, whatever swaps
         audit_fields(request, model_version=model.version)
         try:
-            x = parse_instances(body.instances, model, settings.max_batch)
+            body = await request.body()  # size and time limited by BodyLimit
+            result = await predictor.predict(body, model, principal)
+        except ClientDisconnect:
+            audit_fields(request, reason="client_disconnected")
+            return Response(status_code=400)
         except InputError as exc:
+            audit_fields(request, reason=exc.reason)
             detail = [{"loc": list(exc.loc), "msg": str(exc), "type": "value_error"}]
             raise HTTPException(422, detail) from None
-        if x.size <= _INLINE_VALUES:
-            probs = model.predict_proba(x)
-        else:
-            probs = await run_in_threadpool(model.predict_proba, x)
-        audit_fields(request, rows=len(x))
-        metrics.rows(model.version, len(x))
-        names = model.class_names
-        best = probs.argmax(axis=1).tolist()
-        if principal.can("probabilities"):
-            rows = probs.tolist()
-            predictions: list[dict[str, Any]] = [
-                {
-                    "label": names[k],
-                    "class_index": k,
-                    "probabilities": dict(zip(names, p, strict=True)),
-                }
-                for k, p in zip(best, rows, strict=True)
-            ]
-        else:
-            predictions = [{"label": names[k], "class_index": k} for k in best]
-        return JSONResponse({"model_version": model.version, "predictions": predictions})
+        except Refusal as exc:
+            audit_fields(request, reason=exc.reason)
+            raise HTTPException(exc.status, exc.detail, exc.headers) from None
+        audit_fields(request, rows=result.rows)
+        metrics.rows(model.version, result.rows)
+        return Response(result.body, media_type="application/json")
 
     @app.get("/v1/model", response_model=ModelCard, responses=_AUTH_ERRORS)
     async def card(
@@ -202,30 +206,35 @@ def create_app(settings: ServingSettings) -> FastAPI:
     def models(
         request: Request, _: Annotated[Principal, Depends(guard.require("models"))]
     ) -> ModelList:
-        """Every registered version with its round and accuracy, and which one is served."""
+        """Every registered version, whether its signature holds, and (if it does) its round
+        and accuracy; which one is served."""
         served = holder.current.version
         audit_fields(request, model_version=served)
-        return ModelList.build(holder.registry, served, holder.history())
+        return ModelList.build(holder.registry, model_key, served, holder.history())
 
     async def swap(request: Request, action: str, run: Callable[[], tuple[str, str]]) -> SwapResult:
         try:
             previous, now = await run_in_threadpool(run)
         except LookupError as exc:
             metrics.swap(action, "refused")
-            audit_fields(request, note=f"{action} refused: {exc}")
+            audit_fields(request, reason=reasons.REFUSED, note=f"{action} refused: {exc}")
             raise HTTPException(409, str(exc)) from None
         except ModelLoadError as exc:
             metrics.swap(action, "refused")
-            audit_fields(request, note=f"{action} refused: {exc}")
+            text = public(str(exc))
+            audit_fields(request, reason=reasons.REFUSED, note=f"{action} refused: {text}")
             raise HTTPException(
-                409, f"{action} refused, still serving {holder.current.version}: {exc}"
+                409, f"{action} refused, still serving {holder.current.version}: {text}"
             ) from None
         except (RegistryError, OSError) as exc:  # refs.json / served.json not writable
             metrics.swap(action, "failed")
-            audit_fields(request, note=f"{action} failed: {exc}")
+            log.error("%s failed: %s", action, exc)
+            note = f"{action} failed: {public(str(exc))}"
+            audit_fields(request, reason=reasons.FAILED, note=note)
             raise HTTPException(
-                503, f"{action} failed, still serving {holder.current.version}: {exc}"
-            ) from None
+                503, f"{action} failed, still serving {holder.current.version}: the registry "
+                "could not be updated (see the server's log)"
+            ) from None  # fmt: skip
         metrics.swap(action, "done")
         metrics.served(holder.current.version)
         audit_fields(request, model_version=now, note=f"{action}: {previous} -> {now}")
@@ -246,9 +255,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
         _: Annotated[Principal, Depends(guard.require("manage"))],
     ) -> SwapResult:
         """Verify a version fully, then serve it (admin). In-flight requests are unaffected."""
-        audit_fields(request, model_version=version)
         if version not in holder.registry.versions():
-            raise HTTPException(404, f"model version {version} not found")
+            raise HTTPException(404, "no such model version in the registry")
+        audit_fields(request, model_version=version)
         return await swap(request, "promote", lambda: holder.promote(version))
 
     @app.post(
@@ -268,12 +277,16 @@ def create_app(settings: ServingSettings) -> FastAPI:
         _: Annotated[Principal, Depends(guard.require("audit"))],
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         subject: Annotated[str | None, Query(max_length=200)] = None,
+        status: Annotated[int | None, Query(ge=100, le=599)] = None,
+        reason: Annotated[str | None, Query(max_length=64)] = None,
     ) -> AuditEntries:
         """The newest audit rows, newest first (admin, auditor)."""
+        where = AuditFilter(subject=subject, status=status, reason=reason, limit=limit)
         try:
-            return AuditEntries(entries=audit.query(limit, subject))
+            return AuditEntries.model_validate({"entries": audit.query(where)})
         except AuditError as exc:
-            raise HTTPException(503, str(exc)) from None
+            log.error("audit query failed: %s", exc)
+            raise HTTPException(503, "the audit database cannot be read now") from None
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -1,115 +1,87 @@
 """The service's audit log: one SQLite row per API call, never the input data.
 
-A row says who (token subject and role), when, which endpoint, which model version, how many
-rows were predicted, the outcome (HTTP status) and how long it took; model management adds a
-short note (e.g. why a promotion was refused). Request bodies, features and predictions are
-never written.
+A row says who (token subject and role, token id), from where (client address), when, which
+endpoint, which model version, how many rows were predicted, the outcome (HTTP status and a
+reason code) and how long it took; model management adds a short note. Request bodies, features
+and predictions are never written. Refused calls pass through a ``RefusalSampler`` first, so a
+flood of them adds a bounded number of rows (see ``audit_sampling``).
 
 Requests only enqueue their row; one writer thread owns the connection and commits in batches,
 so a request never waits for the disk. ``flush`` waits until everything enqueued so far is
-committed (``query`` flushes first). The database runs in WAL mode, so readers do not block the
-writer. Uses the standard library's ``sqlite3``.
+committed (``query`` flushes first). WAL mode: readers do not block the writer. The database and
+its WAL files are readable by the service's user only (0600).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
-from dataclasses import astuple, dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    time TEXT NOT NULL,
-    unix REAL NOT NULL,
-    request_id TEXT NOT NULL,
-    subject TEXT,
-    role TEXT,
-    method TEXT NOT NULL,
-    endpoint TEXT NOT NULL,
-    model_version TEXT,
-    rows INTEGER,
-    status INTEGER NOT NULL,
-    duration_ms REAL NOT NULL,
-    note TEXT
+from fedaiot.serving.audit_query import AuditFilter, AuditQueryError, rows_since, select
+from fedaiot.serving.audit_record import (
+    COLUMN_TYPES,
+    INDEXES,
+    INSERT,
+    SCHEMA,
+    AuditRecord,
+    make_record,
 )
-"""
+from fedaiot.serving.audit_sampling import RefusalSampler
+from fedaiot.serving.settings import DAY
+
+__all__ = ["AuditError", "AuditLog", "AuditRecord", "make_record"]
+
+log = logging.getLogger(__name__)
 _BATCH = 512
+_TICK = 1.0  # seconds: how often the writer closes sampling windows when idle
+_PRIVATE = 0o600
 
 
 class AuditError(RuntimeError):
     """The audit database cannot be opened or written."""
 
 
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    time: str
-    unix: float
-    request_id: str
-    subject: str | None
-    role: str | None
-    method: str
-    endpoint: str
-    model_version: str | None
-    rows: int | None
-    status: int
-    duration_ms: float
-    note: str | None
+def _private_file(path: Path) -> None:
+    """Create ``path`` (and tighten it and its WAL files) as 0600 before SQLite opens it:
+    SQLite gives the -wal and -shm files the database file's mode."""
+    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, _PRIVATE))
+    for suffix in ("", "-wal", "-shm"):
+        sibling = path.with_name(path.name + suffix)
+        if sibling.exists():
+            os.chmod(sibling, _PRIVATE)
 
 
-_COLUMNS = [f.name for f in fields(AuditRecord)]
-_INSERT = f"INSERT INTO audit ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-
-
-def make_record(
-    *,
-    request_id: str,
-    method: str,
-    endpoint: str,
-    status: int,
-    duration_ms: float,
-    subject: str | None = None,
-    role: str | None = None,
-    model_version: str | None = None,
-    rows: int | None = None,
-    note: str | None = None,
-) -> AuditRecord:
-    now = time.time()
-    stamp = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds")
-    return AuditRecord(
-        stamp,
-        now,
-        request_id,
-        subject,
-        role,
-        method,
-        endpoint,
-        model_version,
-        rows,
-        status,
-        round(duration_ms, 3),
-        note,
-    )
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Add the columns that a database of an older fedaiot lacks."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
+    for name, kind in COLUMN_TYPES.items():
+        if name not in present:
+            conn.execute(f'ALTER TABLE audit ADD COLUMN "{name}" {kind}')
+    for statement in INDEXES:
+        conn.execute(statement)
 
 
 class AuditLog:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, sampler: RefusalSampler | None = None) -> None:
         self.path = Path(path)
         self.failures = 0  # rows that could not be written (also logged)
+        self._sampler = sampler
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_file(self.path)
             conn = self._connect()
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(_SCHEMA)
+            conn.execute(SCHEMA)
+            _migrate(conn)
             conn.commit()
+            _private_file(self.path)
         except (sqlite3.Error, OSError) as exc:
             raise AuditError(f"cannot open the audit database {self.path}: {exc}") from None
         self._queue: queue.SimpleQueue[AuditRecord | threading.Event | None] = queue.SimpleQueue()
@@ -125,39 +97,48 @@ class AuditLog:
         return conn
 
     def record(self, record: AuditRecord) -> None:
-        """Enqueue one row (never blocks on the disk)."""
-        self._queue.put(record)
+        """Enqueue one row (never blocks on the disk); a refusal may only be counted."""
+        rows = self._sampler.admit(record) if self._sampler else [record]
+        for row in rows:
+            self._queue.put(row)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every row enqueued before this call is committed."""
+        """Wait until every row enqueued before this call is committed, with the counts of
+        refusals not written one by one so far."""
         if self._closed:
             return True
+        for row in self._sampler.drain(force=True) if self._sampler else []:
+            self._queue.put(row)
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)
 
-    def query(self, limit: int = 100, subject: str | None = None) -> list[dict[str, Any]]:
-        """The newest ``limit`` rows (optionally of one subject), newest first."""
+    def query(self, where: AuditFilter) -> list[dict[str, Any]]:
+        """The newest rows matching ``where``, newest first."""
         self.flush()
-        sql = "SELECT id, " + ", ".join(_COLUMNS) + " FROM audit"
-        params: list[Any] = []
-        if subject is not None:
-            sql += " WHERE subject = ?"
-            params.append(subject)
-        sql += " ORDER BY id DESC LIMIT ?"
-        params.append(limit)
         conn = self._connect()
         try:
-            conn.row_factory = sqlite3.Row
-            return [dict(row) for row in conn.execute(sql, params)]
-        except sqlite3.Error as exc:
-            raise AuditError(f"cannot read the audit database {self.path}: {exc}") from None
+            return select(conn, where)
+        except AuditQueryError as exc:
+            raise AuditError(str(exc)) from None
+        finally:
+            conn.close()
+
+    def rows_today(self, now: float | None = None) -> dict[str, int]:
+        """Rows predicted per subject since UTC midnight (seeds the daily quotas)."""
+        now = time.time() if now is None else now
+        conn = self._connect()
+        try:
+            return rows_since(conn, now - now % DAY)
+        except AuditQueryError as exc:
+            raise AuditError(str(exc)) from None
         finally:
             conn.close()
 
     def close(self) -> None:
-        """Write what is queued and stop the writer."""
+        """Write what is queued (and the refusal counts) and stop the writer."""
         if not self._closed:
+            self.flush()
             self._closed = True
             self._queue.put(None)
             self._writer.join(timeout=10.0)
@@ -165,7 +146,11 @@ class AuditLog:
     def _run(self, conn: sqlite3.Connection) -> None:
         try:
             while True:
-                item = self._queue.get()
+                try:
+                    item = self._queue.get(timeout=_TICK)
+                except queue.Empty:
+                    self._write(conn, self._sampler.drain() if self._sampler else [])
+                    continue
                 rows: list[AuditRecord] = []
                 waiters: list[threading.Event] = []
                 stop = False
@@ -195,7 +180,7 @@ class AuditLog:
             return
         try:
             with conn:
-                conn.executemany(_INSERT, [astuple(row) for row in rows])
+                conn.executemany(INSERT, [astuple(row) for row in rows])
         except sqlite3.Error as exc:
             self.failures += len(rows)
             log.error("audit: %d rows not written to %s: %s", len(rows), self.path, exc)

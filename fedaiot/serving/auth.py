@@ -1,34 +1,38 @@
-"""Bearer tokens (JWT, EdDSA), roles, per-subject rate limits, and the FastAPI guard.
+"""Bearer tokens (JWT, EdDSA) and roles: issuing, verifying, and what each role may do.
 
 Tokens are issued by ``fedaiot token issue`` with the coordinator's Ed25519 key (pyjwt, alg
 ``EdDSA``, header ``kid`` = the key id). Claims: ``iss``, ``aud``, ``sub`` (who), ``role`` (one of
-``ROLES``), ``iat``, ``nbf``, ``exp``, ``jti``; all but ``nbf``/``jti`` are required on
-verification. In production the service can verify tokens of an OpenID Connect issuer instead,
-fetching its keys with ``jwt.PyJWKClient`` (``jwks_url`` in the settings).
+``ROLES``), ``iat``, ``nbf``, ``exp``, ``jti``. In production the service can verify tokens of an
+OpenID Connect issuer instead, fetching its keys with ``jwt.PyJWKClient`` (``jwks_url``).
 
-The guard answers, in this order: no token 401, bad or expired token 401 (the reason in
-``detail``), a role without the permission 403, over the role's rate limit 429.
+Whatever goes wrong, ``TokenVerifier.verify`` raises ``TokenError`` with one of the fixed reason
+codes of ``fedaiot.serving.reasons``: never another exception, never the library's own text.
+A token that verified is remembered (by its exact text, at most 5 minutes and never past its
+``exp``), so a caller's next requests skip the signature check.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from fastapi import Depends, HTTPException, Request
-from fastapi.concurrency import run_in_threadpool
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from fedaiot.serving.settings import ROLES, RateLimit, Role, ServingSettings
+from fedaiot.serving.reasons import TOKEN_REASONS
+from fedaiot.serving.redact import label
+from fedaiot.serving.settings import ROLES, Role, ServingSettings
 from fedaiot.signing import key_id, load_public_key
 
-AUDIT_SCOPE_KEY = "fedaiot.audit"  # the per-request audit fields, shared with the middleware
+log = logging.getLogger(__name__)
 
 # What each role may do. Probabilities are a refinement of "predict": a device gets labels only.
 PERMISSIONS: dict[str, frozenset[Role]] = {
@@ -40,7 +44,7 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "manage": frozenset({"admin"}),
     "metrics": frozenset({"admin"}),
 }
-_WHAT = {
+WHAT = {
     "predict": "predict",
     "probabilities": "see probabilities",
     "model_card": "read the model card",
@@ -50,19 +54,30 @@ _WHAT = {
     "metrics": "read metrics",
 }
 _ALWAYS_REQUIRED = ["exp", "iat", "sub", "iss", "aud"]
+_NUMERIC_DATES = ("exp", "iat", "nbf")
+MAX_TOKEN_CHARS = 8192  # ours are ~400; an OIDC token with many groups stays well below
+_CACHE_SIZE = 10_000
+_CACHE_SECONDS = 300.0
 
 
 @dataclass(frozen=True, slots=True)
 class Principal:
     subject: str
     role: str  # one of ROLES, or "none" when the token names no known role
+    jti: str | None = None
 
     def can(self, permission: str) -> bool:
         return self.role in PERMISSIONS[permission]
 
 
 class TokenError(Exception):
-    """A token that does not authenticate anyone: the reason is safe to return."""
+    """A token that authenticates no one. ``str()`` is the fixed public text of ``code``;
+    ``detail`` (the library's words) is for the server's log only."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(TOKEN_REASONS[code])
+        self.code = code
+        self.detail = detail
 
 
 def issue_token(
@@ -95,27 +110,50 @@ def issue_token(
     return jwt.encode(claims, key, algorithm="EdDSA", headers=headers)
 
 
-def _reason(exc: jwt.PyJWTError) -> str:
+def _code(exc: jwt.PyJWTError) -> str:
+    # Order matters: several of these subclass DecodeError or PyJWKClientError.
     match exc:
         case jwt.ExpiredSignatureError():
-            return "token expired"
+            return "expired"
         case jwt.ImmatureSignatureError():
-            return "token not valid yet (nbf/iat in the future)"
+            return "not_yet_valid"
         case jwt.InvalidSignatureError():
-            return "token signature invalid (not signed by a trusted key)"
+            return "bad_signature"
         case jwt.InvalidAudienceError():
-            return f"token audience rejected: {exc}"
+            return "wrong_audience"
         case jwt.InvalidIssuerError():
-            return f"token issuer rejected: {exc}"
+            return "wrong_issuer"
         case jwt.MissingRequiredClaimError():
-            return f"token lacks the required {exc.claim!r} claim"
+            return "missing_claim"
+        case (
+            jwt.InvalidIssuedAtError()
+            | jwt.exceptions.InvalidSubjectError()
+            | jwt.exceptions.InvalidJTIError()
+        ):
+            return "bad_claim"
         case jwt.InvalidAlgorithmError():
-            return "token algorithm not allowed"
-        case jwt.PyJWKClientError():
-            return f"token signing key unavailable: {exc}"
+            return "bad_algorithm"
+        case jwt.PyJWKClientConnectionError():
+            return "key_unavailable"
+        case jwt.PyJWKClientError() | jwt.PyJWKError() | jwt.PyJWKSetError():
+            return "unknown_key"
         case jwt.DecodeError():
-            return f"malformed token: {exc}"
-    return f"invalid token: {exc}"
+            return "malformed_token"
+    return "invalid_token"
+
+
+def unverified_claims(token: str) -> dict[str, str]:
+    """What a refused token claims (sub, role, jti), reduced to short safe labels, for the
+    audit log's forensics. Never trusted: it is only what the caller wrote."""
+    try:
+        segment = token.split(".")[1]
+        data = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except (IndexError, ValueError, binascii.Error, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {name: label(data.get(name)) for name in ("sub", "role", "jti")}
+    return {name: value for name, value in found.items() if value}
 
 
 class TokenVerifier:
@@ -132,6 +170,9 @@ class TokenVerifier:
             assert settings.jwks_url is not None
             self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300)
             self._algorithms = list(settings.jwks_algorithms)
+        # token text -> (principal, valid from, valid until), in unix seconds
+        self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
+        self._lock = threading.Lock()
 
     @property
     def blocking(self) -> bool:
@@ -139,117 +180,76 @@ class TokenVerifier:
         return self._jwks is not None
 
     def verify(self, token: str) -> Principal:
-        s = self._settings
-        try:
-            key: Any = self._key
-            if self._jwks is not None:
-                key = self._jwks.get_signing_key_from_jwt(token).key
-            claims = jwt.decode(
-                token,
-                key,
-                algorithms=self._algorithms,
-                audience=s.audience,
-                issuer=s.issuer,
-                leeway=s.leeway_seconds,
-                options={"require": _ALWAYS_REQUIRED},
-            )
-        except jwt.PyJWTError as exc:
-            raise TokenError(_reason(exc)) from None
-        subject = claims["sub"]
-        if not isinstance(subject, str) or not subject:
-            raise TokenError("token subject must be a non-empty string")
-        role = claims.get(s.role_claim)
-        if isinstance(role, list):  # OIDC providers often carry a list of roles
-            known = [r for r in role if r in ROLES]
-            role = known[0] if len(known) == 1 else None
-        return Principal(subject=subject, role=role if role in ROLES else "none")
-
-
-class RateLimiter:
-    """An in-memory token bucket per (role, subject); thread-safe, bounded in size."""
-
-    def __init__(self, limits: dict[str, RateLimit], max_buckets: int = 100_000) -> None:
-        self._limits = limits
-        self._buckets: dict[tuple[str, str], tuple[float, float]] = {}
-        self._lock = threading.Lock()
-        self._max_buckets = max_buckets
-
-    def take(self, role: str, subject: str, now: float | None = None) -> float:
-        """Spend one request; 0.0 when allowed, else the seconds until one is available."""
-        limit = self._limits[role]
-        now = time.monotonic() if now is None else now
+        now = time.time()
         with self._lock:
-            tokens, last = self._buckets.get((role, subject), (float(limit.burst), now))
-            tokens = min(float(limit.burst), tokens + (now - last) * limit.per_second)
-            if tokens < 1.0:
-                self._buckets[(role, subject)] = (tokens, now)
-                return (1.0 - tokens) / limit.per_second
-            self._buckets[(role, subject)] = (tokens - 1.0, now)
-            if len(self._buckets) > self._max_buckets:
-                self._prune(now)
-        return 0.0
-
-    def _prune(self, now: float) -> None:
-        """Forget buckets that have refilled: they are the same as new ones."""
-        for key, (tokens, last) in list(self._buckets.items()):
-            limit = self._limits[key[0]]
-            if tokens + (now - last) * limit.per_second >= limit.burst:
-                del self._buckets[key]
-
-
-_bearer = HTTPBearer(
-    auto_error=False,
-    description="A JWT from `fedaiot token issue` (or the configured OpenID Connect issuer).",
-)
-
-
-def _unauthorized(reason: str) -> HTTPException:
-    challenge = f'Bearer error="invalid_token", error_description="{reason}"'
-    return HTTPException(401, detail=reason, headers={"WWW-Authenticate": challenge})
-
-
-class Guard:
-    """Builds the FastAPI dependency that authenticates, authorizes and rate-limits a call."""
-
-    def __init__(self, verifier: TokenVerifier, limiter: RateLimiter) -> None:
-        self.verifier = verifier
-        self.limiter = limiter
-
-    async def authenticate(self, request: Request, token: str | None) -> Principal:
-        if not token:
-            raise HTTPException(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
+            known = self._verified.get(token)
+        if known is not None and known[1] <= now < known[2]:
+            return known[0]
         try:
-            if self.verifier.blocking:
-                principal = await run_in_threadpool(self.verifier.verify, token)
-            else:
-                principal = self.verifier.verify(token)
-        except TokenError as exc:
-            raise _unauthorized(str(exc)) from None
-        audit = request.scope.get(AUDIT_SCOPE_KEY)
-        if audit is not None:
-            audit["subject"], audit["role"] = principal.subject, principal.role
+            principal, claims = self._verify(token)
+        except TokenError:
+            raise
+        except jwt.PyJWTError as exc:
+            raise TokenError(_code(exc), repr(exc)) from None
+        except Exception as exc:
+            # Hostile tokens reach corners of the JWT and crypto libraries that raise TypeError,
+            # OverflowError, ... A token is either valid or refused: never a server error.
+            raise TokenError("invalid_token", repr(exc)) from None
+        leeway = self._settings.leeway_seconds
+        start = max(claims["iat"], claims.get("nbf", claims["iat"])) - leeway
+        end = min(claims["exp"] + leeway, now + _CACHE_SECONDS)
+        with self._lock:
+            self._verified[token] = (principal, start, end)
+            if len(self._verified) > _CACHE_SIZE:
+                self._verified.popitem(last=False)
         return principal
 
-    def require(self, permission: str) -> Callable[..., Awaitable[Principal]]:
-        if permission not in PERMISSIONS:
-            raise KeyError(permission)
+    def _verify(self, token: str) -> tuple[Principal, dict[str, Any]]:
+        s = self._settings
+        if len(token) > MAX_TOKEN_CHARS:
+            raise TokenError("malformed_token", f"{len(token)} characters")
+        key: Any = self._key
+        algorithms = self._algorithms
+        if self._jwks is not None:
+            jwk = self._jwks.get_signing_key_from_jwt(token)
+            if jwk.algorithm_name not in algorithms:
+                raise TokenError("bad_algorithm", f"key algorithm {jwk.algorithm_name}")
+            # The header's alg must be the key's own: an RS256 header on an Ed25519 key is
+            # refused here, not handed to the wrong verifier.
+            key, algorithms = jwk.key, [jwk.algorithm_name]
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=algorithms,
+            audience=s.audience,
+            issuer=s.issuer,
+            leeway=s.leeway_seconds,
+            options={"require": _ALWAYS_REQUIRED},
+        )
+        self._check_claims(claims)
+        role = claims.get(s.role_claim)
+        if isinstance(role, list):  # OIDC providers often carry a list of roles
+            known = [r for r in role if isinstance(r, str) and r in ROLES]
+            role = known[0] if len(known) == 1 else None
+        jti = claims.get("jti")
+        principal = Principal(
+            subject=claims["sub"],
+            role=role if isinstance(role, str) and role in ROLES else "none",
+            jti=jti if isinstance(jti, str) and 0 < len(jti) <= 128 else None,
+        )
+        return principal, claims
 
-        async def dependency(
-            request: Request,
-            credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),  # noqa: B008
-        ) -> Principal:
-            principal = await self.authenticate(
-                request, credentials.credentials if credentials else None
-            )
-            if principal.role == "none":
-                raise HTTPException(403, "the token carries no known role")
-            if not principal.can(permission):
-                raise HTTPException(403, f"role {principal.role!r} may not {_WHAT[permission]}")
-            wait = self.limiter.take(principal.role, principal.subject)
-            if wait > 0:
-                retry = str(max(1, int(wait + 0.999)))
-                detail = f"rate limit of role {principal.role!r} exceeded: retry in {retry} s"
-                raise HTTPException(429, detail, {"Retry-After": retry})
-            return principal
-
-        return dependency
+    def _check_claims(self, claims: dict[str, Any]) -> None:
+        s = self._settings
+        for name in _NUMERIC_DATES:
+            # pyjwt takes int(...) of these: "1e30", 1e30 and "99999999999" would pass.
+            if name in claims and type(claims[name]) is not int:
+                raise TokenError("bad_claim", f"{name} is a {type(claims[name]).__name__}")
+        subject = claims["sub"]
+        if not isinstance(subject, str) or not subject or len(subject) > 256:
+            raise TokenError("bad_claim", "sub")
+        longest = s.max_token_lifetime_seconds
+        if claims["exp"] - claims["iat"] > longest:
+            raise TokenError("lifetime_too_long", "exp - iat")
+        if claims["exp"] - time.time() > longest + s.leeway_seconds:
+            raise TokenError("lifetime_too_long", "exp - now")

@@ -43,6 +43,12 @@ class ServiceMetrics:
             ["model_version"],
             registry=self.registry,
         )
+        self._refused_connections = Counter(
+            "fedaiot_connections_refused",
+            "Connections closed before a request reached the app, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         audit_failures = Gauge(
             "fedaiot_audit_write_failures",
             "Audit rows that could not be written",
@@ -54,6 +60,9 @@ class ServiceMetrics:
         code = str(status)
         self._requests.labels(method, endpoint, code).inc()
         self._latency.labels(method, endpoint, code).observe(seconds)
+
+    def connection_refused(self, reason: str) -> None:
+        self._refused_connections.labels(reason).inc()
 
     def rows(self, version: str, count: int) -> None:
         self._rows.labels(version).inc(count)

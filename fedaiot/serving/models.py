@@ -32,19 +32,10 @@ from fedaiot.tasks import UnknownTaskError, get_task
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "served.json"
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 class ModelLoadError(RegistryError):
     """A version that cannot be served: unsigned, tampered, corrupt or inconsistent."""
-
-
-class InputError(ValueError):
-    """A prediction request that does not match the model's input schema."""
-
-    def __init__(self, message: str, loc: tuple[str | int, ...] = ("body", "instances")) -> None:
-        super().__init__(message)
-        self.loc = loc
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,70 +119,6 @@ def _build(version: str, manifest: Manifest, state: dict[str, torch.Tensor]) -> 
     if probe.shape != (1, len(class_names)) or not np.isfinite(probe).all():
         raise ValueError(f"a forward pass gives {tuple(probe.shape)}, not 1 x {len(class_names)}")
     return model
-
-
-def parse_instances(
-    instances: list[list[float] | dict[str, float]], model: LoadedModel, max_batch: int
-) -> np.ndarray:
-    """The (n, *shape) float32 batch of a request, or InputError naming the problem."""
-    if not instances:
-        raise InputError("instances is empty: send at least one instance")
-    if len(instances) > max_batch:
-        raise InputError(f"batch too large: {len(instances)} instances, the maximum is {max_batch}")
-    rows: list[list[float]] = []
-    for i, row in enumerate(instances):
-        if isinstance(row, dict):
-            rows.append(_from_features(i, row, model))
-        elif len(row) != model.size:
-            raise InputError(
-                f"wrong shape: instance {i} has {len(row)} values, expected {model.size} "
-                f"(input shape {list(model.shape)}, flattened)",
-                ("body", "instances", i),
-            )
-        else:
-            rows.append(row)
-    x = np.asarray(rows, dtype=np.float64)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        i, j = (int(v) for v in np.argwhere(bad)[0])
-        what = "NaN" if math.isnan(x[i, j]) else "infinite"
-        raise InputError(
-            f"instance {i}, {_feature(model, j)} is {what}: values must be finite numbers",
-            ("body", "instances", i),
-        )
-    too_big = np.abs(x) > _F32_MAX
-    if too_big.any():
-        i, j = (int(v) for v in np.argwhere(too_big)[0])
-        raise InputError(
-            f"instance {i}, {_feature(model, j)} is out of the float32 range",
-            ("body", "instances", i),
-        )
-    return x.astype(np.float32).reshape((len(rows), *model.shape))
-
-
-def _feature(model: LoadedModel, j: int) -> str:
-    if model.feature_names is not None:
-        return f"feature {model.feature_names[j]!r}"
-    return f"value {j}"
-
-
-def _from_features(i: int, row: dict[str, float], model: LoadedModel) -> list[float]:
-    names = model.feature_names
-    loc: tuple[str | int, ...] = ("body", "instances", i)
-    if names is None:
-        raise InputError(
-            f"wrong shape: instance {i} is an object, but this model has no feature names: "
-            f"send a list of {model.size} numbers",
-            loc,
-        )
-    unknown = sorted(set(row) - set(names))
-    if unknown:
-        raise InputError(f"instance {i} has unknown feature names {unknown[:5]}", loc)
-    missing = [name for name in names if name not in row]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise InputError(f"instance {i} lacks the features {missing[:5]}{more}", loc)
-    return [row[name] for name in names]
 
 
 class ModelHolder:

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, RegistryError
+from fedaiot.registry import (
+    MANIFEST,
+    SIGNATURE,
+    Manifest,
+    ModelRegistry,
+    NodePrivacy,
+    RegistryError,
+)
+from fedaiot.serving.redact import without_paths
 
 Number = Annotated[float, Field(strict=True)]  # ints and floats; no strings, no booleans
 
@@ -65,20 +74,26 @@ def model_card(manifest: Manifest) -> ModelCard:
         metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},
         nodes=manifest.nodes,
         privacy=manifest.privacy,
-        training_config=manifest.config,
+        training_config=without_paths(manifest.config),
         input_schema=manifest.input_schema,
         weights_sha256=manifest.weights_sha256,
         created=datetime.fromtimestamp(manifest.created, UTC).isoformat(timespec="seconds"),
     )
 
 
+Verification = Literal["verified", "unsigned", "bad-signature", "unreadable"]
+
+
 class VersionInfo(BaseModel):
     version: str
-    round: int | None = None
-    accuracy: float | None = None
+    verification: Verification = Field(
+        description="the manifest's signature against the coordinator's key; the weights' hash "
+        "is checked when a version is loaded (the served one, a promoted one)"
+    )
+    round: int | None = Field(default=None, description="verified versions only")
+    accuracy: float | None = Field(default=None, description="verified versions only")
     served: bool
     refs: list[str] = Field(default_factory=list)
-    error: str | None = Field(default=None, description="why the manifest is unreadable")
 
 
 class ModelList(BaseModel):
@@ -87,7 +102,9 @@ class ModelList(BaseModel):
     versions: list[VersionInfo]
 
     @classmethod
-    def build(cls, registry: ModelRegistry, served: str, history: list[str]) -> ModelList:
+    def build(
+        cls, registry: ModelRegistry, key: Ed25519PublicKey, served: str, history: list[str]
+    ) -> ModelList:
         try:
             refs = registry.refs()
         except RegistryError:
@@ -95,18 +112,32 @@ class ModelList(BaseModel):
         versions = []
         for version in registry.versions():
             marks = sorted(name for name, v in refs.items() if v == version)
-            info = VersionInfo(version=version, served=version == served, refs=marks)
-            try:
-                manifest = registry.manifest(version)
+            status, manifest = _verified(registry, key, version)
+            info = VersionInfo(
+                version=version, verification=status, served=version == served, refs=marks
+            )
+            if manifest is not None:  # metrics only from a manifest whose signature holds
                 accuracy = manifest.metrics.get("accuracy")
                 info.round = manifest.round
                 info.accuracy = (
                     accuracy if accuracy is not None and math.isfinite(accuracy) else None
                 )
-            except RegistryError as exc:
-                info.error = str(exc)
             versions.append(info)
         return cls(served=served, history=history, versions=versions)
+
+
+def _verified(
+    registry: ModelRegistry, key: Ed25519PublicKey, version: str
+) -> tuple[Verification, Manifest | None]:
+    folder = registry.root / "versions" / version
+    try:
+        return "verified", registry.verify(version, key)
+    except RegistryError:
+        if not (folder / MANIFEST).is_file():
+            return "unreadable", None
+        if not (folder / SIGNATURE).is_file():
+            return "unsigned", None
+        return "bad-signature", None
 
 
 class SwapResult(BaseModel):
@@ -121,11 +152,15 @@ class AuditEntry(BaseModel):
     request_id: str
     subject: str | None
     role: str | None
+    client: str | None
+    jti: str | None
     method: str
     endpoint: str
     model_version: str | None
     rows: int | None
     status: int
+    reason: str | None
+    count: int = Field(description="calls the row stands for (> 1: an aggregate of refusals)")
     duration_ms: float
     note: str | None
 

@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from fedaiot import secure_node
-from fedaiot.node_errors import guarded
-from fedaiot.secure_wire import unpack
+from fedaiot.node.guard import guarded
+from fedaiot.secure_rounds import handlers as secure_node
+from fedaiot.secure_rounds.wire import unpack
 
 if TYPE_CHECKING:
-    from fedaiot.replies import NodeReply
+    from fedaiot.wire.replies import NodeReply
 
 app = ClientApp()
 
@@ -23,10 +23,10 @@ app = ClientApp()
 
 
 def _train(msg: Message, context: Context, *, released_on_return: bool) -> NodeReply:
-    from fedaiot import faults
-    from fedaiot.config import RunConfig
-    from fedaiot.deploy.node_round import DATA_PATH, NodeSettings, deployed_round
-    from fedaiot.node import simulated_partition, train_round
+    from fedaiot.config.run import RunConfig
+    from fedaiot.node.deployed import DATA_PATH, NodeSettings, deployed_round
+    from fedaiot.node.round import simulated_partition, train_round
+    from fedaiot.simulation import faults
 
     cfg = RunConfig.from_run_config(context.run_config)
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
@@ -58,8 +58,8 @@ def _train(msg: Message, context: Context, *, released_on_return: bool) -> NodeR
 @app.train()
 @guarded
 def train(msg: Message, context: Context) -> Message:
-    from fedaiot.config import RunConfig
-    from fedaiot.messages import reply_content
+    from fedaiot.config.run import RunConfig
+    from fedaiot.wire.records import reply_content
 
     reply = _train(msg, context, released_on_return=True)
     private = RunConfig.from_run_config(context.run_config).private
@@ -69,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("secagg")
 @guarded
 def train_and_advertise(msg: Message, context: Context) -> Message:
-    from fedaiot.config import RunConfig
+    from fedaiot.config.run import RunConfig
 
     secure_node.forget_round(context)  # an abandoned round's update must never leave later
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]

@@ -7,7 +7,7 @@ on the institution's own file instead of a simulated partition.
 
 from __future__ import annotations
 
-from fedaiot.cli_deploy import node_app
+from fedaiot.cli.deploy import node_app
 
 
 def main() -> None:

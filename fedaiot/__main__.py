@@ -1,3 +1,3 @@
-from fedaiot.cli import main
+from fedaiot.cli.main import main
 
 main()

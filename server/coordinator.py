@@ -6,7 +6,7 @@ docs/deployment.md. The ServerApp that the SuperLink runs is ``server/server_app
 
 from __future__ import annotations
 
-from fedaiot.cli_deploy import coordinator_app
+from fedaiot.cli.deploy import coordinator_app
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedaiot.config import RunConfig
-from fedaiot.coordinator import run_server
+from fedaiot.config.run import RunConfig
+from fedaiot.rounds.loop import run_server
 
 app = ServerApp()
 

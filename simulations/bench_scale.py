@@ -1,6 +1,6 @@
 """How many virtual nodes one machine simulates: time per round and memory as the population grows.
 
-For each population it runs the real Flower simulation (``fedaiot.simulation.simulate``, the
+For each population it runs the real Flower simulation (``fedaiot.simulation.engine.simulate``, the
 same SuperLink, ServerApp and ClientApp as ``flwr run .``) with a fixed number of nodes sampled
 per round (``fraction-train = sampled / population``), DP-SGD on and secure aggregation on
 unless ``--secure-aggregation off``. Per population it reports:
@@ -40,9 +40,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedaiot.config import RunConfig
-from fedaiot.node import simulated_partition
-from fedaiot.simulation import simulate
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition
+from fedaiot.simulation.engine import simulate
 from fedaiot.tasks import get_task
 from fedaiot.tasks.partition import plan_partitions
 

@@ -1,6 +1,6 @@
 """What drawing DP-SGD's noise and sampling from a secure generator costs, per step.
 
-For each task, times a node's round of DP-SGD (the real :func:`fedaiot.training.train_private`:
+For each task, times a node's round of DP-SGD (the real :func:`fedaiot.node.training.train_private`:
 Opacus' per-sample gradients and clipping) twice, side by side and interleaved: with the noise
 and Poisson sampling drawn from :class:`fedaiot.privacy.randomness.SecureRandom` (ChaCha20 keyed
 from the OS, what nodes use) and from torch's own generator (what Opacus does without its secure
@@ -21,11 +21,11 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from fedaiot.config import RunConfig
-from fedaiot.node import simulated_partition
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition
+from fedaiot.node.training import LocalSchedule, PrivateSteps, train_private
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import get_task
-from fedaiot.training import LocalSchedule, PrivateSteps, train_private
 
 
 class TorchRandom:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy
+from fedaiot.registry.signing import generate_keypair, load_private_key, load_public_key
+from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy
 from fedaiot.serving.auth import issue_token
 from fedaiot.serving.models import load_model
-from fedaiot.signing import generate_keypair, load_private_key, load_public_key
 from fedaiot.tasks import get_task
 
 VERSION = "bench-r0001"

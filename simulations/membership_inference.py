@@ -38,9 +38,9 @@ from rich.table import Table
 
 from fedaiot.experiments.central import fit
 from fedaiot.experiments.membership import MembershipResult, attack, attack_run
-from fedaiot.registry import ModelRegistry
+from fedaiot.node.training import LocalSchedule, evaluate
+from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import ArrayData, federate, get_task
-from fedaiot.training import LocalSchedule, evaluate
 
 
 @dataclass(frozen=True)

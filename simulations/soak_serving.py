@@ -41,8 +41,8 @@ import numpy as np
 from bench_serving import build_registry, start_server
 from sklearn.datasets import load_breast_cancer
 
+from fedaiot.registry.signing import load_private_key
 from fedaiot.serving.auth import issue_token
-from fedaiot.signing import load_private_key
 
 BIG_BODY = json.dumps({"instances": [[1] * 30] * 100_000}, separators=(",", ":")).encode()
 MAX_LOOPS = 100_000  # per hostile thread, besides the deadline

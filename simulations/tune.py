@@ -25,8 +25,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fedaiot.config import RunConfig
-from fedaiot.experiments.inprocess import run_inprocess
+from fedaiot.config.run import RunConfig
+from fedaiot.simulation.inprocess import run_inprocess
 
 
 def _grid(items: list[str]) -> dict[str, list[str]]:

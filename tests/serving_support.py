@@ -21,11 +21,11 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from sklearn.datasets import load_breast_cancer
 
-from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.registry.signing import generate_keypair, load_private_key
+from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.serving import ServingSettings, create_app
 from fedaiot.serving.auth import issue_token
 from fedaiot.serving.protocol import uvicorn_config
-from fedaiot.signing import generate_keypair, load_private_key
 from fedaiot.tasks import get_task
 
 TASK = get_task("breast-cancer")

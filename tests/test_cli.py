@@ -9,8 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedaiot.cli import EXIT_BAD_INPUT, app
-from fedaiot.registry import Manifest, ModelRegistry
+from fedaiot.cli.main import EXIT_BAD_INPUT, app
+from fedaiot.registry.store import Manifest, ModelRegistry
 
 runner = CliRunner()
 
@@ -81,8 +81,8 @@ def test_registry_verify_names_the_tampered_version(tmp_path: Path) -> None:
 def test_an_attempt_stopped_before_the_coordinator_started_can_be_run_again(
     tmp_path: Path,
 ) -> None:
-    from fedaiot.config import RunConfig
-    from fedaiot.simulation import preflight
+    from fedaiot.config.run import RunConfig
+    from fedaiot.simulation.engine import preflight
 
     out = tmp_path / "run"
     (out / "flower").mkdir(parents=True)  # what simulate() writes before Flower runs anything

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedaiot.config import ConfigError, RunConfig
+from fedaiot.config.run import ConfigError, RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,11 +16,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 
 from clients.client_app import train
-from fedaiot.config import RunConfig
-from fedaiot.coordinator import Coordinator
-from fedaiot.experiments.inprocess import InProcessGrid
-from fedaiot.node import simulated_partition
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
+from fedaiot.rounds.loop import Coordinator
+from fedaiot.simulation.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 Handler = Callable[[Message, Context], Message]

@@ -15,16 +15,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export, raw_partitions
-from fedaiot.deploy.node_round import (
+from fedaiot.node.deployed import (
     NodeConfigError,
     NodeSettings,
     default_ledger_dir,
     deployed_round,
 )
-from fedaiot.local_data import LocalDataError, load_local, schema_of
-from fedaiot.node import simulated_partition
+from fedaiot.node.local_data import LocalDataError, load_local, schema_of
+from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
 from fedaiot.tasks import federate, get_task
 from fedaiot.tasks.partition import standardize
@@ -231,7 +231,7 @@ def test_a_node_restarted_under_another_name_refuses_once_the_data_is_spent(
 
 
 def test_a_deployed_node_refuses_seeded_noise(files: list[Path], tmp_path: Path) -> None:
-    from fedaiot.deploy.node_round import SeededNoiseRefused
+    from fedaiot.node.deployed import SeededNoiseRefused
 
     seeded = CFG.model_copy(update={"seeded_noise": True})
     state = BC.build_model().state_dict()

@@ -23,15 +23,15 @@ from typing import Any
 import psutil
 import pytest
 
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
-from fedaiot.deploy.processes import free_port, stop_tree
 from fedaiot.deploy.provision import provision
-from fedaiot.local_data import load_local
+from fedaiot.launch.processes import free_port, stop_tree
+from fedaiot.node.local_data import load_local
 from fedaiot.privacy.accounting import epsilon_prv
 from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
-from fedaiot.registry import ModelRegistry
-from fedaiot.signing import load_public_key
+from fedaiot.registry.signing import load_public_key
+from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import get_task
 
 pytestmark = pytest.mark.slow

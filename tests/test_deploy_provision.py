@@ -20,7 +20,7 @@ from fedaiot.deploy.provision import (
     provision,
     registered_keys,
 )
-from fedaiot.signing import load_private_key
+from fedaiot.registry.signing import load_private_key
 
 SECRETS = [
     "ca.key",

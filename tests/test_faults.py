@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fedaiot import faults
-from fedaiot.config import RunConfig
-from fedaiot.coordinator import Coordinator
-from fedaiot.experiments.inprocess import FIRST_ID, InProcessGrid
-from fedaiot.node import simulated_partition
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
+from fedaiot.rounds.loop import Coordinator
+from fedaiot.simulation import faults
+from fedaiot.simulation.inprocess import FIRST_ID, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -34,6 +34,7 @@ def test_dropped_nodes_are_recorded_and_secure_rounds_go_on_without_them(tmp_pat
         min_train_nodes=6,
         secure_aggregation=True,
         fault_drop_rate=0.3,
+        secagg_dropout=0.3,  # secure aggregation sized for the drop-outs played
         output_dir=str(tmp_path / "run"),
     )
     summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 6))
@@ -48,13 +49,13 @@ def test_dropped_nodes_are_recorded_and_secure_rounds_go_on_without_them(tmp_pat
     }
     assert dropped  # the seed gives this scenario at least one dropout
     seen = {
-        (entry["round"], reply["node"])
+        (entry["round"], reply["node"], reply["problem"])
         for entry in rounds
         for reply in entry["replies"]
         if reply["status"] != "trained"
     }
-    # a node that failed without a word is known to the coordinator by its Flower id only
-    assert seen == {(r, f"node {FIRST_ID + n}") for r, n in dropped}
+    # a node that failed is known to the coordinator by its Flower id, and says only a code
+    assert seen == {(r, f"node {FIRST_ID + n}", "dropped-out") for r, n in dropped}
     # a node that dropped out spent nothing that round; the others were charged once per round
     for node in summary["nodes"]:
         index = int(node["id"].removeprefix("node-"))

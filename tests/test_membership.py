@@ -12,12 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from fedaiot.config import RunConfig
-from fedaiot.coordinator import Coordinator
-from fedaiot.experiments.inprocess import InProcessGrid
+from fedaiot.config.run import RunConfig
 from fedaiot.experiments.membership import MembershipError, attack, attack_run
-from fedaiot.node import simulated_federation
-from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, RegistryError
+from fedaiot.node.round import simulated_federation
+from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, RegistryError
+from fedaiot.rounds.loop import Coordinator
+from fedaiot.simulation.inprocess import InProcessGrid
 from fedaiot.tasks import ArrayData, federate, get_task
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedaiot.messages import receive, refuse_duplicates, reply_content
-from fedaiot.replies import NodeReply
+from fedaiot.wire.records import receive, refuse_duplicates, reply_content
+from fedaiot.wire.replies import NodeReply
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 

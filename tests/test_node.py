@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedaiot.config import RunConfig
-from fedaiot.node import simulated_partition, train_round
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition, train_round
 from fedaiot.privacy.accounting import epsilon_spent
 from fedaiot.privacy.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
-from fedaiot.replies import NodeReply
 from fedaiot.tasks import ArrayData, get_task
+from fedaiot.wire.replies import NodeReply
 
 ROUNDS = 3
 
@@ -174,21 +174,21 @@ def test_a_round_asked_again_after_its_update_left_is_trained_afresh_and_charged
 def test_a_node_that_crashed_while_training_retries_under_the_same_charge(
     cfg: RunConfig, data: ArrayData, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import fedaiot.node
+    import fedaiot.node.round
 
-    real = fedaiot.node.train_private
+    real = fedaiot.node.round.train_private
 
     def crash(*args: object, **kwargs: object) -> None:
         raise MemoryError("killed mid-round")
 
-    monkeypatch.setattr(fedaiot.node, "train_private", crash)
+    monkeypatch.setattr(fedaiot.node.round, "train_private", crash)
     with pytest.raises(MemoryError):
         _round(cfg, data, tmp_path, 1)
     charged = _ledger(tmp_path, data)
     assert len(charged["rounds"]) == 1  # paid before training
     assert charged["rounds"][0]["released"] is False
 
-    monkeypatch.setattr(fedaiot.node, "train_private", real)
+    monkeypatch.setattr(fedaiot.node.round, "train_private", real)
     reply = _round(cfg, data, tmp_path, 1)
     assert reply.status == "trained"
     after = _ledger(tmp_path, data)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedaiot.registry import Manifest, ModelRegistry, RegistryError, version_name
+from fedaiot.registry.store import Manifest, ModelRegistry, RegistryError, version_name
 
 
 def _manifest(version: str, accuracy: float = 0.9) -> Manifest:

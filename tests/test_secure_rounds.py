@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from fedaiot.config import RunConfig
-from fedaiot.coordinator import Coordinator
-from fedaiot.experiments.inprocess import InProcessGrid
+from fedaiot.config.run import RunConfig
+from fedaiot.rounds.loop import Coordinator
+from fedaiot.simulation.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
 
@@ -133,7 +133,7 @@ def test_a_round_without_an_aggregate_keeps_the_model_and_is_not_registered(
 
 def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_path: Path) -> None:
     from clients import client_app
-    from fedaiot.secure_wire import SECAGG_ARRAYS
+    from fedaiot.secure_rounds.wire import SECAGG_ARRAYS
 
     cfg = _cfg(tmp_path, "tamper", num_rounds=2)
     recorded: list = []
@@ -167,7 +167,7 @@ def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_pat
 
 
 def test_too_few_nodes_for_secure_aggregation_fail_the_run_clearly(tmp_path: Path) -> None:
-    from fedaiot.config import ConfigError
+    from fedaiot.config.run import ConfigError
 
     cfg = _cfg(tmp_path, "two", min_available_nodes=2)
     with pytest.raises(ConfigError, match="at least 3 nodes in a round, 2 were sampled"):
@@ -177,7 +177,7 @@ def test_too_few_nodes_for_secure_aggregation_fail_the_run_clearly(tmp_path: Pat
 def test_flatten_follows_the_global_models_key_order() -> None:
     from flwr.app import ArrayRecord
 
-    from fedaiot.secure_wire import flatten, unflatten
+    from fedaiot.secure_rounds.wire import flatten, unflatten
 
     forward = ArrayRecord({"a": torch.zeros(2), "b": torch.ones(3)})
     backward = ArrayRecord({"b": torch.ones(3), "a": torch.zeros(2)})  # same model, other order
@@ -191,8 +191,8 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
     """Under secure aggregation, what a node sends in the clear is a function of the budget
     and the coordinator's settings: nothing in it tells a large data set from a small one."""
     from clients import client_app
-    from fedaiot.node import simulated_partition
-    from fedaiot.secure_wire import SECAGG
+    from fedaiot.node.round import simulated_partition
+    from fedaiot.secure_rounds.wire import SECAGG
 
     cfg = _cfg(tmp_path, "sizes", partitioner="dirichlet", dirichlet_alpha=0.3)
     sizes = [len(simulated_partition(cfg, i, 5)) for i in range(5)]
@@ -220,7 +220,7 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
 
 def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> None:
     from clients import client_app
-    from fedaiot.node import simulated_partition
+    from fedaiot.node.round import simulated_partition
     from fedaiot.privacy.ledger import PrivacyLedger
 
     cfg = _cfg(tmp_path, "refusal")

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from fedaiot.registry import ModelRegistry
+from fedaiot.registry.store import ModelRegistry
 from fedaiot.serving import ServingStartupError, create_app
 from fedaiot.serving.auth import issue_token
 from fedaiot.serving.settings import RateLimit

@@ -18,8 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from fedaiot.cli_audit import audit as audit_command
-from fedaiot.cli_audit import parse_when
+from fedaiot.cli.audit import audit as audit_command
+from fedaiot.cli.audit import parse_when
 from fedaiot.serving.audit import AuditLog
 from fedaiot.serving.audit_record import make_record
 from fedaiot.serving.audit_sampling import RefusalSampler
@@ -228,7 +228,7 @@ def test_parse_when() -> None:
 
 def test_the_audit_command_does_not_load_torch() -> None:
     code = (
-        "import sys; from fedaiot.cli_audit import audit; "
+        "import sys; from fedaiot.cli.audit import audit; "
         "from fedaiot.serving import audit_query; "
         "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     )

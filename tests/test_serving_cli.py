@@ -14,8 +14,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from fedaiot.cli import app
-from fedaiot.cli_serve import EXIT_STARTUP, parse_ttl
+from fedaiot.cli.main import app
+from fedaiot.cli.serve import EXIT_STARTUP, parse_ttl
 from fedaiot.serving.auth import TokenError, TokenVerifier
 from fedaiot.serving.settings import ServingSettings
 from tests.serving_support import bound_socket, make_keys, make_registry

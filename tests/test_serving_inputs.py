@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedaiot.registry import ModelRegistry
+from fedaiot.registry.store import ModelRegistry
 from fedaiot.serving.auth import Principal
 from fedaiot.serving.inference import Predictor
 from fedaiot.serving.inputs import InputError

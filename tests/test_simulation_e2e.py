@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from fedaiot.config import RunConfig
-from fedaiot.node import simulated_partition
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.accounting import epsilon_prv
 from fedaiot.privacy.ledger import PrivacyLedger
-from fedaiot.registry import ModelRegistry
-from fedaiot.simulation import simulate
+from fedaiot.registry.store import ModelRegistry
+from fedaiot.simulation.engine import simulate
 
 pytestmark = pytest.mark.slow
 FEDAIOT = [sys.executable, "-m", "fedaiot"]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedaiot.cli import app
+from fedaiot.cli.main import app
 from fedaiot.experiments.report import build_report
 from fedaiot.experiments.results import ResultsStore
 from fedaiot.experiments.runner import Measured, measure, run_sweep

@@ -1,1 +1,3 @@
-"""Real deployment on Flower's deployment engine: provisioning, the SuperLink, the SuperNodes."""
+"""Real deployment on Flower's deployment engine: provisioning (keys, TLS), the coordinator's
+kit (SuperLink, registration, roster, run) and the institution's kit (data check, SuperNode),
+started through ``launch``. May import every layer below it."""

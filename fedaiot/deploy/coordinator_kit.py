@@ -16,11 +16,11 @@ from typing import Any
 
 import tomli_w
 
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
 from fedaiot.deploy import provision, superlink
-from fedaiot.deploy.processes import DeployError, stop_tree
-from fedaiot.journal import Journal
-from fedaiot.simulation import Outcome, project_dir
+from fedaiot.launch.processes import DeployError, stop_tree
+from fedaiot.rounds.journal import Journal
+from fedaiot.simulation.engine import Outcome, project_dir
 
 STATUS_EVERY = 30.0  # seconds between checks that the run is still alive in the SuperLink
 
@@ -42,7 +42,7 @@ def run_config(
     cfg = RunConfig.from_run_config(values)
     if not Path(cfg.output_dir).is_absolute():  # relative to the state folder, not to $HOME
         cfg = cfg.model_copy(update={"output_dir": str((paths.state / cfg.output_dir).resolve())})
-    from fedaiot.secure_rounds import MIN_NODES
+    from fedaiot.secure_rounds.driver import MIN_NODES
 
     if cfg.secure_aggregation and cfg.min_train_nodes < MIN_NODES:
         raise DeployError(
@@ -67,7 +67,7 @@ def coordinate(
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
 ) -> Outcome:
     """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink."""
-    from fedaiot.coordinator import rounds_done
+    from fedaiot.rounds.loop import rounds_done
 
     paths.check()
     keys = provision.registered_keys(paths.pki)

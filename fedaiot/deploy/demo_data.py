@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedaiot.config import RunConfig
-from fedaiot.local_data import LABEL, TabularSchema, schema_of
+from fedaiot.config.run import RunConfig
+from fedaiot.node.local_data import LABEL, TabularSchema, schema_of
 from fedaiot.tasks import ArrayData, get_task
 from fedaiot.tasks.partition import load_raw, plan_partitions
 

@@ -18,9 +18,9 @@ from typing import IO, Any
 import httpx
 import tomli_w
 
-from fedaiot import signing
 from fedaiot.deploy import provision
-from fedaiot.deploy.processes import DeployError, flower_env, spawn, stop_tree
+from fedaiot.launch.processes import DeployError, flower_env, spawn, stop_tree
+from fedaiot.registry import signing
 
 CONNECTION = "fedaiot"
 UNFINISHED = ("pending", "starting", "running")

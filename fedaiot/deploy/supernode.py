@@ -15,9 +15,9 @@ from pathlib import Path
 import tomli_w
 
 from fedaiot.deploy import provision
-from fedaiot.deploy.node_round import NodeSettings, default_ledger_dir
-from fedaiot.deploy.processes import DeployError, flower_env, port_free, spawn, stop_tree
-from fedaiot.local_data import load_local
+from fedaiot.launch.processes import DeployError, flower_env, port_free, spawn, stop_tree
+from fedaiot.node.deployed import NodeSettings, default_ledger_dir
+from fedaiot.node.local_data import load_local
 from fedaiot.tasks import get_task
 
 # flower-supernode's exit code when the SuperLink will not activate it (unknown key).

@@ -13,10 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedaiot.privacy.accounting import epsilon_spent, plan_noise
-from fedaiot.privacy.randomness import SecureRandom
-from fedaiot.tasks import ArrayData, FederatedData, federate, get_task
-from fedaiot.training import (
+from fedaiot.node.training import (
     LocalSchedule,
     PrivateSteps,
     batches_per_epoch,
@@ -25,6 +22,9 @@ from fedaiot.training import (
     train_plain,
     train_private,
 )
+from fedaiot.privacy.accounting import epsilon_spent, plan_noise
+from fedaiot.privacy.randomness import SecureRandom
+from fedaiot.tasks import ArrayData, FederatedData, federate, get_task
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,9 @@ import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
-from fedaiot.config import RunConfig
-from fedaiot.node import simulated_federation
-from fedaiot.registry import ModelRegistry
+from fedaiot.config.run import RunConfig
+from fedaiot.node.round import simulated_federation
+from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import ArrayData, get_task
 
 LOW_FPR = 0.01

@@ -1,6 +1,6 @@
 """Run a sweep point by point, recording each as it finishes, resuming where it stopped.
 
-Federated points go through :func:`fedaiot.simulation.simulate`: Flower's simulation engine
+Federated points go through :func:`fedaiot.simulation.engine.simulate`: Flower's simulation engine
 and the project's own ServerApp and ClientApp, as ``fedaiot simulate`` runs them. A point that
 fails is recorded with its error and the sweep goes on; an interrupted point leaves no row, so
 the next invocation runs it again, and its Flower run resumes after its last finished round.
@@ -29,7 +29,7 @@ from rich.progress import (
 
 from fedaiot.experiments.results import ResultsStore, point_fields
 from fedaiot.experiments.spec import Point, SweepSpec, expand
-from fedaiot.journal import Journal
+from fedaiot.rounds.journal import Journal
 
 if TYPE_CHECKING:
     from fedaiot.experiments.membership import MembershipResult
@@ -188,7 +188,7 @@ def _central(point: Point, membership: bool) -> Measured:
 def _federated(
     point: Point, folder: Path, tick: Callable[[int], None], membership: bool
 ) -> Measured:
-    from fedaiot.simulation import preflight, simulate
+    from fedaiot.simulation.engine import preflight, simulate
 
     run_dir = (folder / "runs" / point.id).resolve()
     cfg = point.run_config(run_dir)
@@ -200,7 +200,7 @@ def _federated(
         tick(int(event["round"]))
         if point.exhaust_node is not None and event["round"] == point.exhaust_after_round:
             from fedaiot.experiments.scenarios import spend_elsewhere
-            from fedaiot.node import simulated_partition
+            from fedaiot.node.round import simulated_partition
             from fedaiot.privacy.ledger import PrivacyLedger
 
             data = simulated_partition(cfg, point.exhaust_node, point.nodes)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from fedaiot.config import ConfigError, RunConfig
+from fedaiot.config.run import ConfigError, RunConfig
 
 NON_PRIVATE = math.inf  # the epsilon of a non-private point, written `inf` in TOML and CSV
 
@@ -60,7 +60,7 @@ class Partition(BaseModel):
 
 
 class Scenario(BaseModel):
-    """An operational fault played on top of a normal point (see fedaiot.faults)."""
+    """An operational fault played on top of a normal point (see fedaiot.simulation.faults)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -125,7 +125,7 @@ class SweepSpec(BaseModel):
     secure_aggregation: list[bool] = Field(default_factory=lambda: [True], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
     rounds: int = Field(15, ge=1)
-    # Per task: run-config overrides (kebab-case keys of fedaiot.config.RunConfig).
+    # Per task: run-config overrides (kebab-case keys of fedaiot.config.run.RunConfig).
     run_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
     central: dict[str, CentralSettings] = Field(default_factory=dict)
     membership: bool = True

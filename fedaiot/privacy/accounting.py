@@ -1,6 +1,6 @@
 """Privacy accounting for DP-SGD on a node: planning the noise and measuring what was spent.
 
-The guarantee. A node that trains only through :func:`fedaiot.training.train_private` with the
+The guarantee. A node that trains only through :func:`fedaiot.node.training.train_private` with the
 noise multiplier from :func:`plan_noise` gives *record-level* (epsilon, delta)-differential
 privacy for its local data set: whatever the coordinator (or anyone who sees every update the
 node ever sent) learns, it would have learned with about the same probability had any one

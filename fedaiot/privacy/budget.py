@@ -21,7 +21,7 @@ pass a check with the same remaining budget:
 * **Return what was never released.** When a later round of the same run arrives, charges of
   that run that were never released are returned (marked refunded, their steps taken out of
   the history): nothing computed from them ever left the node. The caller must have discarded
-  any update it still held for those rounds before asking (see ``fedaiot.secure_node``).
+  any update it still held for those rounds before asking (see ``fedaiot.secure_rounds.handlers``).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedaiot.config import RunConfig
-from fedaiot.replies import CLEAR_METRICS
+from fedaiot.config.run import RunConfig
+from fedaiot.wire.replies import CLEAR_METRICS
 
 NOT_PRIVATE = "NOT PRIVATE: noise and sampling were drawn from the run's seed (seeded-noise)"
 

@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
-from fedaiot.registry import ModelRegistry, RegistryError
+from fedaiot.registry.signing import SigningError, load_public_key
+from fedaiot.registry.store import ModelRegistry, RegistryError
 from fedaiot.serving import reasons
 from fedaiot.serving.audit import AuditError, AuditLog, make_record
 from fedaiot.serving.audit_query import AuditFilter
@@ -48,7 +49,6 @@ from fedaiot.serving.schemas import (
     model_card,
 )
 from fedaiot.serving.settings import ServingSettings
-from fedaiot.signing import SigningError, load_public_key
 
 log = logging.getLogger(__name__)
 _VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"

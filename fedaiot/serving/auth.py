@@ -27,10 +27,10 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedaiot.registry.signing import key_id, load_public_key
 from fedaiot.serving.reasons import TOKEN_REASONS
 from fedaiot.serving.redact import label
 from fedaiot.serving.settings import ROLES, Role, ServingSettings
-from fedaiot.signing import key_id, load_public_key
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fedaiot.registry import Manifest, ModelRegistry, RegistryError
+from fedaiot.registry.store import Manifest, ModelRegistry, RegistryError
 from fedaiot.tasks import UnknownTaskError, get_task
 
 log = logging.getLogger(__name__)

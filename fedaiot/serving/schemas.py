@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field
 
-from fedaiot.registry import (
+from fedaiot.registry.store import (
     MANIFEST,
     SIGNATURE,
     Manifest,

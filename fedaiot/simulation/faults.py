@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
 
 
 class SimulatedDropout(RuntimeError):

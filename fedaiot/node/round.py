@@ -18,14 +18,14 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
+from fedaiot.node.training import LocalSchedule, PrivateSteps, StateDict, train_plain, train_private
 from fedaiot.privacy import budget
 from fedaiot.privacy.budget import BudgetTerms
 from fedaiot.privacy.ledger import PrivacyLedger
 from fedaiot.privacy.randomness import SecureRandom
-from fedaiot.replies import REFUSED, TRAINED, NodeReply
 from fedaiot.tasks import ArrayData, FederatedData, Task, federate, get_task
-from fedaiot.training import LocalSchedule, PrivateSteps, StateDict, train_plain, train_private
+from fedaiot.wire.replies import REFUSED, TRAINED, NodeReply
 
 P = ParamSpec("P")
 R = TypeVar("R")

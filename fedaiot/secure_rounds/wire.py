@@ -1,8 +1,9 @@
 """How secure-aggregation messages and model updates travel in Flower records.
 
-Shared by the coordinator's stages (``fedaiot.secure_rounds``) and the node's handlers
-(``fedaiot.secure_node``). A SecAgg message's record becomes a ConfigRecord for its scalars,
-bytes and lists, plus an ArrayRecord for its numpy arrays (Flower stores those without pickle).
+Shared by the coordinator's stages (``fedaiot.secure_rounds.driver``) and the node's
+handlers (``fedaiot.secure_rounds.handlers``). A SecAgg message's record becomes a ConfigRecord
+for its scalars, bytes and lists, plus an ArrayRecord for its numpy arrays (Flower stores those
+without pickle).
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ import httpx
 import tomli_w
 
 import fedaiot
-from fedaiot.config import RunConfig
-from fedaiot.deploy.processes import flower_env, free_port, stop_tree
-from fedaiot.journal import Journal
+from fedaiot.config.run import RunConfig
+from fedaiot.launch.processes import flower_env, free_port, stop_tree
+from fedaiot.rounds.journal import Journal
 
 
 class SimulationError(RuntimeError):
@@ -54,9 +54,9 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
 
     Returns how many rounds of this run were already played (0 for a new run).
     """
-    from fedaiot.coordinator import rounds_done
-    from fedaiot.node import simulated_federation
-    from fedaiot.secure_rounds import MIN_NODES
+    from fedaiot.node.round import simulated_federation
+    from fedaiot.rounds.loop import rounds_done
+    from fedaiot.secure_rounds.driver import MIN_NODES
 
     simulated_federation(cfg, nodes)
     per_round = max(int(nodes * cfg.fraction_train), cfg.min_train_nodes)

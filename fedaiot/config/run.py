@@ -86,7 +86,7 @@ class RunConfig(BaseModel):
     secagg_security_bits: int = Field(40, ge=40, le=128)
     # Run this many rounds now and pause (0: run to the end); the same config resumes later.
     stop_after_round: int = Field(0, ge=0)
-    # Simulated faults for operational scenarios (fedaiot.faults); all off in a real deployment.
+    # Simulated faults for scenarios (fedaiot.simulation.faults); all off in a real deployment.
     fault_drop_rate: float = Field(0.0, ge=0, lt=1)
     fault_straggler_rate: float = Field(0.0, ge=0, le=1)
     fault_straggler_delay: float = Field(0.0, ge=0)

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from clients import client_app
-from fedaiot.config import RunConfig
+from fedaiot.config.run import RunConfig
 
 Handler = Callable[[Message, Context], Message]
 ROUTES: dict[str, Handler] = {
@@ -97,7 +97,7 @@ def run_inprocess(cfg: RunConfig, nodes: int) -> dict[str, object]:
     """Run ``cfg`` over ``nodes`` in-process nodes through the real coordinator; its summary."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedaiot.coordinator import Coordinator
+    from fedaiot.rounds.loop import Coordinator
 
     # Flower messages need a task identity, which a running Flower process would set.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

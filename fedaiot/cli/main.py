@@ -13,12 +13,12 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from fedaiot.cli_audit import register as register_audit
-from fedaiot.cli_deploy import register as register_deployment
-from fedaiot.cli_serve import register as register_serving
-from fedaiot.cli_sweep import register as register_sweep
-from fedaiot.config import ConfigError, RunConfig
-from fedaiot.journal import jsonable
+from fedaiot.cli.audit import register as register_audit
+from fedaiot.cli.deploy import register as register_deployment
+from fedaiot.cli.serve import register as register_serving
+from fedaiot.cli.sweep import register as register_sweep
+from fedaiot.config.run import ConfigError, RunConfig
+from fedaiot.rounds.journal import jsonable
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 ledger_app = typer.Typer(no_args_is_help=True, help="Read and verify node privacy ledgers.")
@@ -126,16 +126,16 @@ def simulate(
                 **extra,
             }
         )
-        from fedaiot.simulation import preflight
+        from fedaiot.simulation.engine import preflight
 
         done = preflight(cfg, nodes)
     except (ConfigError, ValueError, RuntimeError) as exc:
         raise fail(str(exc)) from None
 
-    from fedaiot.display import RoundProgress, summary_tables
-    from fedaiot.journal import Journal
-    from fedaiot.simulation import Outcome, SimulationError
-    from fedaiot.simulation import simulate as run_simulation
+    from fedaiot.cli.display import RoundProgress, summary_tables
+    from fedaiot.rounds.journal import Journal
+    from fedaiot.simulation.engine import Outcome, SimulationError
+    from fedaiot.simulation.engine import simulate as run_simulation
 
     console = Console(stderr=as_json)
     console.print(
@@ -234,7 +234,7 @@ def ledger_verify(paths: list[Path]) -> None:
 @registry_app.command("list")
 def registry_list(root: Path) -> None:
     """List a registry's versions with round, accuracy and refs."""
-    from fedaiot.registry import ModelRegistry, RegistryError
+    from fedaiot.registry.store import ModelRegistry, RegistryError
 
     registry = ModelRegistry(root)
     try:
@@ -251,7 +251,7 @@ def registry_list(root: Path) -> None:
 @registry_app.command("verify")
 def registry_verify(root: Path) -> None:
     """Check every version's weights against its manifest hash."""
-    from fedaiot.registry import ModelRegistry, RegistryError
+    from fedaiot.registry.store import ModelRegistry, RegistryError
 
     registry = ModelRegistry(root)
     problems = 0

@@ -17,7 +17,7 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
 
 
 def default_spec() -> Path:
-    from fedaiot.simulation import project_dir
+    from fedaiot.simulation.engine import project_dir
 
     return project_dir() / "simulations" / "sweeps" / "small.toml"
 

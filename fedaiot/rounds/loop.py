@@ -20,15 +20,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
-from fedaiot.config import ConfigError, RunConfig
-from fedaiot.journal import Journal
-from fedaiot.messages import ReceivedReply, receive, refuse_duplicates
+from fedaiot.config.run import ConfigError, RunConfig
+from fedaiot.node.training import evaluate
 from fedaiot.privacy.disclosure import disclosure
-from fedaiot.registry import Manifest, ModelRegistry, NodePrivacy, version_name
-from fedaiot.secure_rounds import SecureAggregation, as_strategy_reply
-from fedaiot.strategy_state import load_moments, save_moments
+from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.rounds.journal import Journal
+from fedaiot.rounds.strategy_state import load_moments, save_moments
+from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply
 from fedaiot.tasks import ArrayData, Task, federate, get_task
-from fedaiot.training import evaluate
+from fedaiot.wire.records import ReceivedReply, receive, refuse_duplicates
 
 
 def build_strategy(cfg: RunConfig) -> FedAvg:

@@ -19,9 +19,7 @@ from typing import Any, TypeVar
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
-from fedaiot.config import ConfigError, RunConfig
-from fedaiot.messages import ARRAYS, METRICS, ReceivedReply, read_reply, refuse_duplicates
-from fedaiot.replies import FAILED
+from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.secagg import (
     KeyAdvert,
     MaskedInput,
@@ -33,7 +31,7 @@ from fedaiot.secagg import (
     UnmaskShares,
     choose,
 )
-from fedaiot.secure_wire import (
+from fedaiot.secure_rounds.wire import (
     MASKED_INPUT,
     SECAGG,
     SHARE_KEYS,
@@ -44,6 +42,8 @@ from fedaiot.secure_wire import (
     unflatten,
     unpack,
 )
+from fedaiot.wire.records import ARRAYS, METRICS, ReceivedReply, read_reply, refuse_duplicates
+from fedaiot.wire.replies import FAILED
 
 # Fixed point with 24 fractional bits in Z_2^64: each node's weighted update is exact to 3e-8;
 # |update x examples| up to 1e8 per coordinate leaves room for 5,000 nodes without wrapping.

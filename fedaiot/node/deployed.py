@@ -13,14 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedaiot.config import RunConfig
-from fedaiot.local_data import load_local
-from fedaiot.node import train_round
+from fedaiot.config.run import RunConfig
+from fedaiot.node.local_data import load_local
+from fedaiot.node.round import train_round
+from fedaiot.node.training import StateDict
 from fedaiot.privacy.ledger import dataset_fingerprint
-from fedaiot.replies import NodeReply, describe
 from fedaiot.tasks import get_task
 from fedaiot.tasks.partition import standardize
-from fedaiot.training import StateDict
+from fedaiot.wire.replies import NodeReply, describe
 
 DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
     "data-path",
@@ -31,7 +31,7 @@ DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
 )
 
 
-LOG = logging.getLogger("fedaiot.node")
+LOG = logging.getLogger("fedaiot.node.round")
 
 
 class NodeConfigError(ValueError):

@@ -23,10 +23,10 @@ from fedaiot.secagg import (
     SecAggError,
     UnmaskRequest,
 )
-from fedaiot.secure_wire import flatten, pack, unpack
+from fedaiot.secure_rounds.wire import flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
-    from fedaiot.replies import NodeReply
+    from fedaiot.wire.replies import NodeReply
 
 _SETUP, _CLIENT, _UPDATE, _PENDING = (
     "secagg-setup",
@@ -56,8 +56,8 @@ def advertise(
     private: bool,
 ) -> RecordDict:
     """After local training: keep the update, start the SecAgg round, send the key advert."""
-    from fedaiot.messages import METRICS, NODE, reply_content, wire_mode
-    from fedaiot.replies import clear_metrics
+    from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
+    from fedaiot.wire.replies import clear_metrics
 
     if reply.status != "trained" or reply.state is None:
         return reply_content(reply, private=private, secure=True)  # joins no round

@@ -87,13 +87,13 @@ def coordinator_start(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
 ) -> None:
     """Start the SuperLink, register the institutions, run the federated training to its end."""
-    from fedaiot.config import ConfigError
+    from fedaiot.config.run import ConfigError
     from fedaiot.deploy import provision as prov
     from fedaiot.deploy.coordinator_kit import coordinate
     from fedaiot.deploy.coordinator_kit import run_config as make_config
-    from fedaiot.deploy.processes import DeployError, port_free
     from fedaiot.deploy.superlink import CoordinatorPaths
-    from fedaiot.journal import jsonable
+    from fedaiot.launch.processes import DeployError, port_free
+    from fedaiot.rounds.journal import jsonable
 
     paths = CoordinatorPaths(pki.resolve(), state.resolve())
     try:
@@ -137,7 +137,7 @@ def coordinator_serve(
     port: Annotated[int, typer.Option()] = 8000,
 ) -> None:
     """Serve the run's registry with the inference service (models verified with the key)."""
-    from fedaiot.cli_serve import serve
+    from fedaiot.cli.serve import serve
     from fedaiot.deploy.superlink import CoordinatorPaths
 
     paths = CoordinatorPaths(pki.resolve(), state.resolve())
@@ -150,7 +150,7 @@ def coordinator_serve(
 @node_app.command("schema")
 def node_schema(task: Task) -> None:
     """Print what the node's data must hold for TASK (columns, or sample shape, and classes)."""
-    from fedaiot.local_data import schema_of
+    from fedaiot.node.local_data import schema_of
     from fedaiot.tasks import UnknownTaskError, get_task
 
     try:
@@ -164,7 +164,7 @@ def node_check(
     task: Task, data: Annotated[Path, typer.Option(help="the data file or folder")]
 ) -> None:
     """Check the institution's data against the task's schema, without starting anything."""
-    from fedaiot.local_data import LocalDataError, load_local
+    from fedaiot.node.local_data import LocalDataError, load_local
     from fedaiot.tasks import UnknownTaskError, get_task
 
     try:
@@ -184,7 +184,7 @@ def node_demo_data(
     partitioner: Annotated[str, typer.Option(help="the run config's partitioner")] = "dirichlet",
 ) -> None:
     """Write each institution a file of the task's bundled data (its simulated partition)."""
-    from fedaiot.config import ConfigError, RunConfig
+    from fedaiot.config.run import ConfigError, RunConfig
     from fedaiot.deploy.demo_data import export
 
     try:
@@ -213,10 +213,10 @@ def node_start(
     port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
 ) -> None:
     """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
-    from fedaiot.deploy.processes import DeployError
     from fedaiot.deploy.provision import ProvisionError
     from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode, wait
-    from fedaiot.local_data import LocalDataError
+    from fedaiot.launch.processes import DeployError
+    from fedaiot.node.local_data import LocalDataError
     from fedaiot.tasks import UnknownTaskError
 
     node_kit = NodeKit(kit.resolve())

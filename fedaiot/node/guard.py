@@ -3,7 +3,7 @@
 An exception's text can quote the institution's data (a cell value) or its file paths; Flower
 would copy it into the error reply, and the coordinator into its journal. Every ClientApp
 handler is therefore :func:`guarded`: whatever it raises is logged on the node, and the reply
-carries only the code of :data:`fedaiot.replies.REASONS` that the exception's class names in
+carries only the code of :data:`fedaiot.wire.replies.REASONS` that the exception's class names in
 its ``reason`` attribute (``internal-error`` for any other).
 """
 
@@ -15,9 +15,9 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 
-from fedaiot.replies import REASONS, failure
+from fedaiot.wire.replies import REASONS, failure
 
-LOG = logging.getLogger("fedaiot.node")
+LOG = logging.getLogger("fedaiot.node.round")
 Handler = Callable[[Message, Context], Message]
 
 
@@ -44,7 +44,7 @@ def guarded(handler: Handler) -> Handler:
                 exc,
                 exc_info=reason == "internal-error",
             )
-            from fedaiot.messages import reply_content
+            from fedaiot.wire.records import reply_content
 
             content = reply_content(failure("", reason), private=True)
             return Message(content=content, reply_to=message)

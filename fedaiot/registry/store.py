@@ -15,8 +15,8 @@ no code is ever unpickled from the registry.
 
 Signing: a registry given an Ed25519 private key (or, when none is given, the PEM file named by
 ``$FEDAIOT_SIGNING_KEY``) writes ``manifest.sig`` next to each manifest: the hex Ed25519
-signature over the exact ``manifest.json`` bytes (see ``fedaiot.signing``). The manifest holds
-the weights' SHA-256, so the signature covers the weights too. ``verify`` and
+signature over the exact ``manifest.json`` bytes (see ``fedaiot.registry.signing``). The
+manifest holds the weights' SHA-256, so the signature covers the weights too. ``verify`` and
 ``load(version, public_key)`` refuse an unsigned or wrongly signed version.
 """
 
@@ -38,7 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
-from fedaiot import signing
+from fedaiot.registry import signing
 
 MANIFEST_FORMAT = "fedaiot-model/1"
 WEIGHTS = "model.safetensors"

@@ -9,13 +9,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedaiot.replies import FAILED, REASONS, REFUSED, TRAINED, NodeReply, clear_metrics
+from fedaiot.wire.replies import FAILED, REASONS, REFUSED, TRAINED, NodeReply, clear_metrics
 
 ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
 
 
 def wire_mode(status: str, *, private: bool, secure: bool) -> str:
-    """Which list of :data:`fedaiot.replies.CLEAR_METRICS` a reply of ``status`` may use."""
+    """Which list of :data:`fedaiot.wire.replies.CLEAR_METRICS` a reply of ``status`` may use."""
     if status != TRAINED:
         return REFUSED if status == REFUSED else FAILED
     return ("private" if private else "non-private") + ("-secure" if secure else "")

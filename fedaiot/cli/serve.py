@@ -19,7 +19,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from fedaiot.signing import PRIVATE_KEY_FILE, SIGNING_KEY_ENV
+from fedaiot.registry.signing import PRIVATE_KEY_FILE, SIGNING_KEY_ENV
 
 EXIT_STARTUP = 2
 _TTL = re.compile(r"^(\d+)\s*([smhd]?)$")
@@ -52,7 +52,7 @@ def keys(
     force: Annotated[bool, typer.Option(help="replace an existing key pair")] = False,
 ) -> None:
     """Create the coordinator's Ed25519 key pair (signs models and tokens)."""
-    from fedaiot.signing import SigningError, generate_keypair, key_id, load_public_key
+    from fedaiot.registry.signing import SigningError, generate_keypair, key_id, load_public_key
 
     try:
         private, public = generate_keypair(directory, force=force)
@@ -78,8 +78,8 @@ def token_issue(
     audience: Annotated[str, typer.Option()] = "fedaiot-serving",
 ) -> None:
     """Print a bearer token (JWT, EdDSA) signed with the coordinator's key."""
+    from fedaiot.registry.signing import SigningError, load_private_key
     from fedaiot.serving.auth import issue_token
-    from fedaiot.signing import SigningError, load_private_key
 
     key = key or Path(os.environ.get(SIGNING_KEY_ENV) or Path("keys") / PRIVATE_KEY_FILE)
     try:

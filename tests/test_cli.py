@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -9,7 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from fedaiot.cli.main import EXIT_BAD_INPUT, app
+from fedaiot.cli.main import app
+from fedaiot.config.run import RunConfig
+from fedaiot.errors import BadInputError
 from fedaiot.registry.store import Manifest, ModelRegistry
 
 runner = CliRunner()
@@ -22,24 +26,28 @@ runner = CliRunner()
         (["--epsilon", "0"], "epsilon must be > 0"),
         (["--epsilon", "-2"], "epsilon must be > 0"),
         (["--task", "basic-motions", "--nodes", "100"], "into 100 nodes"),
-        (["--nodes", "0"], "--nodes must be >= 1"),
+        (["--nodes", "0"], "a federation needs at least one node, got 0"),
         (["--partitioner", "random"], "partitioner"),
     ],
 )
 def test_bad_simulate_input(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "run"
     result = runner.invoke(app, ["simulate", *args, "--output", str(out)])
-    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.exit_code == BadInputError.exit_code
     assert message in result.output
     assert result.output.strip().startswith("error:")
     assert not out.exists()
 
 
 def test_missing_data_files_say_how_to_install_them(tmp_path: Path, monkeypatch) -> None:
+    from fedaiot.tasks.partition import _load_raw, _plan_lru
+
+    _load_raw.cache_clear()  # another test of this process may have loaded the data already
+    _plan_lru.cache_clear()
     monkeypatch.setenv("FEDAIOT_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     out = tmp_path / "run"
     result = runner.invoke(app, ["simulate", "--task", "fashion-mnist", "--output", str(out)])
-    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.exit_code == BadInputError.exit_code
     assert "apt-get install dataset-fashion-mnist" in result.output
     assert not out.exists()
 
@@ -47,7 +55,7 @@ def test_missing_data_files_say_how_to_install_them(tmp_path: Path, monkeypatch)
 def test_a_folder_that_is_not_a_run_is_left_alone(tmp_path: Path) -> None:
     (tmp_path / "precious.txt").write_text("keep me")
     result = runner.invoke(app, ["simulate", "--output", str(tmp_path)])
-    assert result.exit_code == EXIT_BAD_INPUT
+    assert result.exit_code == BadInputError.exit_code
     assert "is not a fedaiot run folder" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
@@ -92,3 +100,55 @@ def test_an_attempt_stopped_before_the_coordinator_started_can_be_run_again(
     (out / "precious.txt").write_text("keep me")
     with pytest.raises(ValueError, match="not a fedaiot run folder"):
         preflight(cfg, 5)
+
+
+HEAVY = ("torch", "opacus", "ray", "sklearn", "sktime", "datasets", "flwr_datasets")
+
+
+def _imported(args: list[str], cwd: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fedaiot", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+    modules = {
+        line.rsplit("|", 1)[1].strip()
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+    return {m.split(".")[0] for m in modules}, done
+
+
+def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
+    from fedaiot.deploy.demo_data import export
+    from fedaiot.privacy.ledger import PrivacyLedger
+
+    cfg = RunConfig(task="breast-cancer", output_dir=str(tmp_path))
+    data = export(cfg, 3, tmp_path / "data", ["alpha", "beta", "gamma"])[0]
+    ledger = PrivacyLedger(tmp_path / "ledger.json", dataset="a" * 64)
+    with ledger.update() as record:
+        record.history = [(1.0, 0.2, 10)]
+    keys = tmp_path / "keys"
+    subprocess.run([sys.executable, "-m", "fedaiot", "keys", "--dir", str(keys)], check=True)
+    commands = [
+        ["--help"],
+        ["simulate", "--help"],
+        [
+            "token",
+            "issue",
+            "--role",
+            "clinician",
+            "--subject",
+            "dr-a",
+            "--key",
+            str(keys / "coordinator.key"),
+        ],
+        ["node", "check", "--task", "breast-cancer", "--data", str(data)],
+        ["ledger", "show", str(ledger.path)],
+    ]
+    for args in commands:
+        loaded, done = _imported(args, tmp_path)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        assert not loaded & set(HEAVY), (args, sorted(loaded & set(HEAVY)))

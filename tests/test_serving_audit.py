@@ -18,8 +18,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from fedaiot.cli.audit import audit as audit_command
 from fedaiot.cli.audit import parse_when
+from fedaiot.cli.main import app as main_app
 from fedaiot.serving.audit import AuditLog
 from fedaiot.serving.audit_record import make_record
 from fedaiot.serving.audit_sampling import RefusalSampler
@@ -191,7 +191,7 @@ def test_fedaiot_audit_queries_by_subject_status_reason_and_time(
     registry = database.parent
 
     def lines(*args: str) -> list[dict]:
-        result = runner.invoke(_app(), [str(registry), "--json", *args])
+        result = runner.invoke(main_app, ["audit", str(registry), "--json", *args])
         assert result.exit_code == 0, result.output
         return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 
@@ -202,20 +202,12 @@ def test_fedaiot_audit_queries_by_subject_status_reason_and_time(
     assert lines("--reason", "bad_signature") == refused
     assert lines("--since", "1h") and not lines("--until", "1h")
     assert lines("--since", "2000-01-01T00:00", "--limit", "1")[0]["subject"] == "aud"
-    table = runner.invoke(_app(), [str(database), "--subject", "dr-q"])
+    table = runner.invoke(main_app, ["audit", str(database), "--subject", "dr-q"])
     assert table.exit_code == 0 and "dr-q" in table.stdout and "reason" in table.stdout
-    bad = runner.invoke(_app(), [str(registry), "--since", "yesterday"])
+    bad = runner.invoke(main_app, ["audit", str(registry), "--since", "yesterday"])
     assert bad.exit_code == 2 and "2h" in bad.output
-    missing = runner.invoke(_app(), [str(registry / "nope.sqlite3")])
+    missing = runner.invoke(main_app, ["audit", str(registry / "nope.sqlite3")])
     assert missing.exit_code == 2 and "no audit database" in missing.output
-
-
-def _app():  # type: ignore[no-untyped-def]
-    import typer
-
-    app = typer.Typer()
-    app.command()(audit_command)
-    return app
 
 
 def test_parse_when() -> None:

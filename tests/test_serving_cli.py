@@ -15,10 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fedaiot.cli.main import app
-from fedaiot.cli.serve import EXIT_STARTUP, parse_ttl
+from fedaiot.cli.serve import parse_ttl
+from fedaiot.errors import BadInputError
 from fedaiot.serving.auth import TokenError, TokenVerifier
 from fedaiot.serving.settings import ServingSettings
 from tests.serving_support import bound_socket, make_keys, make_registry
+
+EXIT_STARTUP = BadInputError.exit_code
 
 runner = CliRunner()
 

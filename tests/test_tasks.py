@@ -12,7 +12,7 @@ from opacus.validators import ModuleValidator
 
 from fedaiot.tasks import (
     PARTITIONERS,
-    TASKS,
+    TASK_NAMES,
     ArrayData,
     DataUnavailableError,
     FederatedData,
@@ -20,6 +20,7 @@ from fedaiot.tasks import (
     UnknownTaskError,
     federate,
     get_task,
+    tasks,
 )
 from fedaiot.tasks.images import FASHION_MNIST_ENV, fashion_mnist_dir
 from fedaiot.tasks.partition import _plan_lru, load_raw, plan_partitions
@@ -52,7 +53,7 @@ def _assert_same(a: FederatedData, b: FederatedData) -> None:
 # --- loading ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_task_loads_with_right_shapes(name: str) -> None:
     task = _available(name)
     pool, test = load_raw(task)
@@ -99,9 +100,9 @@ def test_array_data_checks_dtypes() -> None:
 # --- models -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", list(TASKS))
+@pytest.mark.parametrize("name", TASK_NAMES)
 def test_model_forward_and_opacus_compatible(name: str) -> None:
-    task = TASKS[name]
+    task = tasks()[name]
     torch.manual_seed(0)
     model = task.build_model()
     out = model(torch.randn(5, *task.input_shape))
@@ -127,7 +128,7 @@ def test_input_schema_is_json() -> None:
 @pytest.mark.parametrize("partitioner", PARTITIONERS)
 @pytest.mark.parametrize("name", SMALL_TASKS)
 def test_partitions_disjoint_and_cover_pool(name: str, partitioner: str) -> None:
-    task = TASKS[name]
+    task = tasks()[name]
     pool, _ = load_raw(task)
     plan = plan_partitions(task, 4, partitioner, classes_per_node=2)  # type: ignore[arg-type]
     assert plan.test_index is not None
@@ -275,7 +276,7 @@ def test_unknown_task_lists_choices() -> None:
     assert isinstance(info.value, ValueError)
     message = str(info.value)
     assert message.startswith("unknown task 'mnist': choose one of ")
-    for name in TASKS:
+    for name in TASK_NAMES:
         assert name in message
 
 
@@ -288,3 +289,14 @@ def test_synthetic_tasks_have_the_requested_size() -> None:
         get_task("synthetic-10")
     with pytest.raises(UnknownTaskError, match="synthetic-<parameters>"):
         get_task("synthetic-many")
+
+
+def test_breast_cancer_names_are_scikit_learns() -> None:
+    """Written out so that describing the task loads no data: they must stay the data's own."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer()
+    task = get_task("breast-cancer")
+    assert task.feature_names == [str(n) for n in data.feature_names]
+    assert task.class_names == [str(n) for n in data.target_names]
+    assert sorted(tasks()) == sorted(TASK_NAMES)

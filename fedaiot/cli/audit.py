@@ -16,7 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
-EXIT_BAD_INPUT = 2
+from fedaiot.errors import BadInputError
+
 _AGO = re.compile(r"^(\d+)\s*([smhd])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _SHOWN = ["time", "status", "reason", "count", "subject", "role", "client", "method", "endpoint",
@@ -33,7 +34,7 @@ def parse_when(text: str, now: float | None = None) -> float:
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:
-        raise ValueError(f"{text!r}: use e.g. 2h, 30m, 7d or 2026-05-01T08:00") from None
+        raise BadInputError(f"{text!r}: use e.g. 2h, 30m, 7d or 2026-05-01T08:00") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
@@ -69,26 +70,22 @@ def audit(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON object a line")] = False,
 ) -> None:
     """Query the inference service's audit log: by subject, status, reason, client and time."""
-    from fedaiot.serving.audit_query import AuditFilter, AuditQueryError, open_read_only, select
+    from fedaiot.serving.audit_query import AuditFilter, open_read_only, select
 
+    where = AuditFilter(
+        subject=subject,
+        status=status,
+        reason=reason,
+        client=client,
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        limit=limit,
+    )
+    conn = open_read_only(_database(target))
     try:
-        where = AuditFilter(
-            subject=subject,
-            status=status,
-            reason=reason,
-            client=client,
-            since=parse_when(since) if since else None,
-            until=parse_when(until) if until else None,
-            limit=limit,
-        )
-        conn = open_read_only(_database(target))
-        try:
-            rows = select(conn, where)
-        finally:
-            conn.close()
-    except (ValueError, AuditQueryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+        rows = select(conn, where)
+    finally:
+        conn.close()
     if as_json:
         for row in rows:
             print(json.dumps(row))

@@ -1,20 +1,20 @@
 """``fedaiot provision``, ``fedaiot coordinator ...`` and ``fedaiot node ...``: real deployment.
 
 Bad input (a missing key, a data file off the task's schema, a port in use) is reported on one
-line with exit status 2; a run or node that fails later exits with 1.
+line with exit status 2; a run or node that fails later exits with 1 (``fedaiot.errors``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
+from fedaiot.errors import BadInputError, FlowerRuntimeError
+
 DEFAULT_PORT = 9093
 
 coordinator_app = typer.Typer(no_args_is_help=True, help="The coordinator's kit (SuperLink).")
@@ -23,11 +23,6 @@ node_app = typer.Typer(no_args_is_help=True, help="The institution's kit (SuperN
 Pki = Annotated[Path, typer.Option(help="folder made by `fedaiot provision`")]
 State = Annotated[Path, typer.Option(help="coordinator state: SuperLink database, runs, logs")]
 Task = Annotated[str, typer.Option(help="the task this node's data is for, e.g. breast-cancer")]
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
-    return typer.Exit(code)
 
 
 def provision(
@@ -44,15 +39,11 @@ def provision(
     force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
 ) -> None:
     """Create the CA, the SuperLink's TLS certificate, node keys and the signing key."""
-    from fedaiot.deploy.provision import ProvisionError
     from fedaiot.deploy.provision import provision as make
 
     if not institution:
-        raise _fail("name at least one --institution")
-    try:
-        done = make(out, institution, hosts=host, force=force)
-    except (ProvisionError, OSError) as exc:
-        raise _fail(str(exc)) from None
+        raise BadInputError("name at least one --institution")
+    done = make(out, institution, hosts=host, force=force)
     for path in done.created:
         secret = path.stat().st_mode & 0o077 == 0
         print(f"created {path}{'  (secret, 0600)' if secret else ''}")
@@ -64,15 +55,6 @@ def provision(
 
 
 coordinator_app.command("provision")(provision)  # the coordinator's kit has it all
-
-
-def _load_run_config(path: Path) -> dict[str, object]:
-    try:
-        values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise _fail(f"run config {path}: {exc}") from None
-    # Flower's own layout ([tool.flwr.app.config]) is accepted too.
-    return dict(values.get("tool", {}).get("flwr", {}).get("app", {}).get("config", values))
 
 
 @coordinator_app.command("start")
@@ -87,23 +69,20 @@ def coordinator_start(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
 ) -> None:
     """Start the SuperLink, register the institutions, run the federated training to its end."""
-    from fedaiot.config.run import ConfigError
+    from fedaiot.config.run import read_run_config
     from fedaiot.deploy import provision as prov
     from fedaiot.deploy.coordinator_kit import coordinate
     from fedaiot.deploy.coordinator_kit import run_config as make_config
-    from fedaiot.deploy.superlink import CoordinatorPaths
-    from fedaiot.launch.processes import DeployError, port_free
+    from fedaiot.deploy.superlink import CoordinatorPaths, KitError
+    from fedaiot.launch.processes import port_free
     from fedaiot.rounds.journal import jsonable
 
     paths = CoordinatorPaths(pki.resolve(), state.resolve())
-    try:
-        paths.check()
-        institutions = len(prov.registered_keys(paths.pki))
-        cfg = make_config(paths, _load_run_config(run_config), institutions)
-    except (ConfigError, DeployError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    paths.check()
+    institutions = len(prov.registered_keys(paths.pki))
+    cfg = make_config(paths, read_run_config(run_config), institutions)
     if not port_free(host, port):
-        raise _fail(f"port {port} on {host} is already in use")
+        raise KitError(f"port {port} on {host} is already in use")
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
@@ -114,13 +93,10 @@ def coordinator_start(
             accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
             say(f"round {event['round']}/{cfg.num_rounds}: accuracy {accuracy}")
 
-    try:
-        outcome = coordinate(paths, cfg, host=host, port=port, say=say, on_event=progress)
-    except DeployError as exc:
-        raise _fail(str(exc), EXIT_FAILED) from None
+    outcome = coordinate(paths, cfg, host=host, port=port, say=say, on_event=progress)
     summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     if outcome.status == "failed":
-        raise _fail(f"the run failed: {outcome.error} (log: {outcome.log})", EXIT_FAILED)
+        raise FlowerRuntimeError(f"the run failed: {outcome.error} (log: {outcome.log})")
     if as_json:
         print(json.dumps(jsonable(summary), allow_nan=False))
     else:
@@ -143,7 +119,7 @@ def coordinator_serve(
     paths = CoordinatorPaths(pki.resolve(), state.resolve())
     registry = paths.state / "runs" / run / "registry"
     if not registry.is_dir():
-        raise _fail(f"no registry at {registry}: run `fedaiot coordinator start` first")
+        raise BadInputError(f"no registry at {registry}: run `fedaiot coordinator start` first")
     serve(registry=registry, public_key=paths.public_key, host=host, port=port)
 
 
@@ -151,12 +127,9 @@ def coordinator_serve(
 def node_schema(task: Task) -> None:
     """Print what the node's data must hold for TASK (columns, or sample shape, and classes)."""
     from fedaiot.node.local_data import schema_of
-    from fedaiot.tasks import UnknownTaskError, get_task
+    from fedaiot.tasks import get_task
 
-    try:
-        print(schema_of(get_task(task)).model_dump_json(indent=2))
-    except UnknownTaskError as exc:
-        raise _fail(str(exc)) from None
+    print(schema_of(get_task(task)).model_dump_json(indent=2))
 
 
 @node_app.command("check")
@@ -164,13 +137,10 @@ def node_check(
     task: Task, data: Annotated[Path, typer.Option(help="the data file or folder")]
 ) -> None:
     """Check the institution's data against the task's schema, without starting anything."""
-    from fedaiot.node.local_data import LocalDataError, load_local
-    from fedaiot.tasks import UnknownTaskError, get_task
+    from fedaiot.node.local_data import load_local
+    from fedaiot.tasks import get_task
 
-    try:
-        loaded = load_local(get_task(task), data)
-    except (LocalDataError, UnknownTaskError) as exc:
-        raise _fail(str(exc)) from None
+    loaded = load_local(get_task(task), data)
     counts = {name: int((loaded.y == i).sum()) for i, name in enumerate(get_task(task).class_names)}
     print(f"{data}: {len(loaded)} examples fit task {task} ({counts})")
 
@@ -184,15 +154,12 @@ def node_demo_data(
     partitioner: Annotated[str, typer.Option(help="the run config's partitioner")] = "dirichlet",
 ) -> None:
     """Write each institution a file of the task's bundled data (its simulated partition)."""
-    from fedaiot.config.run import ConfigError, RunConfig
+    from fedaiot.config.run import RunConfig
     from fedaiot.deploy.demo_data import export
 
-    try:
-        cfg = RunConfig.from_run_config({"task": task, "seed": seed, "partitioner": partitioner})
-        for path in export(cfg, len(institution), out, institution):
-            print(path)
-    except (ConfigError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    cfg = RunConfig.from_run_config({"task": task, "seed": seed, "partitioner": partitioner})
+    for path in export(cfg, len(institution), out, institution):
+        print(path)
 
 
 @node_app.command("start")
@@ -213,29 +180,23 @@ def node_start(
     port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
 ) -> None:
     """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
-    from fedaiot.deploy.provision import ProvisionError
-    from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode, wait
-    from fedaiot.launch.processes import DeployError
-    from fedaiot.node.local_data import LocalDataError
-    from fedaiot.tasks import UnknownTaskError
+    from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode
+    from fedaiot.launch.supernode import wait_supernode
 
     node_kit = NodeKit(kit.resolve())
     if max_epsilon is not None and not max_epsilon > 0:
-        raise _fail(f"--max-epsilon must be > 0, got {max_epsilon}")
-    try:
-        node_kit.check()
-        prepared = prepare(
-            task=task,
-            data=data,
-            name=name or node_kit.folder.name,
-            ledger_dir=ledger_dir,
-            max_epsilon=max_epsilon,
-        )
-        log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
-        offset = log.stat().st_size if log.exists() else 0
-        process = start_supernode(node_kit, prepared, superlink, port, log)
-    except (DeployError, LocalDataError, ProvisionError, UnknownTaskError) as exc:
-        raise _fail(str(exc)) from None
+        raise BadInputError(f"--max-epsilon must be > 0, got {max_epsilon}")
+    node_kit.check()
+    prepared = prepare(
+        task=task,
+        data=data,
+        name=name or node_kit.folder.name,
+        ledger_dir=ledger_dir,
+        max_epsilon=max_epsilon,
+    )
+    log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
+    offset = log.stat().st_size if log.exists() else 0
+    process = start_supernode(node_kit, prepared, superlink, port, log)
     settings = prepared.settings
     print(
         f"node {settings.node_name}: {prepared.examples} examples of {task} from "
@@ -243,9 +204,9 @@ def node_start(
         f"(log {log})",
         flush=True,
     )
-    code = wait(process)
+    code = wait_supernode(process)
     if code not in (0, -15, 143):
-        raise _fail(explain_exit(code, log, offset), EXIT_FAILED)
+        raise FlowerRuntimeError(explain_exit(code, log, offset))
 
 
 def register(app: typer.Typer) -> None:

@@ -1,7 +1,7 @@
 """``fedaiot keys``, ``fedaiot token issue`` and ``fedaiot serve``: the inference service's CLI.
 
 Startup problems (no model in the registry, a missing key, a port in use, bad settings) are
-reported on one line and exit with status 2.
+``BadInputError``: reported on one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from fedaiot.errors import BadInputError
 from fedaiot.registry.signing import PRIVATE_KEY_FILE, SIGNING_KEY_ENV
 
-EXIT_STARTUP = 2
 _TTL = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TTL_SECONDS = 366 * 86400
@@ -29,19 +29,14 @@ MAX_TTL_SECONDS = 366 * 86400
 token_app = typer.Typer(no_args_is_help=True, help="Issue bearer tokens for the service.")
 
 
-def _fail(message: str, code: int = EXIT_STARTUP) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
-    return typer.Exit(code)
-
-
 def parse_ttl(text: str) -> int:
     """Seconds in ``3600``, ``90s``, ``15m``, ``8h`` or ``30d``."""
     match = _TTL.match(text.strip())
     if not match:
-        raise ValueError(f"--ttl {text!r}: use seconds or a number with s, m, h or d (e.g. 8h)")
+        raise BadInputError(f"--ttl {text!r}: use seconds or a number with s, m, h or d (e.g. 8h)")
     seconds = int(match.group(1)) * _UNITS[match.group(2)]
     if not 0 < seconds <= MAX_TTL_SECONDS:
-        raise ValueError(f"--ttl must be between 1 second and 366 days, got {seconds} s")
+        raise BadInputError(f"--ttl must be between 1 second and 366 days, got {seconds} s")
     return seconds
 
 
@@ -52,12 +47,9 @@ def keys(
     force: Annotated[bool, typer.Option(help="replace an existing key pair")] = False,
 ) -> None:
     """Create the coordinator's Ed25519 key pair (signs models and tokens)."""
-    from fedaiot.registry.signing import SigningError, generate_keypair, key_id, load_public_key
+    from fedaiot.registry.signing import generate_keypair, key_id, load_public_key
 
-    try:
-        private, public = generate_keypair(directory, force=force)
-    except (SigningError, OSError) as exc:
-        raise _fail(str(exc)) from None
+    private, public = generate_keypair(directory, force=force)
     print(f"private key {private} (mode 0600: keep it on the coordinator)")
     print(f"public key  {public} (key id {key_id(load_public_key(public))})")
     print(f"sign registered models: export {SIGNING_KEY_ENV}={private.resolve()}")
@@ -78,22 +70,19 @@ def token_issue(
     audience: Annotated[str, typer.Option()] = "fedaiot-serving",
 ) -> None:
     """Print a bearer token (JWT, EdDSA) signed with the coordinator's key."""
-    from fedaiot.registry.signing import SigningError, load_private_key
+    from fedaiot.registry.signing import load_private_key
     from fedaiot.serving.auth import issue_token
 
     key = key or Path(os.environ.get(SIGNING_KEY_ENV) or Path("keys") / PRIVATE_KEY_FILE)
-    try:
-        seconds = parse_ttl(ttl)
-        token = issue_token(
-            load_private_key(key),
-            subject=subject,
-            role=role,
-            ttl_seconds=seconds,
-            issuer=issuer,
-            audience=audience,
-        )
-    except (SigningError, ValueError) as exc:
-        raise _fail(str(exc)) from None
+    seconds = parse_ttl(ttl)
+    token = issue_token(
+        load_private_key(key),
+        subject=subject,
+        role=role,
+        ttl_seconds=seconds,
+        issuer=issuer,
+        audience=audience,
+    )
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(time.time() + seconds))
     print(f"token for {subject} as {role}, expires {expires}", file=sys.stderr)
     print(token)
@@ -104,7 +93,7 @@ def _listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise _fail(f"cannot resolve host {host!r}: {exc.strerror}") from None
+        raise BadInputError(f"cannot resolve host {host!r}: {exc.strerror}") from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -113,8 +102,8 @@ def _listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise _fail(f"port {port} on {host} is already in use") from None
-        raise _fail(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise BadInputError(f"port {port} on {host} is already in use") from None
+        raise BadInputError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     sock.set_inheritable(True)
     return sock
 
@@ -154,7 +143,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="uvicorn's access log")] = False,
 ) -> None:
     """Serve the registry's model over HTTP: role-gated, audited, hot-swappable."""
-    from fedaiot.serving.app import ServingStartupError, create_app
+    from fedaiot.serving.app import create_app
     from fedaiot.serving.protocol import uvicorn_config
     from fedaiot.serving.settings import ServingSettings, settings_error
 
@@ -173,16 +162,13 @@ def serve(
             docs=docs,
         )
     except ValidationError as exc:
-        raise _fail(settings_error(exc)) from None
+        raise BadInputError(settings_error(exc)) from None
     except ValueError as exc:  # a malformed JSON environment variable
-        raise _fail(f"invalid serving settings: {exc}") from None
+        raise BadInputError(f"invalid serving settings: {exc}") from None
     import torch
 
     torch.set_num_threads(settings.torch_threads)
-    try:
-        app = create_app(settings)
-    except ServingStartupError as exc:
-        raise _fail(str(exc)) from None
+    app = create_app(settings)
     import uvicorn
 
     sock = _listen(host, port)

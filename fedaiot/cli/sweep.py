@@ -8,16 +8,11 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-EXIT_FAILED, EXIT_BAD_INPUT = 1, 2
-
-
-def _fail(message: str, code: int = EXIT_BAD_INPUT) -> typer.Exit:
-    Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+from fedaiot.errors import FedaiotError
 
 
 def default_spec() -> Path:
-    from fedaiot.simulation.engine import project_dir
+    from fedaiot.launch.flwr import project_dir
 
     return project_dir() / "simulations" / "sweeps" / "small.toml"
 
@@ -40,12 +35,9 @@ def sweep(
     """Run a grid of simulations and baselines; write tidy results and the report."""
     from fedaiot.experiments.report import build_report
     from fedaiot.experiments.runner import run_sweep
-    from fedaiot.experiments.spec import SweepError, load_spec
+    from fedaiot.experiments.spec import load_spec
 
-    try:
-        spec = load_spec(spec_file or default_spec())
-    except SweepError as exc:
-        raise _fail(str(exc)) from None
+    spec = load_spec(spec_file or default_spec())
     folder = (output or Path("runs") / f"sweep-{spec.name}").resolve()
     console = Console(stderr=True)
     console.print(f"fedaiot sweep {spec.name} -> {folder}", highlight=False)
@@ -64,7 +56,7 @@ def sweep(
     if report:
         console.print(f"report: {build_report(folder)}", highlight=False)
     if outcome.failed:
-        raise typer.Exit(EXIT_FAILED)
+        raise FedaiotError(f"{outcome.failed} of {outcome.points} points failed: see results.csv")
 
 
 def report(
@@ -72,14 +64,8 @@ def report(
 ) -> None:
     """Build report.md and its plots from a sweep's results files."""
     from fedaiot.experiments.report import build_report
-    from fedaiot.experiments.tables import ReportError
 
-    try:
-        print(build_report(folder))
-    except ReportError as exc:
-        raise _fail(str(exc)) from None
-    except (KeyError, ValueError) as exc:
-        raise _fail(f"{folder}: malformed results: {exc}") from None
+    print(build_report(folder))
 
 
 def register(app: typer.Typer) -> None:

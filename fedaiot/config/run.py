@@ -18,15 +18,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedaiot.tasks.partition import PartitionerName
+from fedaiot.errors import BadInputError
+from fedaiot.tasks.names import PartitionerName, check_task_name
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInputError):
     """A run configuration value is missing, malformed or out of range."""
-
-    reason = "config-error"  # the code a node sends on the wire instead of the text
 
 
 def fedaiot_home() -> Path:
@@ -106,10 +105,7 @@ class RunConfig(BaseModel):
     @field_validator("task")
     @classmethod
     def _task_known(cls, value: str) -> str:
-        from fedaiot.tasks import get_task
-
-        get_task(value)
-        return value
+        return check_task_name(value)
 
     @model_validator(mode="after")
     def _nodes_consistent(self) -> RunConfig:
@@ -155,6 +151,29 @@ class RunConfig(BaseModel):
         fields = self.model_dump(exclude=volatile)
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def node_counts(nodes: int, fraction_train: float = 1.0) -> dict[str, int]:
+    """The one rule for a federation of ``nodes``: every node must be available before a round
+    starts, and a round waits for as many as the strategy samples (all, at fraction 1)."""
+    if nodes < 1:
+        raise ConfigError(f"a federation needs at least one node, got {nodes}")
+    return {
+        "min-available-nodes": nodes,
+        "min-train-nodes": max(1, math.ceil(round(fraction_train * nodes, 9))),
+    }
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A TOML file of run-config keys (as in ``[tool.flwr.app.config]``), or ConfigError."""
+    import tomllib
+
+    try:
+        values = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"run config {path}: {exc}") from None
+    section = values.get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    return dict(section if isinstance(section, dict) else values)
 
 
 def _describe(exc: ValidationError) -> str:

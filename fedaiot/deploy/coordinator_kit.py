@@ -16,11 +16,14 @@ from typing import Any
 
 import tomli_w
 
-from fedaiot.config.run import RunConfig
+from fedaiot.config.run import RunConfig, node_counts
 from fedaiot.deploy import provision, superlink
-from fedaiot.launch.processes import DeployError, stop_tree
+from fedaiot.deploy.superlink import KitError
+from fedaiot.launch.flwr import project_dir
+from fedaiot.launch.follow import Outcome, follow, outcome
+from fedaiot.launch.processes import stop_tree
+from fedaiot.launch.superlink import start_superlink
 from fedaiot.rounds.journal import Journal
-from fedaiot.simulation.engine import Outcome, project_dir
 
 STATUS_EVERY = 30.0  # seconds between checks that the run is still alive in the SuperLink
 
@@ -34,8 +37,7 @@ def run_config(
     part in every round; the registry and journal go under the state folder.
     """
     values: dict[str, Any] = {
-        "min-available-nodes": institutions,
-        "min-train-nodes": institutions,
+        **node_counts(institutions, float(overrides.get("fraction-train", 1.0))),
         "output-dir": str((paths.state / "runs" / str(overrides.get("task", "run"))).resolve()),
         **overrides,
     }
@@ -45,12 +47,12 @@ def run_config(
     from fedaiot.secure_rounds.driver import MIN_NODES
 
     if cfg.secure_aggregation and cfg.min_train_nodes < MIN_NODES:
-        raise DeployError(
+        raise KitError(
             f"secure aggregation needs at least {MIN_NODES} nodes per round, min-train-nodes is "
             f"{cfg.min_train_nodes}: register more institutions or set secure-aggregation=false"
         )
     if cfg.min_available_nodes > institutions:
-        raise DeployError(
+        raise KitError(
             f"min-available-nodes is {cfg.min_available_nodes}, only {institutions} "
             "institutions are provisioned: the run would wait forever"
         )
@@ -72,7 +74,7 @@ def coordinate(
     paths.check()
     keys = provision.registered_keys(paths.pki)
     if not keys:
-        raise DeployError(f"no institution keys in {paths.pki / provision.INSTITUTIONS}")
+        raise KitError(f"no institution keys in {paths.pki / provision.INSTITUTIONS}")
     done = rounds_done(cfg)
     journal = Journal(cfg.output_path)
     if done >= cfg.num_rounds and (summary := journal.read_summary()):
@@ -85,7 +87,7 @@ def coordinate(
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
     started = time.perf_counter()
     with open(paths.log, "ab") as log:
-        process = superlink.start_superlink(paths, host, port, log)
+        process = start_superlink(paths.superlink(host, port), paths.env(), log)
         try:
             say(f"SuperLink up on {host}:{port} (TLS, node authentication, {paths.database})")
             superlink.write_connection(paths, host, port)
@@ -96,45 +98,19 @@ def coordinate(
             _, offset = journal.events()
             run_id = superlink.submit(paths, project_dir(), overrides)
             say(f"submitted run {run_id}: {cfg.task}, rounds {done + 1}..{cfg.num_rounds}")
-            events = _follow(paths, journal, offset, run_id, process, on_event)
+
+            def finished() -> str:
+                status = superlink.run_status(paths, run_id)
+                return status if status.startswith("finished") else ""
+
+            events = follow(
+                journal,
+                offset,
+                on_event,
+                superlink=process,
+                finished=finished,
+                check_every=STATUS_EVERY,
+            )
         finally:
             stop_tree(process)
-    wall = time.perf_counter() - started
-    failed = next((e for e in events if e["event"] == "failed"), None)
-    end = next((e for e in events if e["event"] == "end"), None)
-    if failed or end is None:
-        error = failed["error"] if failed else f"the run ended without a result: see {paths.log}"
-        return Outcome("failed", journal.read_summary() or {}, error, wall, paths.log)
-    return Outcome(end["status"], journal.read_summary() or {}, "", wall, paths.log)
-
-
-def _follow(
-    paths: superlink.CoordinatorPaths,
-    journal: Journal,
-    offset: int,
-    run_id: int,
-    process: Any,
-    on_event: Callable[[dict[str, Any]], None],
-) -> list[dict[str, Any]]:
-    seen: list[dict[str, Any]] = []
-    checked = time.monotonic()
-    while True:
-        events, offset = journal.events(offset)
-        for event in events:
-            seen.append(event)
-            on_event(event)
-        if any(e["event"] in ("end", "failed") for e in events):
-            return seen
-        if process.poll() is not None:
-            raise DeployError(f"the SuperLink exited with code {process.returncode}")
-        if time.monotonic() - checked > STATUS_EVERY:
-            checked = time.monotonic()
-            status = superlink.run_status(paths, run_id)
-            if status.startswith("finished"):
-                time.sleep(1.0)  # the journal's last lines may land just after the status
-                events, offset = journal.events(offset)
-                seen.extend(events)
-                if not any(e["event"] in ("end", "failed") for e in seen):
-                    seen.append({"event": "failed", "error": f"run {run_id} {status}"})
-                return seen
-        time.sleep(0.5)
+    return outcome(events, journal, time.perf_counter() - started, paths.log)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedaiot.config.run import RunConfig
+from fedaiot.errors import BadInputError
 from fedaiot.node.local_data import LABEL, TabularSchema, schema_of
 from fedaiot.tasks import ArrayData, get_task
 from fedaiot.tasks.partition import load_raw, plan_partitions
@@ -55,7 +56,7 @@ def write_institution_file(cfg: RunConfig, data: ArrayData, path: Path) -> Path:
 def export(cfg: RunConfig, nodes: int, out: Path, names: list[str] | None = None) -> list[Path]:
     names = names or [f"node-{i}" for i in range(nodes)]
     if len(names) != nodes:
-        raise ValueError(f"{nodes} nodes but {len(names)} names")
+        raise BadInputError(f"{nodes} nodes but {len(names)} names")
     return [
         write_institution_file(cfg, part, Path(out) / name / "data")
         for name, part in zip(names, raw_partitions(cfg, nodes), strict=True)

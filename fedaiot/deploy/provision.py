@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
 
 CA_CERT, CA_KEY = "ca.crt", "ca.key"
@@ -44,7 +45,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _CA_DAYS, _SERVER_DAYS = 3650, 825  # 825 days: the longest server lifetime browsers accept
 
 
-class ProvisionError(ValueError):
+class ProvisionError(BadInputError):
     """Bad provisioning input, or an existing file that cannot be reused."""
 
 

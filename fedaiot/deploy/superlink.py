@@ -8,21 +8,25 @@ the coordinator's state folder.
 from __future__ import annotations
 
 import json
-import ssl
-import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
-import httpx
 import tomli_w
 
 from fedaiot.deploy import provision
-from fedaiot.launch.processes import DeployError, flower_env, spawn, stop_tree
+from fedaiot.errors import BadInputError
+from fedaiot.launch.flwr import flwr_json
+from fedaiot.launch.processes import LaunchError, flower_env
+from fedaiot.launch.superlink import SuperLink, Tls
 from fedaiot.registry import signing
 
 CONNECTION = "fedaiot"
+
+
+class KitError(BadInputError):
+    """A file, key, port or setting of a kit that cannot be used; the message says what to do."""
+
 UNFINISHED = ("pending", "starting", "running")
 
 
@@ -73,59 +77,20 @@ class CoordinatorPaths:
     def check(self) -> None:
         for path in (self.ca, self.server_cert, self.server_key, self.signing_key):
             if not path.is_file():
-                raise DeployError(f"{path} not found: create it with `fedaiot provision`")
+                raise KitError(f"{path} not found: create it with `fedaiot provision`")
         for path in (self.server_key, self.signing_key):
             if path.stat().st_mode & 0o077:
-                raise DeployError(f"{path} is readable by others: chmod 600 {path}")
+                raise KitError(f"{path} is readable by others: chmod 600 {path}")
 
     def env(self) -> dict[str, str]:
         # The ServerApp runs under the SuperLink and signs every registered version.
         return flower_env(self.flwr_home, **{signing.SIGNING_KEY_ENV: str(self.signing_key)})
 
-
-def start_superlink(
-    paths: CoordinatorPaths, host: str, port: int, log: IO[bytes], timeout: float = 90.0
-) -> subprocess.Popen[bytes]:
-    """Start ``flower-superlink`` (TLS, node authentication, SQLite state) and wait for it."""
-    paths.flwr_home.mkdir(parents=True, exist_ok=True)
-    command = [
-        "flower-superlink",
-        "--ssl-ca-certfile",
-        str(paths.ca),
-        "--ssl-certfile",
-        str(paths.server_cert),
-        "--ssl-keyfile",
-        str(paths.server_key),
-        "--enable-supernode-auth",
-        "--database",
-        str(paths.database),
-        "--disable-runtime-dependency-installation",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
-    process = spawn(command, paths.env(), log)
-    context = ssl.create_default_context(cafile=str(paths.ca))
-    url = f"https://{_connect_host(host)}:{port}/health"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DeployError(
-                f"flower-superlink exited with code {process.returncode}: see {paths.log}"
-            )
-        try:
-            if httpx.get(url, verify=context, timeout=1.0).is_success:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    stop_tree(process)
-    raise DeployError(f"flower-superlink did not answer on {url} within {timeout:.0f} s")
-
-
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "") else host  # the CLI talks to it locally
+    def superlink(self, host: str, port: int) -> SuperLink:
+        """The coordinator's SuperLink: TLS, node authentication, SQLite state."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        tls = Tls(self.ca, self.server_cert, self.server_key)
+        return SuperLink(port, self.database, host=host, tls=tls, node_auth=True)
 
 
 def write_connection(paths: CoordinatorPaths, host: str, port: int) -> None:
@@ -134,7 +99,7 @@ def write_connection(paths: CoordinatorPaths, host: str, port: int) -> None:
         "superlink": {
             "default": CONNECTION,
             CONNECTION: {
-                "address": f"{_connect_host(host)}:{port}",
+                "address": paths.superlink(host, port).local_address,
                 "root-certificates": str(paths.ca.resolve()),
             },
         }
@@ -143,23 +108,8 @@ def write_connection(paths: CoordinatorPaths, host: str, port: int) -> None:
 
 
 def flwr(paths: CoordinatorPaths, *args: str, timeout: float = 180.0) -> dict[str, Any]:
-    """Run ``flwr ARGS --format json`` and return its JSON answer (raise when it failed)."""
-    command = ["flwr", *args, "--format", "json"]
-    try:
-        done = subprocess.run(
-            command, env=paths.env(), capture_output=True, text=True, timeout=timeout
-        )
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"`{' '.join(command)}` did not answer within {timeout:.0f} s") from None
-    start = done.stdout.find("{")
-    try:
-        answer: dict[str, Any] = json.loads(done.stdout[start:]) if start >= 0 else {}
-    except json.JSONDecodeError:
-        answer = {}
-    if not answer:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise DeployError(f"`{' '.join(command)}` failed: {detail[-1] if detail else 'no output'}")
-    return answer
+    """``flwr ARGS`` against this coordinator's SuperLink, its JSON answer."""
+    return flwr_json(list(args), paths.env(), timeout=timeout)
 
 
 def register_nodes(paths: CoordinatorPaths, keys: dict[str, Path]) -> dict[str, str]:
@@ -176,15 +126,15 @@ def register_nodes(paths: CoordinatorPaths, keys: dict[str, Path]) -> dict[str, 
             outcome[name] = "already registered"
         else:
             message = str(answer.get("error-message", "")).strip().splitlines()
-            raise DeployError(f"registering {name} ({key}) failed: {message[-1:]}")
+            raise LaunchError(f"registering {name} ({key}) failed: {message[-1:]}")
         if name not in roster.values():
-            raise DeployError(
+            raise KitError(
                 f"{name} is registered but {paths.roster} does not name its node id: the "
                 "roster was lost; start from a new --state folder"
             )
     names = list(roster.values())
     if len(set(names)) != len(names):
-        raise DeployError(f"{paths.roster} names one institution twice: {sorted(names)}")
+        raise KitError(f"{paths.roster} names one institution twice: {sorted(names)}")
     tmp = paths.roster.with_suffix(".tmp")
     tmp.write_text(json.dumps(roster, indent=2, sort_keys=True))
     tmp.replace(paths.roster)
@@ -197,14 +147,14 @@ def read_roster(paths: CoordinatorPaths) -> dict[str, str]:
     try:
         return {str(k): str(v) for k, v in json.loads(paths.roster.read_text()).items()}
     except (ValueError, AttributeError) as exc:
-        raise DeployError(f"{paths.roster} is unreadable: {exc}") from None
+        raise KitError(f"{paths.roster} is unreadable: {exc}") from None
 
 
 def runs(paths: CoordinatorPaths, run_id: int | None = None) -> list[dict[str, Any]]:
     args = ["ls", CONNECTION] + (["--run-id", str(run_id)] if run_id is not None else [])
     answer = flwr(paths, *args)
     if not answer.get("success"):
-        raise DeployError(f"listing runs failed: {answer.get('error-message', '')}")
+        raise LaunchError(f"listing runs failed: {answer.get('error-message', '')}")
     return list(answer.get("runs", []))
 
 
@@ -222,7 +172,7 @@ def stop_unfinished(paths: CoordinatorPaths) -> list[str]:
 def submit(paths: CoordinatorPaths, project: Path, run_config: Path) -> int:
     answer = flwr(paths, "run", str(project), CONNECTION, "--run-config", str(run_config))
     if not answer.get("success"):
-        raise DeployError(f"submitting the run failed: {answer.get('error-message', '')}")
+        raise LaunchError(f"submitting the run failed: {answer.get('error-message', '')}")
     return int(answer["run-id"])
 
 

@@ -15,7 +15,10 @@ from pathlib import Path
 import tomli_w
 
 from fedaiot.deploy import provision
-from fedaiot.launch.processes import DeployError, flower_env, port_free, spawn, stop_tree
+from fedaiot.deploy.superlink import KitError
+from fedaiot.launch.processes import flower_env, port_free
+from fedaiot.launch.supernode import SuperNode
+from fedaiot.launch.supernode import start_supernode as launch_supernode
 from fedaiot.node.deployed import NodeSettings, default_ledger_dir
 from fedaiot.node.local_data import load_local
 from fedaiot.tasks import get_task
@@ -41,9 +44,9 @@ class NodeKit:
     def check(self) -> None:
         for path in (self.ca, self.key):
             if not path.is_file():
-                raise DeployError(f"{path} not found: the institution's kit needs ca.crt, node.key")
+                raise KitError(f"{path} not found: the institution's kit needs ca.crt, node.key")
         if self.key.stat().st_mode & 0o077:
-            raise DeployError(f"{self.key} is readable by others: chmod 600 {self.key}")
+            raise KitError(f"{self.key} is readable by others: chmod 600 {self.key}")
 
 
 @dataclass(frozen=True)
@@ -78,33 +81,17 @@ def prepare(
     return PreparedNode(settings, config, len(raw))
 
 
-def supernode_command(kit: NodeKit, superlink: str, node_config: Path, port: int) -> list[str]:
-    return [
-        "flower-supernode",
-        "--superlink",
-        superlink,
-        "--root-certificates",
-        str(kit.ca.resolve()),
-        "--auth-supernode-private-key",
-        str(kit.key.resolve()),
-        "--node-config",
-        str(node_config),  # a .toml path: Flower reads the file, paths need no quoting
-        "--port",
-        str(port),
-    ]
-
-
 def start_supernode(
     kit: NodeKit, prepared: PreparedNode, superlink: str, port: int, log_path: Path
 ) -> subprocess.Popen[bytes]:
     kit.check()
     if not port_free("127.0.0.1", port):
-        raise DeployError(f"port {port} (the node's local app port) is in use: choose --port")
+        raise KitError(f"port {port} (the node's local app port) is in use: choose --port")
     home = prepared.settings.ledger_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
+    node = SuperNode(superlink, kit.ca, kit.key, prepared.node_config, port)
     with open(log_path, "ab") as log:
-        command = supernode_command(kit, superlink, prepared.node_config, port)
-        return spawn(command, flower_env(home), log)
+        return launch_supernode(node, flower_env(home), log)
 
 
 def explain_exit(code: int, log_path: Path, offset: int = 0) -> str:
@@ -127,11 +114,3 @@ def explain_exit(code: int, log_path: Path, offset: int = 0) -> str:
             f"and that the SuperLink's address is in its certificate; see {log_path}"
         )
     return f"flower-supernode exited with code {code}: see {log_path}"
-
-
-def wait(process: subprocess.Popen[bytes]) -> int:
-    """Wait for the SuperNode; on Ctrl-C or SIGTERM stop it with its ClientApps."""
-    try:
-        return process.wait()
-    finally:
-        stop_tree(process)

@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
 from fedaiot.config.run import RunConfig
+from fedaiot.errors import BadInputError
 from fedaiot.node.round import simulated_federation
 from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import ArrayData, get_task
@@ -58,7 +59,7 @@ MIN_CLASS_REFERENCE = 5
 _BATCH = 1024
 
 
-class MembershipError(ValueError):
+class MembershipError(BadInputError):
     """The attack cannot run on these inputs (empty data, an unusable run folder)."""
 
 

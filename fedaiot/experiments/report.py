@@ -13,6 +13,7 @@ import pandas as pd
 
 from fedaiot.experiments import plots
 from fedaiot.experiments.tables import (
+    ReportError,
     gap_table,
     grid,
     load,
@@ -45,6 +46,15 @@ def markdown_table(frame: pd.DataFrame, index: bool = False) -> str:
 def build_report(folder: Path) -> Path:
     """Write ``report.md`` and ``plots/*.png`` into ``folder``; returns the report's path."""
     folder = Path(folder)
+    try:
+        return _build(folder)
+    except ReportError:
+        raise
+    except (KeyError, ValueError) as exc:  # a results file edited or cut short
+        raise ReportError(f"{folder}: malformed results: {exc}") from None
+
+
+def _build(folder: Path) -> Path:
     results, rounds, nodes = load(folder)
     out = folder / "plots"
     failed = results[results["status"] == "failed"]

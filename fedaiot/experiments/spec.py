@@ -19,11 +19,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from fedaiot.config.run import ConfigError, RunConfig
+from fedaiot.errors import BadInputError
 
 NON_PRIVATE = math.inf  # the epsilon of a non-private point, written `inf` in TOML and CSV
 
 
-class SweepError(ValueError):
+class SweepError(BadInputError):
     """A sweep file is missing, malformed, or names an impossible setting."""
 
 

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from fedaiot.errors import BadInputError
 from fedaiot.experiments.results import NODE_ROUNDS, RESULTS, ROUNDS
 
 SETTING = ["task", "kind", "nodes", "partition", "secure_aggregation", "scenario"]
 
 
-class ReportError(ValueError):
+class ReportError(BadInputError):
     """The folder holds no sweep results, or they are malformed."""
 
 

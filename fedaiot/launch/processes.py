@@ -12,9 +12,12 @@ from typing import IO
 
 import psutil
 
+from fedaiot.errors import FlowerRuntimeError
 
-class DeployError(RuntimeError):
-    """A deployment step failed; the message says which and what to do."""
+
+class LaunchError(FlowerRuntimeError):
+    """A Flower process could not be started, did not come up, or stopped; the message says
+    which and what to do."""
 
 
 def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
@@ -39,7 +42,7 @@ def spawn(command: list[str], env: dict[str, str], log: IO[bytes]) -> subprocess
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     except FileNotFoundError:
-        raise DeployError(f"{command[0]} not found: install fedaiot (it brings flwr)") from None
+        raise LaunchError(f"{command[0]} not found: install fedaiot (it brings flwr)") from None
 
 
 def free_port() -> int:

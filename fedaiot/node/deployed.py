@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedaiot.config.run import RunConfig
+from fedaiot.errors import BadInputError
 from fedaiot.node.local_data import load_local
 from fedaiot.node.round import train_round
 from fedaiot.node.training import StateDict
@@ -34,7 +35,7 @@ DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
 LOG = logging.getLogger("fedaiot.node.round")
 
 
-class NodeConfigError(ValueError):
+class NodeConfigError(BadInputError):
     """The node's own configuration is incomplete, or does not fit the run it is asked into."""
 
     reason = "config-error"  # the code a node sends on the wire instead of the text

@@ -27,13 +27,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel
 
+from fedaiot.errors import BadInputError
 from fedaiot.tasks import ArrayData, Task
 
 LABEL = "label"
 MIN_EXAMPLES = 2
 
 
-class LocalDataError(ValueError):
+class LocalDataError(BadInputError):
     """The institution's data does not match the task's schema (one line, names the fault)."""
 
     reason = "data-error"  # the code a node sends on the wire instead of the text

@@ -33,6 +33,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from fedaiot.errors import PrivacyBudgetError
+
 # (noise multiplier, sample rate, steps), exactly Opacus' accountant history format. A release
 # of a count with Gaussian noise (sensitivity 1) is the entry (sigma, 1.0, 1).
 HistoryEntry = tuple[float, float, int]
@@ -42,7 +44,7 @@ PLD_INTERVAL = 5e-4
 AGREEMENT = 0.01  # how far an independent recomputation may differ (relative)
 
 
-class BudgetExhaustedError(RuntimeError):
+class BudgetExhaustedError(PrivacyBudgetError):
     """The next planned training would spend more than the node's privacy budget."""
 
 

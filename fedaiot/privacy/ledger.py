@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, Field, ValidationError
 
+from fedaiot.errors import BadInputError
 from fedaiot.privacy.accounting import ACCOUNTANT, epsilon_spent
 
 if TYPE_CHECKING:
@@ -35,8 +36,10 @@ LEDGER_FORMAT = "fedaiot-privacy-ledger/2"
 FORMATS = ("fedaiot-privacy-ledger/1", LEDGER_FORMAT)
 
 
-class LedgerError(RuntimeError):
+class LedgerError(BadInputError):
     """The ledger file is unreadable, malformed, or belongs to other data."""
+
+    reason = "ledger-error"
 
 
 class NoisePlan(BaseModel):

@@ -20,20 +20,25 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedaiot.errors import SecurityError
+
 SIGNING_KEY_ENV = "FEDAIOT_SIGNING_KEY"  # path to the PEM private key that signs registrations
 PRIVATE_KEY_FILE = "coordinator.key"
 PUBLIC_KEY_FILE = "coordinator.pub"
 SIGNATURE_BYTES = 64
 
 
-class SigningError(ValueError):
+class SigningError(SecurityError):
     """A key file is missing or unreadable, or a signature is missing, malformed or invalid."""
 
 
 def generate_keypair(directory: Path, force: bool = False) -> tuple[Path, Path]:
     """Create ``coordinator.key`` (0600) and ``coordinator.pub`` in ``directory``."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SigningError(f"cannot create {directory}: {exc.strerror}") from None
     private_path, public_path = directory / PRIVATE_KEY_FILE, directory / PUBLIC_KEY_FILE
     if not force:
         for path in (private_path, public_path):

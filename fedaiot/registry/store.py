@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 
+from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
 
 MANIFEST_FORMAT = "fedaiot-model/1"
@@ -46,7 +47,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(BadInputError):
     """A registry file is missing, corrupt, or does not match its manifest."""
 
 

@@ -8,11 +8,11 @@ would reuse per-round secrets and masks); start a fresh round with a fresh setup
 
 from __future__ import annotations
 
+from fedaiot.errors import SecurityError
 
-class SecAggError(RuntimeError):
+
+class SecAggError(SecurityError):
     """The round cannot go on: a message is malformed, out of place, or fails a check."""
-
-    reason = "protocol-error"  # the code a node sends on the wire instead of the text
 
 
 class ProtocolViolation(SecAggError):

@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from fedaiot.errors import BadInputError
 from fedaiot.registry.signing import SigningError, load_public_key
 from fedaiot.registry.store import ModelRegistry, RegistryError
 from fedaiot.serving import reasons
@@ -67,7 +68,7 @@ _PREDICT_BODY = {
 }
 
 
-class ServingStartupError(RuntimeError):
+class ServingStartupError(BadInputError):
     """The service cannot start; the message is one line."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
+from fedaiot.errors import FedaiotError
 from fedaiot.serving.audit_query import AuditFilter, AuditQueryError, rows_since, select
 from fedaiot.serving.audit_record import (
     COLUMN_TYPES,
@@ -44,7 +45,7 @@ _TICK = 1.0  # seconds: how often the writer closes sampling windows when idle
 _PRIVATE = 0o600
 
 
-class AuditError(RuntimeError):
+class AuditError(FedaiotError, RuntimeError):
     """The audit database cannot be opened or written."""
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from fedaiot.errors import BadInputError
 from fedaiot.serving.audit_record import COLUMNS
 
 
-class AuditQueryError(RuntimeError):
+class AuditQueryError(BadInputError):
     """The audit database cannot be read, or cannot answer this question."""
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fedaiot.errors import BadInputError, SecurityError
 from fedaiot.registry.signing import key_id, load_public_key
 from fedaiot.serving.reasons import TOKEN_REASONS
 from fedaiot.serving.redact import label
@@ -70,7 +71,7 @@ class Principal:
         return self.role in PERMISSIONS[permission]
 
 
-class TokenError(Exception):
+class TokenError(SecurityError):
     """A token that authenticates no one. ``str()`` is the fixed public text of ``code``;
     ``detail`` (the library's words) is for the server's log only."""
 
@@ -92,7 +93,7 @@ def issue_token(
 ) -> str:
     """A signed bearer token for ``subject`` acting as ``role`` for ``ttl_seconds``."""
     if role not in ROLES:
-        raise ValueError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
+        raise BadInputError(f"unknown role {role!r}: choose one of {', '.join(ROLES)}")
     if not subject:
         raise ValueError("the token subject must not be empty")
     issued = int(time.time() if now is None else now)

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from fedaiot.errors import BadInputError
 from fedaiot.serving.models import LoadedModel
 from fedaiot.serving.reasons import BAD_INPUT, OUT_OF_RANGE
 
@@ -25,7 +26,7 @@ _SPACE = " \t\n\r"
 _LOC: tuple[str | int, ...] = ("body", "instances")
 
 
-class InputError(ValueError):
+class InputError(BadInputError):
     """A prediction request that does not match the model's input schema."""
 
     def __init__(

@@ -12,15 +12,16 @@ import hashlib
 import time
 
 from fedaiot.config.run import RunConfig
+from fedaiot.errors import FedaiotError
 
 
-class SimulatedDropout(RuntimeError):
+class SimulatedDropout(FedaiotError, RuntimeError):
     """The node plays an institution that went offline for this round."""
 
     reason = "dropped-out"  # the code a node sends on the wire instead of the text
 
 
-class MissedDeadline(RuntimeError):
+class MissedDeadline(FedaiotError, RuntimeError):
     """The node plays an institution whose update arrived after the round closed."""
 
     reason = "missed-deadline"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+from fedaiot.errors import BadInputError
+
+if TYPE_CHECKING:
+    import torch
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(BadInputError):
     """A task's data is not on this machine; the message says how to get it."""
 
     reason = "data-error"  # the code a node sends on the wire instead of the text

@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn.datasets import load_digits
-from torch import nn
 
+from fedaiot.errors import BadInputError
 from fedaiot.tasks.base import ArrayData, DataUnavailableError, Task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FASHION_MNIST_ENV = "FEDAIOT_FASHION_MNIST_DIR"
 FASHION_MNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -40,6 +43,8 @@ _IDX_DTYPES: dict[int, str] = {
 
 
 def _load_digits() -> tuple[ArrayData, ArrayData | None]:
+    from sklearn.datasets import load_digits
+
     data = load_digits()
     x = np.asarray(data.data, dtype=np.float32) / 16.0
     y = np.asarray(data.target, dtype=np.int64)
@@ -47,6 +52,8 @@ def _load_digits() -> tuple[ArrayData, ArrayData | None]:
 
 
 def _build_digits_model() -> nn.Module:
+    from torch import nn
+
     # Under DP-SGD this small tanh MLP on standardized pixels beats small CNNs on 1.4k samples.
     return nn.Sequential(
         nn.Linear(64, 128),
@@ -85,13 +92,13 @@ def read_idx(path: Path) -> np.ndarray:
     with opener(path, "rb") as handle:
         raw = handle.read()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path} is not an IDX file")
+        raise BadInputError(f"{path} is not an IDX file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {shape} values, found {data.size}")
+        raise BadInputError(f"{path}: expected {shape} values, found {data.size}")
     return data.reshape(shape)
 
 
@@ -118,6 +125,8 @@ def _load_fashion_mnist() -> tuple[ArrayData, ArrayData | None]:
 
 
 def _build_fashion_mnist_model() -> nn.Module:
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv2d(1, 16, kernel_size=5, padding=2),
         nn.GroupNorm(4, 16),

@@ -6,7 +6,6 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal, get_args
 
 import datasets
 import numpy as np
@@ -18,10 +17,9 @@ from flwr_datasets.partitioner import (
 from flwr_datasets.partitioner.partitioner import Partitioner
 from sklearn.model_selection import train_test_split
 
+from fedaiot.errors import BadInputError
 from fedaiot.tasks.base import ArrayData, FederatedData, Task
-
-PartitionerName = Literal["iid", "dirichlet", "pathological"]
-PARTITIONERS: tuple[str, ...] = get_args(PartitionerName)
+from fedaiot.tasks.names import PARTITIONERS, PartitionerName
 
 # Dirichlet sampling may leave a node below its minimum size; flwr-datasets then resamples up
 # to 10 times and gives up. We retry with a minimum of 1 and a few derived seeds before failing.
@@ -64,20 +62,22 @@ def _validate(
     test_fraction: float,
 ) -> None:
     if partitioner not in PARTITIONERS:
-        raise ValueError(
+        raise BadInputError(
             f"unknown partitioner {partitioner!r}: choose one of {', '.join(PARTITIONERS)}"
         )
     if num_partitions < 1:
-        raise ValueError(f"num_partitions must be at least 1, got {num_partitions}")
+        raise BadInputError(f"num_partitions must be at least 1, got {num_partitions}")
     if partitioner == "dirichlet" and not alpha > 0:
-        raise ValueError(f"dirichlet alpha must be greater than 0, got {alpha}")
+        raise BadInputError(f"dirichlet alpha must be greater than 0, got {alpha}")
     if partitioner == "pathological" and not 1 <= classes_per_node <= task.num_classes:
-        raise ValueError(
+        raise BadInputError(
             f"classes_per_node must be between 1 and {task.num_classes} "
             f"(the classes of task {task.name}), got {classes_per_node}"
         )
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
+        raise BadInputError(
+            f"test_fraction must be between 0 and 1 (exclusive), got {test_fraction}"
+        )
 
 
 def _derived_seed(seed: int, attempt: int) -> int:
@@ -119,7 +119,7 @@ def _dirichlet(
             return _run_partitioner(part, ds, num_partitions)
         except ValueError:
             continue  # every sampling left some node under min_partition_size
-    raise ValueError(
+    raise BadInputError(
         f"dirichlet split (alpha={alpha}) of {len(labels)} training samples of task {task.name} "
         f"left some of the {num_partitions} nodes empty in every try: "
         f"use a larger alpha or fewer nodes"
@@ -157,7 +157,7 @@ def _partition_indices(
         return _run_partitioner(part, ds, num_partitions)
     except ValueError as err:
         message = " ".join(str(err).split())
-        raise ValueError(
+        raise BadInputError(
             f"{partitioner} split of task {task.name} into {num_partitions} nodes failed: {message}"
         ) from err
 
@@ -224,7 +224,7 @@ def _plan_lru(
         )
         train_index, test_index = np.sort(train_index), np.sort(test_index)
     if num_partitions > len(train_index):
-        raise ValueError(
+        raise BadInputError(
             f"cannot split {len(train_index)} training samples of task {task.name} "
             f"into {num_partitions} nodes"
         )
@@ -234,7 +234,7 @@ def _plan_lru(
     partitions = [train_index[idx] for idx in local]
     for node, idx in enumerate(partitions):
         if len(idx) == 0:
-            raise ValueError(
+            raise BadInputError(
                 f"{partitioner} split of task {task.name} left node {node} of {num_partitions} "
                 f"empty: use fewer nodes or another partitioner"
             )

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
 from fedaiot.tasks.base import ArrayData, Task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BASIC_MOTIONS_CLASSES = ["badminton", "running", "standing", "walking"]
 BASIC_MOTIONS_CHANNELS = ["acc_x", "acc_y", "acc_z", "gyro_x", "gyro_y", "gyro_z"]
@@ -31,6 +34,8 @@ def _encode(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
 
 def _conv1d_classifier(in_channels: int, num_classes: int, stride: int = 1) -> nn.Module:
     """Small 1-D CNN: two conv blocks with GroupNorm, global average pooling, linear head."""
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv1d(in_channels, 16, kernel_size=5, stride=stride, padding=2),
         nn.GroupNorm(4, 16),
@@ -87,6 +92,8 @@ def _load_acsf1() -> tuple[ArrayData, ArrayData | None]:
 
 
 def _build_acsf1_model() -> nn.Module:
+    from torch import nn
+
     return nn.Sequential(
         nn.Conv1d(1, 8, kernel_size=8, stride=4, padding=2),  # 1460 -> 365
         nn.GroupNorm(2, 8),

@@ -8,11 +8,14 @@ accuracy: 2,000 samples of 32 Gaussian features around 10 class centres, and an 
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
 from fedaiot.tasks.base import ArrayData, Task
+
+if TYPE_CHECKING:
+    from torch import nn
 
 PREFIX = "synthetic-"
 FEATURES, CLASSES, SAMPLES = 32, 10, 2000
@@ -42,6 +45,8 @@ def synthetic_task(parameters: int) -> Task:
     hidden = hidden_units(parameters)
 
     def build() -> nn.Module:
+        from torch import nn
+
         return nn.Sequential(nn.Linear(FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, CLASSES))
 
     return Task(

@@ -1,19 +1,42 @@
-"""Tabular tasks from data bundled with scikit-learn."""
+"""Tabular tasks from data bundled with scikit-learn (loaded on first use, as is torch)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from sklearn.datasets import load_breast_cancer
-from torch import nn
 
 from fedaiot.tasks.base import ArrayData, Task
 
-_BREAST_CANCER = load_breast_cancer()
-_NUM_FEATURES = int(_BREAST_CANCER.data.shape[1])
+if TYPE_CHECKING:
+    from torch import nn
+
+# scikit-learn's names, written out so that describing the task loads no data
+# (tests/test_tasks.py checks them against the data set).
+_MEASURES = (
+    "radius",
+    "texture",
+    "perimeter",
+    "area",
+    "smoothness",
+    "compactness",
+    "concavity",
+    "concave points",
+    "symmetry",
+    "fractal dimension",
+)
+_FEATURES = [
+    *(f"mean {m}" for m in _MEASURES),
+    *(f"{m} error" for m in _MEASURES),
+    *(f"worst {m}" for m in _MEASURES),
+]
+_NUM_FEATURES = len(_FEATURES)
 _HIDDEN = 64
 
 
 def _load_breast_cancer() -> tuple[ArrayData, ArrayData | None]:
+    from sklearn.datasets import load_breast_cancer
+
     data = load_breast_cancer()
     x = np.asarray(data.data, dtype=np.float32)
     y = np.asarray(data.target, dtype=np.int64)
@@ -21,6 +44,8 @@ def _load_breast_cancer() -> tuple[ArrayData, ArrayData | None]:
 
 
 def _build_breast_cancer_model() -> nn.Module:
+    from torch import nn
+
     return nn.Sequential(
         nn.Linear(_NUM_FEATURES, _HIDDEN),
         nn.ReLU(),
@@ -35,9 +60,9 @@ BREAST_CANCER = Task(
         "features, malignant vs benign"
     ),
     num_classes=2,
-    class_names=[str(name) for name in _BREAST_CANCER.target_names],
+    class_names=["malignant", "benign"],
     input_shape=(_NUM_FEATURES,),
-    feature_names=[str(name) for name in _BREAST_CANCER.feature_names],
+    feature_names=_FEATURES,
     architecture=f"mlp-{_NUM_FEATURES}-{_HIDDEN}-2-relu",
     load=_load_breast_cancer,
     build_model=_build_breast_cancer_model,

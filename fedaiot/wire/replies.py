@@ -15,12 +15,18 @@ and neither side needs the other's stack. Everything a reply puts in the clear i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from fedaiot.privacy.budget import PendingRelease
+
+class Releasable(Protocol):
+    """A charged round whose update has not left the node yet (``privacy.budget``)."""
+
+    def to_record(self) -> dict[str, str | int]: ...
+
+    def release(self) -> None: ...
 
 TRAINED, REFUSED, FAILED = "trained", "refused", "failed"
 
@@ -30,6 +36,7 @@ REASONS: dict[str, str] = {
     "data-error": "the node's data could not be read or does not fit the task",
     "config-error": "the node's own configuration does not fit the run",
     "seeded-noise-refused": "a deployed node never trains with noise from a known seed",
+    "ledger-error": "the node's privacy ledger is unreadable or belongs to other data",
     "protocol-error": "a secure-aggregation message was refused by the node",
     "dropped-out": "the node dropped out of the round (simulated)",
     "missed-deadline": "the node's reply came after the round's deadline (simulated)",
@@ -68,7 +75,7 @@ class NodeReply:
     state: dict[str, torch.Tensor] | None = None
     reason: str = ""
     detail: str = ""
-    pending: PendingRelease | None = None  # a charge to mark released when the update leaves
+    pending: Releasable | None = None  # a charge to mark released when the update leaves
 
     def __post_init__(self) -> None:
         if self.reason and self.reason not in REASONS:

@@ -1,0 +1,100 @@
+"""``fedaiot ledger`` (a data set's privacy spent) and ``fedaiot registry`` (model versions)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from fedaiot.errors import FedaiotError
+
+ledger_app = typer.Typer(no_args_is_help=True, help="Read and verify node privacy ledgers.")
+registry_app = typer.Typer(no_args_is_help=True, help="Inspect and verify a model registry.")
+
+
+@ledger_app.command("show")
+def ledger_show(path: Path) -> None:
+    """Print a data set's privacy ledger: rounds, history and epsilon spent."""
+    from fedaiot.privacy.ledger import summarize
+    from fedaiot.rounds.journal import jsonable
+
+    print(json.dumps(jsonable(summarize(path)), indent=2))
+
+
+@ledger_app.command("verify")
+def ledger_verify(paths: list[Path]) -> None:
+    """Recompute each ledger's epsilon independently and compare it with what it reported.
+
+    The PLD accountant at a finer discretisation and Opacus' PRV accountant must both agree
+    within 1 %; Opacus' RDP accountant, a looser bound, must not fall below it.
+    """
+    from fedaiot.privacy.accounting import (
+        AGREEMENT,
+        epsilon_pld_fine,
+        epsilon_prv,
+        epsilon_rdp,
+        epsilon_spent,
+    )
+    from fedaiot.privacy.ledger import summarize
+
+    problems = []
+    for path in paths:
+        ledger = summarize(path)
+        if not ledger["history"]:
+            print(f"{path}: nothing spent")
+            continue
+        history, delta = ledger["history"], ledger["delta"]
+        reported = epsilon_spent(history, delta)
+        checks = {"pld-fine": epsilon_pld_fine(history, delta), "prv": epsilon_prv(history, delta)}
+        rdp = epsilon_rdp(history, delta)
+        gaps = {name: abs(value - reported) / reported for name, value in checks.items()}
+        print(
+            f"{path}: epsilon {reported:.4f} (pld) at delta {delta:g}; "
+            + ", ".join(f"{n} {checks[n]:.4f} (gap {gaps[n]:.2e})" for n in checks)
+            + f"; rdp bound {rdp:.4f}"
+        )
+        problems += [f"{path}: {n} differs by {g:.2%}" for n, g in gaps.items() if g > AGREEMENT]
+        if not rdp >= reported * (1 - AGREEMENT):
+            problems.append(f"{path}: the RDP bound {rdp:.4f} is below the PLD's {reported:.4f}")
+    if problems:
+        raise FedaiotError("; ".join(problems))
+
+
+@registry_app.command("list")
+def registry_list(root: Path) -> None:
+    """List a registry's versions with round, accuracy and refs."""
+    from fedaiot.registry.store import ModelRegistry
+
+    registry = ModelRegistry(root)
+    refs = registry.refs()
+    for version in registry.versions():
+        manifest = registry.manifest(version)
+        marks = ",".join(k for k, v in refs.items() if v == version)
+        accuracy = manifest.metrics.get("accuracy", math.nan)
+        print(f"{version}\tround {manifest.round}\taccuracy {accuracy:.4f}\t{marks}")
+
+
+@registry_app.command("verify")
+def registry_verify(root: Path) -> None:
+    """Check every version's weights against its manifest hash."""
+    from fedaiot.registry.store import ModelRegistry, RegistryError
+
+    registry = ModelRegistry(root)
+    problems = []
+    for version in registry.versions():
+        try:
+            registry.load(version)
+            print(f"ok\t{version}")
+        except RegistryError as exc:  # every version is checked, then the failure is reported
+            problems.append(version)
+            Console(stderr=True).print(f"[red]bad[/]\t{exc}", highlight=False)
+    if problems:
+        raise FedaiotError(f"{len(problems)} of the versions failed their checks")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(ledger_app, name="ledger")
+    app.add_typer(registry_app, name="registry")

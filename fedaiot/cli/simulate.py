@@ -1,0 +1,177 @@
+"""``fedaiot simulate``: one run across simulated institutions, through Flower's engine."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from click.core import ParameterSource
+from rich.console import Console
+
+from fedaiot.config.run import RunConfig
+from fedaiot.errors import (
+    BadInputError,
+    FlowerRuntimeError,
+    NothingLearnedError,
+    PrivacyBudgetError,
+)
+
+_DEFAULT = RunConfig()  # the CLI's defaults are the run config's
+
+# Each option and the run-config key it sets (the options are shortcuts for --set).
+KEYS = {
+    "task": "task",
+    "rounds": "num-rounds",
+    "epsilon": "epsilon",
+    "delta": "delta",
+    "sample_rate": "sample-rate",
+    "seeded_noise": "seeded-noise",
+    "private": "private",
+    "partitioner": "partitioner",
+    "alpha": "dirichlet-alpha",
+    "classes_per_node": "classes-per-node",
+    "strategy": "strategy",
+    "local_epochs": "local-epochs",
+    "batch_size": "batch-size",
+    "lr": "learning-rate",
+    "max_grad_norm": "max-grad-norm",
+    "fraction": "fraction-train",
+    "seed": "seed",
+    "secure_aggregation": "secure-aggregation",
+    "stop_after": "stop-after-round",
+}
+
+
+def simulate(
+    ctx: typer.Context,
+    task: Annotated[
+        str, typer.Option(help="breast-cancer, digits, fashion-mnist, ...")
+    ] = _DEFAULT.task,
+    nodes: Annotated[int, typer.Option(help="simulated institutions")] = 10,
+    rounds: Annotated[int, typer.Option(help="federated rounds")] = _DEFAULT.num_rounds,
+    epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = _DEFAULT.epsilon,
+    delta: Annotated[float, typer.Option()] = _DEFAULT.delta,
+    sample_rate: Annotated[
+        float, typer.Option(help="DP-SGD's Poisson sampling rate, the same for every node")
+    ] = _DEFAULT.sample_rate,
+    seeded_noise: Annotated[
+        bool,
+        typer.Option(
+            "--seeded-noise", help="research only: noise from --seed, reproducible, NOT private"
+        ),
+    ] = False,
+    private: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD or plain SGD")] = True,
+    partitioner: Annotated[
+        str, typer.Option(help="iid, dirichlet or pathological")
+    ] = _DEFAULT.partitioner,
+    alpha: Annotated[
+        float, typer.Option(help="Dirichlet concentration")
+    ] = _DEFAULT.dirichlet_alpha,
+    classes_per_node: Annotated[
+        int, typer.Option(help="for pathological")
+    ] = _DEFAULT.classes_per_node,
+    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = _DEFAULT.strategy,
+    local_epochs: Annotated[int, typer.Option()] = _DEFAULT.local_epochs,
+    batch_size: Annotated[int, typer.Option(help="batch size without DP")] = _DEFAULT.batch_size,
+    lr: Annotated[float, typer.Option(help="local learning rate")] = _DEFAULT.learning_rate,
+    max_grad_norm: Annotated[
+        float, typer.Option(help="per-record clipping norm")
+    ] = _DEFAULT.max_grad_norm,
+    fraction: Annotated[
+        float, typer.Option(help="fraction of nodes per round")
+    ] = _DEFAULT.fraction_train,
+    seed: Annotated[int, typer.Option()] = _DEFAULT.seed,
+    secure_aggregation: Annotated[
+        str, typer.Option(help="on: the coordinator sees only the sum (SecAgg+); off: plain")
+    ] = "on",
+    output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
+    stop_after: Annotated[int, typer.Option(help="pause after this round; rerun to go on")] = 0,
+    run_config: Annotated[
+        Path | None, typer.Option(help="a TOML file of run-config keys; options given win")
+    ] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="any run-config key, as key=value (repeatable; wins over all)"),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+) -> None:
+    """Train one model across simulated institutions with Flower's simulation engine."""
+    cfg = _run_config(ctx, nodes, output, run_config, settings or [])
+    from fedaiot.simulation.engine import preflight
+
+    done = preflight(cfg, nodes)
+    summary = _run(cfg, nodes, done, as_json)
+    if summary["status"] == "budget-exhausted":
+        raise PrivacyBudgetError("every node refused to train: their privacy budgets are spent")
+
+
+def _run_config(
+    ctx: typer.Context, nodes: int, output: Path | None, file: Path | None, settings: list[str]
+) -> RunConfig:
+    """Defaults < the run-config file < the options given on the command line < --set."""
+    from fedaiot.config.run import node_counts, read_run_config
+
+    values: dict[str, Any] = read_run_config(file) if file else {}
+    for option, key in KEYS.items():
+        if key not in values or ctx.get_parameter_source(option) != ParameterSource.DEFAULT:
+            values[key] = ctx.params[option]
+    secure = values["secure-aggregation"]
+    if isinstance(secure, str):
+        if secure not in ("on", "off"):
+            raise BadInputError(f"--secure-aggregation must be on or off, got {secure!r}")
+        values["secure-aggregation"] = secure == "on"
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"--set takes key=value, got {item!r}")
+        values[key.strip()] = value.strip()
+    stamped = Path("runs") / f"{values['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    values["output-dir"] = str(Path(output or values.get("output-dir") or stamped).resolve())
+    fraction = float(values.get("fraction-train", _DEFAULT.fraction_train))
+    return RunConfig.from_run_config({**node_counts(nodes, fraction), **values})
+
+
+def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]:
+    from fedaiot.cli.display import RoundProgress, summary_tables
+    from fedaiot.rounds.journal import Journal, jsonable
+    from fedaiot.simulation.engine import Outcome
+    from fedaiot.simulation.engine import simulate as run_simulation
+
+    console = Console(stderr=as_json)
+    console.print(
+        f"fedaiot: {cfg.task}, {nodes} nodes, {cfg.num_rounds} rounds, "
+        + (f"epsilon {cfg.epsilon:g} per node" if cfg.private else "non-private")
+        + f", {cfg.partitioner} partitions -> {cfg.output_path}",
+        highlight=False,
+    )
+    if cfg.seeded_noise and cfg.private:
+        from fedaiot.privacy.disclosure import NOT_PRIVATE
+
+        console.print(f"[red]{NOT_PRIVATE}: results for research only[/]", highlight=False)
+    finished = Journal(cfg.output_path).read_summary() if done >= cfg.num_rounds else None
+    if finished is not None:  # nothing left to train: report the run as it ended
+        console.print(f"run {cfg.output_path.name} already completed its {done} rounds")
+        outcome = Outcome("completed", finished, "", 0.0, cfg.output_path / "flower.log")
+    else:
+        with RoundProgress(console, cfg.num_rounds) as progress:
+            outcome = run_simulation(cfg, nodes, on_event=progress)
+    summary: dict[str, Any] = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
+    summary["output_dir"] = str(cfg.output_path)
+    if outcome.status == "failed":
+        raise FlowerRuntimeError(f"the run failed: {outcome.error} (log: {outcome.log})")
+    if outcome.status == "no-aggregate":
+        error = summary.get("error", "no round aggregated any update")
+        raise NothingLearnedError(f"{error}: no model was registered")
+    if as_json:
+        print(json.dumps(jsonable(summary), allow_nan=False))
+    else:
+        for table in summary_tables(summary):
+            console.print(table)
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(simulate)

@@ -8,7 +8,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedaiot.node.guard import guarded
-from fedaiot.secure_rounds import handlers as secure_node
+from fedaiot.secure_rounds import handlers
 from fedaiot.secure_rounds.wire import unpack
 
 if TYPE_CHECKING:
@@ -71,27 +71,27 @@ def train(msg: Message, context: Context) -> Message:
 def train_and_advertise(msg: Message, context: Context) -> Message:
     from fedaiot.config.run import RunConfig
 
-    secure_node.forget_round(context)  # an abandoned round's update must never leave later
+    handlers.forget_round(context)  # an abandoned round's update must never leave later
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
     reply = _train(msg, context, released_on_return=False)
     private = RunConfig.from_run_config(context.run_config).private
-    content = secure_node.advertise(reply, arrays, unpack(msg.content), context, private=private)
+    content = handlers.advertise(reply, arrays, unpack(msg.content), context, private=private)
     return Message(content=content, reply_to=msg)
 
 
 @app.query("secagg_share")
 @guarded
 def share_keys(msg: Message, context: Context) -> Message:
-    return Message(content=secure_node.share_keys(msg.content, context), reply_to=msg)
+    return Message(content=handlers.share_keys(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_mask")
 @guarded
 def masked_input(msg: Message, context: Context) -> Message:
-    return Message(content=secure_node.masked_input(msg.content, context), reply_to=msg)
+    return Message(content=handlers.masked_input(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_unmask")
 @guarded
 def unmask(msg: Message, context: Context) -> Message:
-    return Message(content=secure_node.unmask(msg.content, context), reply_to=msg)
+    return Message(content=handlers.unmask(msg.content, context), reply_to=msg)

@@ -38,9 +38,10 @@ from rich.table import Table
 
 from fedaiot.experiments.central import fit
 from fedaiot.experiments.membership import MembershipResult, attack, attack_run
-from fedaiot.node.training import LocalSchedule, evaluate
+from fedaiot.node.training import LocalSchedule
 from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import ArrayData, federate, get_task
+from fedaiot.tasks.evaluation import evaluate
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import torch
 import uvicorn
@@ -27,6 +26,7 @@ from fedaiot.serving import ServingSettings, create_app
 from fedaiot.serving.auth import issue_token
 from fedaiot.serving.protocol import uvicorn_config
 from fedaiot.tasks import get_task
+from tests.waiting import answers, wait_until
 
 TASK = get_task("breast-cancer")
 DATA = np.asarray(load_breast_cancer().data, dtype=np.float64)
@@ -112,11 +112,11 @@ class LiveServer:
             target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
         )
         self.thread.start()
-        deadline = time.monotonic() + 10.0
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(), "the test server to start"
+        )
+        if not self.server.started:
+            raise RuntimeError("the test server did not start")
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -156,16 +156,14 @@ class ServeProcess:
         command += ["--public-key", str(keys.public_path), "--port", str(self.port)]
         command += ["--log-level", "warning"]
         self.process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 90.0  # imports torch: slow on a loaded machine
-        while True:
-            try:
-                httpx.get(self.url + "/healthz", timeout=2).raise_for_status()
-                return
-            except httpx.TransportError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("fedaiot serve did not start") from None
-                time.sleep(0.1)
+        try:
+            wait_until(
+                lambda: answers(self.url + "/healthz"),
+                "fedaiot serve to answer",
+                process=self.process,
+            )
+        except AssertionError:
+            raise RuntimeError(f"fedaiot serve did not start: {self.stop()[-2000:]}") from None
 
     def stop(self) -> str:
         """Stop the server; its stderr."""

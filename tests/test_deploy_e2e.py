@@ -33,6 +33,7 @@ from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
 from fedaiot.registry.signing import load_public_key
 from fedaiot.registry.store import ModelRegistry
 from fedaiot.tasks import get_task
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
@@ -76,14 +77,11 @@ def processes() -> Iterator[Processes]:
 def _wait_for(
     what: str, check: Any, timeout: float = TIMEOUT, logs: Sequence[Path] = (), poll: float = 0.5
 ) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(poll)
-    tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
-    raise AssertionError(f"timed out waiting for {what}\n{tails}")
+    try:
+        return wait_until(check, what, timeout=timeout, poll=poll)
+    except AssertionError as exc:
+        tails = "\n".join(f"--- {log}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+        raise AssertionError(f"{exc}\n{tails}") from None
 
 
 def _crash(process: subprocess.Popen[bytes]) -> None:

@@ -10,7 +10,7 @@ import pytest
 from fedaiot.config.run import RunConfig
 from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
-from fedaiot.rounds.loop import Coordinator
+from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation import faults
 from fedaiot.simulation.inprocess import FIRST_ID, InProcessGrid
 
@@ -37,7 +37,7 @@ def test_dropped_nodes_are_recorded_and_secure_rounds_go_on_without_them(tmp_pat
         secagg_dropout=0.3,  # secure aggregation sized for the drop-outs played
         output_dir=str(tmp_path / "run"),
     )
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 6))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 6))
     assert summary["status"] == "completed"
     rounds = [
         json.loads(line)
@@ -80,7 +80,7 @@ def test_a_straggler_past_the_deadline_spends_budget_but_its_update_does_not_cou
     )
     late = {(r, n) for r in (1, 2) for n in range(4) if faults.straggles(cfg, f"node-{n}", r)}
     assert late
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 4))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 4))
     for node in summary["nodes"]:
         index = int(node["id"].removeprefix("node-"))
         assert node["rounds"] == sum((r, index) not in late for r in (1, 2))

@@ -16,7 +16,7 @@ from fedaiot.config.run import RunConfig
 from fedaiot.experiments.membership import MembershipError, attack, attack_run
 from fedaiot.node.round import simulated_federation
 from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, RegistryError
-from fedaiot.rounds.loop import Coordinator
+from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation.inprocess import InProcessGrid
 from fedaiot.tasks import ArrayData, federate, get_task
 
@@ -145,7 +145,7 @@ def test_attack_run_on_a_coordinated_run(tmp_path: Path) -> None:
         secure_aggregation=False,
         output_dir=str(tmp_path / "run"),
     )
-    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 3))
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 3))
 
     result = attack_run(cfg.output_path)
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fedaiot.config.run import RunConfig
-from fedaiot.rounds.loop import Coordinator
+from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -29,7 +29,7 @@ def _cfg(tmp_path: Path, name: str, **overrides: Any) -> RunConfig:
 
 
 def _round_one(cfg: RunConfig, grid: InProcessGrid) -> tuple[dict[str, torch.Tensor], dict]:
-    coordinator = Coordinator(cfg)
+    coordinator = RoundLoop(cfg)
     coordinator.run_rounds(grid)
     weights, _ = coordinator.registry.load(coordinator.registry.versions()[-1])
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
@@ -79,7 +79,7 @@ def test_a_run_none_of_whose_rounds_aggregated_fails_and_registers_nothing(
 ) -> None:
     cfg = _cfg(tmp_path, "fail", num_rounds=2)
     gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}  # 2 of 5 left, threshold 3
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=gone))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=gone))
     assert summary["status"] == "no-aggregate"
     assert "no round aggregated any update" in summary["error"]
     assert "threshold" in summary["error"]
@@ -111,7 +111,7 @@ def test_a_round_without_an_aggregate_keeps_the_model_and_is_not_registered(
 ) -> None:
     cfg = _cfg(tmp_path, "gap", num_rounds=2)
     gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}
-    coordinator = Coordinator(cfg)
+    coordinator = RoundLoop(cfg)
     failing = InProcessGrid(cfg, 5, overrides=gone)
     calls = {"n": 0}
     real = failing.send_and_receive
@@ -154,7 +154,7 @@ def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_pat
         return reply
 
     overrides = {(1, "query.secagg_mask"): replaying, (2, "query.secagg_mask"): truncating}
-    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     first, second = (e for e in events if e["event"] == "round")
     assert "expects" in first["secure_aggregation"]["dropped"]["node-2"]
@@ -171,7 +171,7 @@ def test_too_few_nodes_for_secure_aggregation_fail_the_run_clearly(tmp_path: Pat
 
     cfg = _cfg(tmp_path, "two", min_available_nodes=2)
     with pytest.raises(ConfigError, match="at least 3 nodes in a round, 2 were sampled"):
-        Coordinator(cfg).run_rounds(InProcessGrid(cfg, 2))
+        RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 2))
 
 
 def test_flatten_follows_the_global_models_key_order() -> None:
@@ -208,7 +208,7 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
         return handler
 
     overrides = {(i, "train.secagg"): recording(i) for i in range(5)}
-    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
     small, large = seen[sizes.index(min(sizes))], seen[sizes.index(max(sizes))]
     assert dict(small.metric_records["metrics"]) == dict(large.metric_records["metrics"])
     assert set(small.metric_records["metrics"]) == {"epsilon", "delta", "noise-multiplier"}
@@ -234,7 +234,7 @@ def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> 
         seen["reply"] = reply.content
         return reply
 
-    Coordinator(cfg).run_rounds(InProcessGrid(cfg, 5, overrides={(4, "train.secagg"): recording}))
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides={(4, "train.secagg"): recording}))
     refusal = seen["reply"]
     assert dict(refusal.config_records["node"])["status"] == "refused"
     assert set(refusal.metric_records["metrics"]) == {"epsilon", "delta"}

@@ -7,7 +7,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ from fedaiot.errors import BadInputError
 from fedaiot.serving.auth import TokenError, TokenVerifier
 from fedaiot.serving.settings import ServingSettings
 from tests.serving_support import bound_socket, make_keys, make_registry
+from tests.waiting import answers, wait_until
 
 EXIT_STARTUP = BadInputError.exit_code
 
@@ -115,14 +115,9 @@ def test_fedaiot_serve_runs_uvicorn(tmp_path: Path) -> None:
     command += ["--public-key", str(keys.public_path), "--port", str(port), "--log-level", "error"]
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env={**os.environ})
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}/healthz"
+        wait_until(lambda: answers(url), "fedaiot serve to answer", process=process)
+        health = httpx.get(url, timeout=30)
         assert health.json() == {"status": "ok", "model_version": "bc-r0002"}
     finally:
         process.terminate()

@@ -27,6 +27,7 @@ CONNECTION = "fedaiot"
 class KitError(BadInputError):
     """A file, key, port or setting of a kit that cannot be used; the message says what to do."""
 
+
 UNFINISHED = ("pending", "starting", "running")
 
 

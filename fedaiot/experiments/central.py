@@ -17,7 +17,6 @@ from fedaiot.node.training import (
     LocalSchedule,
     PrivateSteps,
     batches_per_epoch,
-    evaluate,
     sample_rate,
     train_plain,
     train_private,
@@ -25,6 +24,7 @@ from fedaiot.node.training import (
 from fedaiot.privacy.accounting import epsilon_spent, plan_noise
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import ArrayData, FederatedData, federate, get_task
+from fedaiot.tasks.evaluation import evaluate
 
 
 @dataclass(frozen=True)

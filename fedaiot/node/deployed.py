@@ -83,13 +83,6 @@ class NodeSettings:
         return config
 
 
-def capped(cfg: RunConfig, settings: NodeSettings) -> RunConfig:
-    """The run's config with the node's own budget cap applied: it can lower, never raise."""
-    if settings.max_epsilon is None or settings.max_epsilon >= cfg.epsilon:
-        return cfg
-    return cfg.model_copy(update={"epsilon": settings.max_epsilon})
-
-
 def normalization_from(config: Mapping[str, Any], size: int) -> dict[str, list[float]] | None:
     """The coordinator's standardization statistics from a round's config, checked."""
     if "normalization-mean" not in config:
@@ -143,7 +136,7 @@ def deployed_round(
         )
     data = standardize(raw, stats) if stats is not None else raw
     reply = train_round(
-        capped(cfg, settings),
+        cfg,
         node="",
         data=data,
         global_state=global_state,
@@ -153,6 +146,7 @@ def deployed_round(
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         dataset_id=dataset_fingerprint(raw),
         released_on_return=released_on_return,
+        epsilon_cap=settings.max_epsilon,
     )
     LOG.info(
         "fedaiot node %s, round %s: %s", settings.node_name, config["server-round"], describe(reply)

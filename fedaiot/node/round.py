@@ -78,17 +78,6 @@ def _returns_freed_memory(function: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def budget_terms(cfg: RunConfig) -> BudgetTerms:
-    return BudgetTerms(
-        epsilon=cfg.epsilon,
-        delta=cfg.delta,
-        sample_rate=cfg.sample_rate,
-        steps_per_round=cfg.steps_per_round,
-        rounds=cfg.num_rounds,
-        count_noise=cfg.count_noise,
-    )
-
-
 def round_randomness(cfg: RunConfig, node: str, server_round: int) -> SecureRandom:
     """A fresh key from the OS for every round; from the seed only in a research run that
     asked for it (``seeded-noise``), whose manifests say it is not private."""
@@ -110,6 +99,7 @@ def train_round(
     proximal_mu: float = 0.0,
     dataset_id: str = "",
     released_on_return: bool = True,
+    epsilon_cap: float | None = None,
 ) -> NodeReply:
     """One round of local training, or a refusal when it would overrun the privacy budget.
 
@@ -143,7 +133,7 @@ def train_round(
     randomness = round_randomness(cfg, node, server_round)
     decision = budget.decide(
         ledger,
-        budget_terms(cfg),
+        BudgetTerms.for_run(cfg, epsilon_cap),
         run=run_key,
         server_round=server_round,
         examples=len(data),

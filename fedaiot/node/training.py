@@ -12,7 +12,6 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
-from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -198,33 +197,3 @@ def _proximal_step(model: nn.Module, anchor: list[torch.Tensor], strength: float
     """
     for param, global_param in zip(model.parameters(), anchor, strict=True):
         param.sub_(strength * (param - global_param))
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: ArrayData, *, positive_class: int = 1, batch_size: int = 512
-) -> dict[str, float]:
-    """Loss and accuracy; for two classes also AUC, sensitivity and specificity."""
-    model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
-    logits = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    loss = float(criterion(logits, y)) / len(y)
-    predicted = logits.argmax(dim=1)
-    metrics = {"loss": loss, "accuracy": float((predicted == y).float().mean())}
-    if logits.shape[1] == 2:
-        truth = (y == positive_class).numpy()
-        score = torch.softmax(logits, dim=1)[:, positive_class].numpy()
-        said = (predicted == positive_class).numpy()
-        positives, negatives = truth.sum(), (~truth).sum()
-        metrics["sensitivity"] = float((said & truth).sum() / positives) if positives else math.nan
-        metrics["specificity"] = (
-            float((~said & ~truth).sum() / negatives) if negatives else math.nan
-        )
-        both = positives and negatives
-        metrics["auc"] = float(roc_auc_score(truth, score)) if both else math.nan
-    return metrics
-
-
-def flat_size(state: StateDict) -> int:
-    return int(sum(np.prod(v.shape) for v in state.values()))

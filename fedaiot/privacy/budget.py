@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedaiot.config.run import RunConfig
 from fedaiot.privacy.accounting import (
     ACCOUNTANT,
     BudgetExhaustedError,
@@ -53,6 +54,20 @@ class BudgetTerms:
     steps_per_round: int
     rounds: int
     count_noise: float
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig, cap: float | None = None) -> BudgetTerms:
+        """The run's terms; the node's own lifetime ``cap`` can lower its epsilon, never raise
+        it (the coordinator cannot overrule an institution's cap)."""
+        epsilon = cfg.epsilon if cap is None else min(cfg.epsilon, cap)
+        return cls(
+            epsilon=epsilon,
+            delta=cfg.delta,
+            sample_rate=cfg.sample_rate,
+            steps_per_round=cfg.steps_per_round,
+            rounds=cfg.num_rounds,
+            count_noise=cfg.count_noise,
+        )
 
 
 @dataclass(frozen=True)

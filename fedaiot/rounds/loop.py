@@ -21,13 +21,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from fedaiot.config.run import ConfigError, RunConfig
-from fedaiot.node.training import evaluate
 from fedaiot.privacy.disclosure import disclosure
 from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version_name
 from fedaiot.rounds.journal import Journal
 from fedaiot.rounds.strategy_state import load_moments, save_moments
 from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply
 from fedaiot.tasks import ArrayData, Task, federate, get_task
+from fedaiot.tasks.evaluation import evaluate
 from fedaiot.wire.records import ReceivedReply, receive, refuse_duplicates
 
 
@@ -90,7 +90,9 @@ def rounds_done(cfg: RunConfig) -> int:
     return max([registered, *played])
 
 
-class Coordinator:
+class RoundLoop:
+    """One run of the coordinator: ``run_rounds(grid)`` plays it to its end (or pause)."""
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.task: Task = get_task(cfg.task)
@@ -328,7 +330,7 @@ def _describe(reply: ReceivedReply) -> dict[str, Any]:
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """The ServerApp's body: run the rounds, and journal any failure before re-raising it."""
     try:
-        return Coordinator(cfg).run_rounds(grid)
+        return RoundLoop(cfg).run_rounds(grid)
     except Exception as exc:
         Journal(cfg.output_path).append("failed", error=f"{type(exc).__name__}: {exc}")
         raise

@@ -97,8 +97,8 @@ def run_inprocess(cfg: RunConfig, nodes: int) -> dict[str, object]:
     """Run ``cfg`` over ``nodes`` in-process nodes through the real coordinator; its summary."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedaiot.rounds.loop import Coordinator
+    from fedaiot.rounds.loop import RoundLoop
 
     # Flower messages need a task identity, which a running Flower process would set.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    return Coordinator(cfg).run_rounds(InProcessGrid(cfg, nodes))
+    return RoundLoop(cfg).run_rounds(InProcessGrid(cfg, nodes))

@@ -28,6 +28,7 @@ class Releasable(Protocol):
 
     def release(self) -> None: ...
 
+
 TRAINED, REFUSED, FAILED = "trained", "refused", "failed"
 
 REASONS: dict[str, str] = {

@@ -19,7 +19,7 @@ from clients.client_app import train
 from fedaiot.config.run import RunConfig
 from fedaiot.node.round import simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
-from fedaiot.rounds.loop import Coordinator
+from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation.inprocess import InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -55,7 +55,7 @@ def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path:
     with spent.update() as record:
         record.history = [(0.5, 0.5, 500)]
 
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train, _poisoned]))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, [train, train, _poisoned]))
 
     assert summary["status"] == "completed"
     assert summary["rounds"] == 2
@@ -80,7 +80,7 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
         ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", data)
         with ledger.update() as record:
             record.history = [(0.5, 0.5, 500)]
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train]))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, [train, train]))
     assert summary["status"] == "budget-exhausted"
     assert summary["rounds"] == 1
     assert not (cfg.output_path / "registry" / "versions").exists()  # nothing was learned
@@ -90,7 +90,7 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
 def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy: str) -> None:
     cfg = _cfg(tmp_path, num_rounds=2, epsilon=2.0, strategy=strategy, secure_aggregation=True)
     assert cfg.secure_aggregation  # the default path
-    coordinator = Coordinator(cfg)
+    coordinator = RoundLoop(cfg)
     initial, _ = coordinator.initial_state()
     summary = coordinator.run_rounds(InProcessGrid(cfg, 3))
     assert summary["status"] == "completed"
@@ -118,13 +118,13 @@ def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> No
             stop_after_round=stop,
         )
 
-    whole = Coordinator(cfg("run"))
+    whole = RoundLoop(cfg("run"))
     whole.run_rounds(InProcessGrid(cfg("run"), 3))
     expected, _ = whole.registry.load("run-r0003")
 
     # the same run, stopped after round 1 and resumed by a new coordinator (a restart)
-    Coordinator(cfg("split", stop=1)).run_rounds(InProcessGrid(cfg("split", stop=1), 3))
-    resumed = Coordinator(cfg("split"))
+    RoundLoop(cfg("split", stop=1)).run_rounds(InProcessGrid(cfg("split", stop=1), 3))
+    resumed = RoundLoop(cfg("split"))
     summary = resumed.run_rounds(InProcessGrid(cfg("split"), 3))
     assert summary["rounds"] == 3
     got, _ = resumed.registry.load("split-r0003")
@@ -153,7 +153,7 @@ def test_a_nodes_data_error_reaches_the_coordinator_as_a_code_only(tmp_path: Pat
         "node-name": "gamma",
         "task": "breast-cancer",
     }
-    summary = Coordinator(cfg).run_rounds(grid)
+    summary = RoundLoop(cfg).run_rounds(grid)
     journal = (cfg.output_path / "journal.jsonl").read_text()
     assert "Smith" not in journal and "st-mary" not in journal and "gamma" not in journal
     events = [json.loads(line) for line in journal.splitlines()]
@@ -171,7 +171,7 @@ def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_pa
         reply.content["node"]["id"] = "node-0"  # claims node-0's partition
         return reply
 
-    summary = Coordinator(cfg).run_rounds(InProcessGrid(cfg, [train, train, impostor]))
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, [train, train, impostor]))
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     replies = next(e for e in events if e["event"] == "round")["replies"]
     assert sorted((r["node"], r["status"]) for r in replies) == [
@@ -187,7 +187,7 @@ def test_the_roster_names_deployed_nodes_and_duplicate_claims_are_refused(tmp_pa
     named = cfg.model_copy(
         update={"node_roster": str(roster), "output_dir": str(tmp_path / "named")}
     )
-    summary = Coordinator(named).run_rounds(InProcessGrid(named, [train, train, impostor]))
+    summary = RoundLoop(named).run_rounds(InProcessGrid(named, [train, train, impostor]))
     assert [n["id"] for n in summary["nodes"]] == ["alpha", "beta", "gamma"]  # claims ignored
 
 
@@ -195,7 +195,7 @@ def test_every_manifest_and_the_model_card_say_what_the_coordinator_saw(tmp_path
     from fedaiot.serving.schemas import model_card
 
     cfg = _cfg(tmp_path, secure_aggregation=True)
-    coordinator = Coordinator(cfg)
+    coordinator = RoundLoop(cfg)
     coordinator.run_rounds(InProcessGrid(cfg, 3))
     card = model_card(coordinator.registry.manifest("run-r0001"))
     assert card.privacy["private"] is True
@@ -211,7 +211,7 @@ def test_every_manifest_and_the_model_card_say_what_the_coordinator_saw(tmp_path
     assert all(node.examples is None for node in card.nodes)  # the weights travelled masked
 
     seeded = cfg.model_copy(update={"seeded_noise": True, "output_dir": str(tmp_path / "s")})
-    research = Coordinator(seeded)
+    research = RoundLoop(seeded)
     research.run_rounds(InProcessGrid(seeded, 3))
     card = model_card(research.registry.manifest("s-r0001"))
     assert card.privacy["private"] is False and card.privacy["noise"].startswith("NOT PRIVATE")

@@ -152,3 +152,28 @@ def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
         loaded, done = _imported(args, tmp_path)
         assert done.returncode == 0, (args, done.stderr[-2000:])
         assert not loaded & set(HEAVY), (args, sorted(loaded & set(HEAVY)))
+
+
+def test_run_config_file_then_options_then_set(tmp_path: Path) -> None:
+    """Defaults < --run-config FILE < options given on the command line < --set."""
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "precious.txt").write_text("keep me")  # stops the run at preflight
+    out = ["--output", str(tmp_path / "keep")]
+    file = tmp_path / "run.toml"
+    file.write_text('[tool.flwr.app.config]\ntask = "breast-cancer"\nepsilon = -1.0\n')
+
+    from_file = runner.invoke(app, ["simulate", "--run-config", str(file), *out])
+    assert from_file.exit_code == 2 and "epsilon must be > 0" in from_file.output
+    option_wins = runner.invoke(
+        app, ["simulate", "--run-config", str(file), "--epsilon", "2", *out]
+    )
+    assert option_wins.exit_code == 2 and "not a fedaiot run folder" in option_wins.output
+    set_wins = runner.invoke(
+        app, ["simulate", "--run-config", str(file), "--epsilon", "2", "--set", "epsilon=-3", *out]
+    )
+    assert set_wins.exit_code == 2 and "epsilon must be > 0" in set_wins.output
+    unknown = runner.invoke(app, ["simulate", "--set", "epsilonn=2", *out])
+    assert unknown.exit_code == 2 and "epsilonn" in unknown.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("epsilon = ")
+    assert "run config" in runner.invoke(app, ["simulate", "--run-config", str(broken)]).output

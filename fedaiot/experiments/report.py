@@ -94,7 +94,7 @@ def _build(folder: Path) -> Path:
         lines += [
             "## Each node's privacy spend, round by round",
             "",
-            "Every line is one node's accountant (RDP, converted at delta 1e-5); the dashed line "
+            "Every line is one node's accountant (PLD, at delta 1e-5); the dashed line "
             "is its budget. A node stops at its budget: it refuses rounds it cannot afford.",
             "",
             f"![epsilon per round]({_rel(spend, folder)})",

@@ -16,6 +16,7 @@ LAYERS = [
     "errors",
     "tasks",
     "config",
+    "studies",
     "wire",
     "privacy",
     "secagg",

@@ -51,8 +51,11 @@ class RoundProgress:
             epsilons = [r["epsilon"] for r in event["replies"] if r.get("epsilon") is not None]
             refused = [r["node"] for r in event["replies"] if r["status"] != "trained"]
             if event.get("aggregated", True):
-                result = f"accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}"
-                status = f"acc {metrics['accuracy']:.3f}"
+                shown = [
+                    f"{k} {metrics[k]:.4f}" for k in ("accuracy", "loss", "auc") if k in metrics
+                ]
+                result = "  ".join(shown) or "aggregated (not evaluated this round)"
+                status = f"acc {metrics['accuracy']:.3f}" if "accuracy" in metrics else "trained"
             else:
                 result = f"[red]no aggregate, model kept: {event.get('no_aggregate', '')}[/]"
                 status = "no aggregate"

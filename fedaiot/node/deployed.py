@@ -30,6 +30,7 @@ DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
     "ledger-dir",
     "max-epsilon",
 )
+STUDY = "study"
 
 
 LOG = logging.getLogger("fedaiot.node.round")
@@ -54,6 +55,7 @@ class NodeSettings:
     task: str
     ledger_dir: Path
     max_epsilon: float | None = None  # the institution's own lifetime cap (None: the run's)
+    study: Path | None = None  # the study file the institution holds (its own copy)
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -63,12 +65,14 @@ class NodeSettings:
         data = Path(str(node_config[DATA_PATH])).expanduser()
         ledger = node_config.get(LEDGER_DIR)
         cap = node_config.get(MAX_EPSILON)
+        study = node_config.get(STUDY)
         return cls(
             data_path=data,
             node_name=str(node_config[NODE_NAME]),
             task=str(node_config[TASK]),
             ledger_dir=Path(str(ledger)).expanduser() if ledger else default_ledger_dir(data),
             max_epsilon=float(cap) if cap is not None and float(cap) > 0 else None,
+            study=Path(str(study)).expanduser() if study else None,
         )
 
     def to_node_config(self) -> dict[str, str | float]:
@@ -80,6 +84,8 @@ class NodeSettings:
         }
         if self.max_epsilon is not None:
             config[MAX_EPSILON] = self.max_epsilon
+        if self.study is not None:
+            config[STUDY] = str(self.study)
         return config
 
 
@@ -105,6 +111,14 @@ class SeededNoiseRefused(NodeConfigError):
     reason = "seeded-noise-refused"
 
 
+def refuse_seeded_noise(cfg: RunConfig) -> None:
+    if cfg.seeded_noise and cfg.private:
+        raise SeededNoiseRefused(
+            "the run asks for seeded-noise (noise anyone who knows the seed can recompute): "
+            "a deployed node trains only with noise from its own secure generator"
+        )
+
+
 def deployed_round(
     cfg: RunConfig,
     settings: NodeSettings,
@@ -118,11 +132,7 @@ def deployed_round(
     The reply names no node: the coordinator knows the institution by the key the SuperLink
     authenticated, and the name the kit was started under stays in the node's own log.
     """
-    if cfg.seeded_noise and cfg.private:
-        raise SeededNoiseRefused(
-            "the run asks for seeded-noise (noise anyone who knows the seed can recompute): "
-            "a deployed node trains only with noise from its own secure generator"
-        )
+    refuse_seeded_noise(cfg)
     if cfg.task != settings.task:
         raise NodeConfigError(
             f"{settings.node_name} holds {settings.task} data, the run is for task {cfg.task}"

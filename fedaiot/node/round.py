@@ -100,6 +100,7 @@ def train_round(
     dataset_id: str = "",
     released_on_return: bool = True,
     epsilon_cap: float | None = None,
+    task: Task | None = None,
 ) -> NodeReply:
     """One round of local training, or a refusal when it would overrun the privacy budget.
 
@@ -110,7 +111,7 @@ def train_round(
     the update leaves in another form (a masked vector).
     """
     torch.set_num_threads(1)  # nodes share the machine's cores with each other
-    task: Task = get_task(cfg.task)
+    task = task or get_task(cfg.task)
     model = task.build_model()
     model.load_state_dict(global_state)
     schedule = schedule_of(cfg, proximal_mu)

@@ -39,7 +39,14 @@ from fedaiot.privacy.accounting import (
     epsilon_spent,
     plan_noise,
 )
-from fedaiot.privacy.ledger import CountRelease, LedgerRecord, NoisePlan, PrivacyLedger, RoundEntry
+from fedaiot.privacy.ledger import (
+    CountRelease,
+    LedgerRecord,
+    NoisePlan,
+    PrivacyLedger,
+    ReleaseEntry,
+    RoundEntry,
+)
 from fedaiot.privacy.randomness import SecureRandom
 
 
@@ -106,16 +113,14 @@ def decide(
         try:
             plan = record.plans.get(run) or _plan(terms, [*record.history, *count_step])
         except BudgetExhaustedError as exc:
-            spent = epsilon_spent(record.history, terms.delta)
-            return Decision(False, spent, reason=str(exc))
+            return Decision(False, record.epsilon(terms.delta), reason=str(exc))
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
         before = [*record.history, *count_step]
         after = epsilon_spent(_with_step(before, step), terms.delta)
         if after > terms.epsilon:
-            spent = epsilon_spent(record.history, terms.delta)
             return Decision(
                 False,
-                spent,
+                record.epsilon(terms.delta),
                 reason=(
                     f"privacy budget exhausted: this round would raise epsilon from "
                     f"{epsilon_spent(before, terms.delta):.3f} to {after:.3f}, over the budget "
@@ -140,7 +145,79 @@ def decide(
                 released=False,
             )
         )
-        return Decision(True, after, plan, record.count.value)
+        return Decision(True, record.epsilon(terms.delta), plan, record.count.value)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A release other than training: a sum of per-record contributions of L2 norm at most 1
+    with Gaussian noise of ``noise_multiplier`` (the history entry ``(sigma, 1.0, 1)``), over
+    the training records (``side = "train"``) or the held-out test split (``"test"``)."""
+
+    kind: str
+    side: str
+    noise_multiplier: float
+
+
+def charge_release(
+    ledger: PrivacyLedger, terms: BudgetTerms, *, run: str, release: Release
+) -> Decision:
+    """Charge ``release`` to its side of the ledger before it is computed, or refuse it."""
+    with ledger.update() as record:
+        test = release.side == "test"
+        history = record.test_history if test else record.history
+        step = (release.noise_multiplier, 1.0, 1)
+        after = epsilon_spent(_with_step(history, step), terms.delta)
+        if after > terms.epsilon:
+            return Decision(
+                False,
+                record.epsilon(terms.delta),
+                reason=(
+                    f"privacy budget exhausted: the {release.kind} release would raise the "
+                    f"{release.side} side's epsilon to {after:.3f}, over {terms.epsilon:.3f}"
+                ),
+            )
+        if test:
+            record.test_history = _with_step(history, step)
+        else:
+            record.history = _with_step(history, step)
+        record.releases.append(
+            ReleaseEntry(
+                run=run,
+                kind=release.kind,
+                side=release.side,
+                noise_multiplier=release.noise_multiplier,
+                epsilon=after,
+            )
+        )
+        return Decision(True, record.epsilon(terms.delta))
+
+
+def evaluation_noise(
+    ledger: PrivacyLedger, terms: BudgetTerms, *, run: str, releases: int
+) -> float:
+    """The noise of a run's evaluation releases, planned once so that ``releases`` of them
+    fit the test split's budget; BudgetExhaustedError when they cannot."""
+    key = f"{run}#evaluation"
+    with ledger.update() as record:
+        if key not in record.plans:
+            sigma = plan_noise(
+                target_epsilon=terms.epsilon,
+                delta=terms.delta,
+                sample_rate=1.0,
+                steps=releases,
+                spent=record.test_history,
+            )
+            record.plans[key] = NoisePlan(
+                noise_multiplier=sigma,
+                sample_rate=1.0,
+                steps_per_round=1,
+                rounds=releases,
+                target_epsilon=terms.epsilon,
+                delta=terms.delta,
+                accountant=ACCOUNTANT,
+            )
+        return record.plans[key].noise_multiplier
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,20 @@ class RoundEntry(BaseModel):
     time: float = Field(default_factory=time.time)
 
 
+class ReleaseEntry(BaseModel):
+    """A release other than a training round (federated statistics or evaluation), as charged.
+
+    ``side`` says which records it touched: ``train`` (the training records, the same history
+    as the rounds) or ``test`` (the node's held-out test split, a history of its own)."""
+
+    run: str
+    kind: str
+    side: str
+    noise_multiplier: float
+    epsilon: float
+    time: float = Field(default_factory=time.time)
+
+
 class CountRelease(BaseModel):
     """The data set's size, released once with Gaussian noise and reused by every run."""
 
@@ -85,10 +99,18 @@ class LedgerRecord(BaseModel):
     dataset: str
     node: str = ""  # the last name the node ran under: for people, never a key
     history: list[tuple[float, float, int]] = Field(default_factory=list)
+    # Releases computed from the held-out test records only: a record is on one side or the
+    # other (decided by the record alone), so the two sides compose in parallel.
+    test_history: list[tuple[float, float, int]] = Field(default_factory=list)
     plans: dict[str, NoisePlan] = Field(default_factory=dict)
     rounds: list[RoundEntry] = Field(default_factory=list)
+    releases: list[ReleaseEntry] = Field(default_factory=list)
     count: CountRelease | None = None
     adopted: list[str] = Field(default_factory=list)
+
+    def epsilon(self, delta: float) -> float:
+        """The data set's epsilon: the larger of its two sides' (parallel composition)."""
+        return max(epsilon_spent(self.history, delta), epsilon_spent(self.test_history, delta))
 
 
 def dataset_fingerprint(data: ArrayData) -> str:
@@ -192,6 +214,8 @@ class PrivacyLedger:
             if old.dataset != self.dataset and old.dataset not in self.also:
                 continue
             record.history = [*record.history, *old.history]
+            record.test_history = [*record.test_history, *old.test_history]
+            record.releases = [*record.releases, *old.releases]
             record.rounds = [*record.rounds, *old.rounds]
             record.plans = {**old.plans, **record.plans}
             record.count = record.count or old.count
@@ -208,7 +232,7 @@ class PrivacyLedger:
         os.replace(tmp, self.path)
 
     def epsilon(self, delta: float) -> float:
-        return epsilon_spent(self.read().history, delta)
+        return self.read().epsilon(delta)
 
 
 def summarize(path: Path) -> dict[str, Any]:
@@ -224,9 +248,12 @@ def summarize(path: Path) -> dict[str, Any]:
         "rounds": len([r for r in record.rounds if not r.refunded]),
         "refunded_rounds": len([r for r in record.rounds if r.refunded]),
         "delta": delta,
-        "epsilon": epsilon_spent(record.history, delta),
+        "epsilon": record.epsilon(delta),
+        "epsilon_test_split": epsilon_spent(record.test_history, delta),
+        "releases": len(record.releases),
         "accountant": ACCOUNTANT,
         "noisy_count": record.count.value if record.count else None,
         "history": record.history,
+        "test_history": record.test_history,
         "adopted": record.adopted,
     }

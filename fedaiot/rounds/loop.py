@@ -23,11 +23,11 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.privacy.disclosure import disclosure
 from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.rounds.inputs import CentralInputs, Inputs
 from fedaiot.rounds.journal import Journal
 from fedaiot.rounds.strategy_state import load_moments, save_moments
 from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply
-from fedaiot.tasks import ArrayData, Task, federate, get_task
-from fedaiot.tasks.evaluation import evaluate
+from fedaiot.tasks import Task, get_task
 from fedaiot.wire.records import ReceivedReply, receive, refuse_duplicates
 
 
@@ -95,22 +95,23 @@ class RoundLoop:
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
-        self.task: Task = get_task(cfg.task)
         self.run = cfg.output_path.name
         self.run_key = run_key(cfg)
         self.roster = load_roster(cfg.node_roster)
         self.privacy = disclosure(cfg)
         self.registry = ModelRegistry(cfg.output_path / "registry")
         self.journal = Journal(cfg.output_path)
-        validation = cfg.holdout == "validation"
-        held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed, validation=validation)
-        self.test: ArrayData = held_out.test
-        self.input_schema = self.task.input_schema(held_out.normalization)
-        # Sent with every round: a deployed node standardizes its own files with these, the
-        # very statistics its simulated counterpart's partition was standardized with.
-        self.normalization = {
-            f"normalization-{key}": list(values) for key, values in held_out.normalization.items()
-        }
+        self.inputs: Inputs
+        if cfg.study:
+            from fedaiot.rounds.study_phases import FederatedInputs
+            from fedaiot.studies.spec import load_study
+
+            study = load_study(Path(cfg.study))
+            self.inputs = FederatedInputs(cfg, study, self.roster, self.run_key)
+            self.task: Task = self.inputs.task
+        else:
+            self.task = get_task(cfg.task)
+            self.inputs = CentralInputs(cfg, self.task)
 
     def initial_state(self) -> tuple[ArrayRecord, RunState]:
         """The fresh model, or the last registered round of this run (its hash checked)."""
@@ -138,10 +139,14 @@ class RoundLoop:
             strategy_state_restored=restored,
         )
         status = "completed"
+        if state.round < self.cfg.num_rounds:
+            prepared = self.inputs.prepare(grid)
+            if prepared:
+                self.journal.append("prepared", **prepared)
         while state.round < self.cfg.num_rounds:
             server_round = state.round + 1
             started = time.perf_counter()
-            train_config = ConfigRecord({"run-key": self.run_key, **self.normalization})
+            train_config = ConfigRecord({"run-key": self.run_key, **self.inputs.round_config()})
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             if self.cfg.secure_aggregation:
                 accepted, replies, notes = self._secure(grid, messages, arrays)
@@ -156,7 +161,8 @@ class RoundLoop:
             metrics: dict[str, float] = {}
             if aggregated is not None:
                 arrays = self.as_model(aggregated)
-                metrics = self.evaluate(arrays)
+                metrics, evaluated = self.inputs.evaluate(grid, arrays, server_round)
+                notes.update(evaluated)
                 self._register(arrays, state, server_round, metrics)
                 save_moments(strategy, moments, server_round)
                 state.aggregated += 1
@@ -218,11 +224,6 @@ class RoundLoop:
         model.load_state_dict(arrays.to_torch_state_dict())
         return ArrayRecord(model.state_dict())
 
-    def evaluate(self, arrays: ArrayRecord) -> dict[str, float]:
-        model = self.task.build_model()
-        model.load_state_dict(arrays.to_torch_state_dict())
-        return evaluate(model, self.test, positive_class=self.task.positive_class)
-
     def _account(self, state: RunState, replies: list[ReceivedReply], server_round: int) -> None:
         for reply in replies:
             if not reply.metrics:  # a failed or unparseable reply says nothing about privacy
@@ -249,7 +250,7 @@ class RoundLoop:
                 run=self.run,
                 task=self.task.name,
                 architecture=self.task.architecture,
-                input_schema=self.input_schema,
+                input_schema=self.inputs.input_schema(),
                 round=server_round,
                 metrics=metrics,
                 nodes=sorted(state.nodes.values(), key=lambda n: n.id),
@@ -260,8 +261,9 @@ class RoundLoop:
             ),
         )
         refs = {"latest": version}
-        if metrics["accuracy"] > state.best_accuracy:
-            state.best_accuracy = metrics["accuracy"]
+        accuracy = metrics.get("accuracy", -math.inf)  # a round not evaluated is no candidate
+        if accuracy > state.best_accuracy:
+            state.best_accuracy = accuracy
             refs["best"] = version
         self.registry.set_refs(**refs)
 
@@ -273,8 +275,8 @@ class RoundLoop:
             "run": self.run,
             "task": self.task.name,
             "rounds": state.round,
-            "accuracy": latest.metrics["accuracy"] if latest else math.nan,
-            "loss": latest.metrics["loss"] if latest else math.nan,
+            "accuracy": latest.metrics.get("accuracy", math.nan) if latest else math.nan,
+            "loss": latest.metrics.get("loss", math.nan) if latest else math.nan,
             "metrics": latest.metrics if latest else {},
             "model_version": latest.version if latest else None,
             "registry": str(self.registry.root),

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -37,13 +38,14 @@ from fedaiot.secure_rounds.wire import (
     SHARE_KEYS,
     TRAIN_AND_ADVERTISE,
     UNMASK,
+    VECTOR_AND_ADVERTISE,
     flatten,
     pack,
     unflatten,
     unpack,
 )
 from fedaiot.wire.records import ARRAYS, METRICS, ReceivedReply, read_reply, refuse_duplicates
-from fedaiot.wire.replies import FAILED
+from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
 
 # Fixed point with 24 fractional bits in Z_2^64: each node's weighted update is exact to 3e-8;
 # |update x examples| up to 1e8 per coordinate leaves room for 5,000 nodes without wrapping.
@@ -64,6 +66,7 @@ class SecureRound:
     dropped: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
     parameters: dict[str, Any] = field(default_factory=dict)  # degree, threshold, threat model
+    vector: np.ndarray | None = None  # the unmasked sum, for vector rounds
 
 
 class SecureAggregation:
@@ -85,7 +88,30 @@ class SecureAggregation:
             raise ConfigError(f"secure aggregation: {exc}") from None
 
     def run(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
-        flower_ids = [m.metadata.dst_node_id for m in messages]
+        """A training round: the new global model is the old plus the survivors' average."""
+        first = [
+            (
+                m.metadata.dst_node_id,
+                RecordDict({ARRAYS: m.content[ARRAYS], "config": m.content["config"]}),
+            )
+            for m in messages
+        ]
+        length = sum(a.numpy().size for a in arrays.values())
+        done = self._run(first, TRAIN_AND_ADVERTISE, length)
+        if done.vector is not None:
+            delta = done.vector / done.total_weight
+            done = replace(done, arrays=unflatten(flatten(arrays) + delta, arrays), vector=None)
+        return done
+
+    def sum_vectors(self, node_ids: Sequence[int], content: RecordDict, length: int) -> SecureRound:
+        """The sum of a vector each node computes (statistics, evaluation counts): ``vector``
+        holds it, ``total_weight`` the number of nodes whose vector it includes."""
+        return self._run([(fid, content) for fid in node_ids], VECTOR_AND_ADVERTISE, length)
+
+    def _run(
+        self, first: list[tuple[int, RecordDict]], message_type: str, length: int
+    ) -> SecureRound:
+        flower_ids = [fid for fid, _ in first]
         if len(flower_ids) < MIN_NODES:
             raise ConfigError(
                 f"secure aggregation needs at least {MIN_NODES} nodes in a round, "
@@ -98,7 +124,7 @@ class SecureAggregation:
         try:
             setup = RoundSetup.create(
                 list(ids.values()),
-                vector_length=sum(a.numpy().size for a in arrays.values()),
+                vector_length=length,
                 degree=params.degree,
                 threshold=self.cfg.secagg_threshold or params.threshold,
                 frac_bits=FRAC_BITS,
@@ -113,8 +139,8 @@ class SecureAggregation:
         self.problems: dict[int, str] = {}
         self._clock = time.perf_counter()
         try:
-            adverts = self._train(messages, ids, setup, replies)
-            self._lap("train")
+            adverts = self._advertise(first, message_type, ids, setup, replies)
+            self._lap("train" if message_type == TRAIN_AND_ADVERTISE else "compute")
             keys = server.collect_adverts(adverts)
             bundles = self._exchange(SHARE_KEYS, keys, ShareBundle, setup)
             forwarded = server.collect_shares(bundles)
@@ -134,14 +160,14 @@ class SecureAggregation:
                 seconds=self.laps,
                 parameters=self.setup_notes,
             )
-        average = unflatten(flatten(arrays) + weighted_sum / total, arrays)
         return SecureRound(
-            average,
+            None,
             replies,
             total,
             dropped=self._dropped(server),
             seconds=self.laps,
             parameters=self.setup_notes,
+            vector=weighted_sum,
         )
 
     def _lap(self, stage: str) -> None:
@@ -153,31 +179,22 @@ class SecureAggregation:
         reasons = {**server.excluded, **self.problems}
         return {self.names[i]: why for i, why in reasons.items()}
 
-    def _train(
+    def _advertise(
         self,
-        messages: Sequence[Message],
+        first: list[tuple[int, RecordDict]],
+        message_type: str,
         ids: dict[int, int],
         setup: RoundSetup,
         replies: list[ReceivedReply],
     ) -> list[KeyAdvert]:
+        """Stage 1: each node computes its input (trains, or computes a vector) and sends its
+        key advertisement; the replies that advertise are the round's participants."""
         outgoing = []
-        for message in messages:
-            content = RecordDict(
-                {
-                    ARRAYS: message.content[ARRAYS],
-                    "config": message.content["config"],
-                    SECAGG: ConfigRecord(
-                        {**setup.to_record(), "node": ids[message.metadata.dst_node_id]}  # type: ignore[dict-item]
-                    ),
-                }
-            )
-            outgoing.append(
-                Message(
-                    content,
-                    dst_node_id=message.metadata.dst_node_id,
-                    message_type=TRAIN_AND_ADVERTISE,
-                )
-            )
+        for fid, base in first:
+            content = RecordDict(dict(base.items()))
+            setup_record = {**setup.to_record(), "node": ids[fid]}
+            content[SECAGG] = ConfigRecord(setup_record)  # type: ignore[arg-type]
+            outgoing.append(Message(content, dst_node_id=fid, message_type=message_type))
         adverts = []
         raw = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout))
         received = [replace(read_reply(m, self.roster), message=None) for m in raw]
@@ -185,7 +202,7 @@ class SecureAggregation:
             fid = message.metadata.src_node_id
             if fid in ids:
                 self.names[ids[fid]] = reply.node
-            if reply.status == "trained":
+            if reply.status in (TRAINED, CONTRIBUTED):
                 advert = self._parse(message, KeyAdvert, setup, ids)
                 if advert is None:
                     problem = self.problems.get(ids.get(fid, -1), "")

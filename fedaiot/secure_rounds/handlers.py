@@ -49,25 +49,33 @@ def forget_round(context: Context) -> None:
 
 def advertise(
     reply: NodeReply,
-    global_arrays: ArrayRecord,
+    global_arrays: ArrayRecord | None,
     setup_record: dict[str, object],
     context: Context,
     *,
     private: bool,
 ) -> RecordDict:
-    """After local training: keep the update, start the SecAgg round, send the key advert."""
-    from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
-    from fedaiot.wire.replies import clear_metrics
+    """After local training (or computing a release's vector): keep the input, start the
+    SecAgg round, send the key advert. A trained update is masked as its difference from
+    ``global_arrays``; a vector as it is, with weight 1."""
+    import numpy as np
 
-    if reply.status != "trained" or reply.state is None:
+    from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
+    from fedaiot.wire.replies import CONTRIBUTED, TRAINED, clear_metrics
+
+    if reply.status == CONTRIBUTED and reply.vector is not None:
+        update, weight = np.asarray(reply.vector, dtype=np.float64), 1.0
+    elif reply.status == TRAINED and reply.state is not None and global_arrays is not None:
+        update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
+        weight = reply.weight
+    else:
         return reply_content(reply, private=private, secure=True)  # joins no round
     setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
     client = SecAggClient(int(setup_record["node"]), setup)  # type: ignore[call-overload]
     advert = client.advertise()
-    update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
-    context.state[_UPDATE] = ConfigRecord({"update": update.tobytes(), "weight": reply.weight})
+    context.state[_UPDATE] = ConfigRecord({"update": update.tobytes(), "weight": weight})
     if reply.pending is not None:
         context.state[_PENDING] = ConfigRecord(reply.pending.to_record())  # type: ignore[arg-type]
     mode = wire_mode(reply.status, private=private, secure=True)
@@ -75,7 +83,7 @@ def advertise(
         advert.to_record(),
         **{
             METRICS: MetricRecord(clear_metrics(mode, reply.metrics)),  # type: ignore[arg-type]
-            NODE: ConfigRecord({"id": reply.node, "status": "trained", "reason": ""}),
+            NODE: ConfigRecord({"id": reply.node, "status": reply.status, "reason": ""}),
         },
     )
 

@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 # Message types of the four stages: training comes with the key advertisement.
 TRAIN_AND_ADVERTISE = "train.secagg"
+VECTOR_AND_ADVERTISE = "query.secagg_vector"  # a vector (statistics, evaluation) instead
 SHARE_KEYS = "query.secagg_share"
 MASKED_INPUT = "query.secagg_mask"
 UNMASK = "query.secagg_unmask"

@@ -21,6 +21,8 @@ Handler = Callable[[Message, Context], Message]
 ROUTES: dict[str, Handler] = {
     "train": client_app.train,
     "train.secagg": client_app.train_and_advertise,
+    "query.vector": client_app.vector,
+    "query.secagg_vector": client_app.vector_and_advertise,
     "query.secagg_share": client_app.share_keys,
     "query.secagg_mask": client_app.masked_input,
     "query.secagg_unmask": client_app.unmask,

@@ -7,15 +7,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedaiot.wire.replies import FAILED, REASONS, REFUSED, TRAINED, NodeReply, clear_metrics
+from fedaiot.wire.replies import (
+    CONTRIBUTED,
+    FAILED,
+    REASONS,
+    REFUSED,
+    TRAINED,
+    NodeReply,
+    clear_metrics,
+)
 
-ARRAYS, METRICS, NODE = "arrays", "metrics", "node"
+ARRAYS, METRICS, NODE, VECTOR = "arrays", "metrics", "node", "vector"
 
 
 def wire_mode(status: str, *, private: bool, secure: bool) -> str:
     """Which list of :data:`fedaiot.wire.replies.CLEAR_METRICS` a reply of ``status`` may use."""
+    if status == CONTRIBUTED:
+        return CONTRIBUTED
     if status != TRAINED:
         return REFUSED if status == REFUSED else FAILED
     return ("private" if private else "non-private") + ("-secure" if secure else "")
@@ -33,7 +43,22 @@ def reply_content(reply: NodeReply, *, private: bool, secure: bool = False) -> R
     )
     if reply.state is not None and reply.status == TRAINED and not secure:
         content[ARRAYS] = ArrayRecord(reply.state)
+    if reply.vector is not None and reply.status == CONTRIBUTED and not secure:
+        content[ARRAYS] = ArrayRecord({VECTOR: Array(np.asarray(reply.vector, dtype=np.float64))})
     return content
+
+
+def read_vector(message: Message, length: int) -> np.ndarray | str:
+    """A plain vector reply's vector, or why it cannot be summed."""
+    try:
+        vector = message.content.array_records[ARRAYS][VECTOR].numpy()
+    except KeyError:
+        return "malformed reply: no vector"
+    if vector.shape != (length,):
+        return f"vector of shape {vector.shape}, the release expects ({length},)"
+    if not np.isfinite(vector).all():
+        return "non-finite values in the vector"
+    return vector.astype(np.float64)
 
 
 @dataclass(frozen=True)

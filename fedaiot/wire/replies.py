@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -30,6 +31,7 @@ class Releasable(Protocol):
 
 
 TRAINED, REFUSED, FAILED = "trained", "refused", "failed"
+CONTRIBUTED = "contributed"  # a vector computed for a release (statistics, evaluation)
 
 REASONS: dict[str, str] = {
     "budget-exhausted": "the round would take the node's data over its privacy budget",
@@ -53,6 +55,8 @@ CLEAR_METRICS: dict[str, tuple[str, ...]] = {
     "non-private": ("num-examples", "train-loss", "epsilon", "delta", "noise-multiplier"),
     "non-private-secure": ("epsilon", "delta", "noise-multiplier"),
     "refused": ("epsilon", "delta"),
+    # a release's vector travels (DP-noised) in the clear only without secure aggregation
+    CONTRIBUTED: ("epsilon", "delta"),
     "failed": (),
 }
 
@@ -77,6 +81,7 @@ class NodeReply:
     reason: str = ""
     detail: str = ""
     pending: Releasable | None = None  # a charge to mark released when the update leaves
+    vector: np.ndarray | None = None  # a release's vector (statistics, evaluation counts)
 
     def __post_init__(self) -> None:
         if self.reason and self.reason not in REASONS:

@@ -1,0 +1,148 @@
+"""What a node does with each request, wherever its data comes from.
+
+A node's data is a simulated partition (built-in tasks), a simulated site of a study's table,
+or, deployed, the institution's own files (``node.deployed``). The ClientApp hands every
+training request to :func:`train` and every release request (a study's statistics or
+evaluation) to :func:`release`; both are Flower-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedaiot.config.run import RunConfig
+from fedaiot.node.deployed import (
+    DATA_PATH,
+    NodeConfigError,
+    NodeSettings,
+    deployed_round,
+    refuse_seeded_noise,
+)
+from fedaiot.node.round import simulated_partition, train_round
+from fedaiot.node.study_round import (
+    StudyData,
+    check_study,
+    evaluation_release,
+    simulated_table,
+    statistics_release,
+)
+from fedaiot.studies.encoding import Statistics
+from fedaiot.studies.spec import Study, load_study
+from fedaiot.studies.table import read_table
+from fedaiot.studies.task import study_task
+from fedaiot.wire.replies import NodeReply
+from fedaiot.wire.requests import EVALUATIONS, PURPOSE
+
+if TYPE_CHECKING:
+    from fedaiot.node.training import StateDict
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where this node's data and ledger are, and what it is called in reports."""
+
+    node: str  # simulation: its partition ("node-3"); deployed: "" (the coordinator names it)
+    ledger_dir: Path
+    epsilon_cap: float | None = None
+    settings: NodeSettings | None = None  # a deployed institution's
+    partition: tuple[int, int] = (0, 1)  # a simulated node's (id, count)
+
+    @classmethod
+    def of(cls, cfg: RunConfig, node_config: Mapping[str, Any]) -> Source:
+        if DATA_PATH in node_config:
+            settings = NodeSettings.from_node_config(node_config)
+            return cls("", settings.ledger_dir, settings.max_epsilon, settings)
+        pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        return cls(f"node-{pid}", cfg.output_path / "ledgers", partition=(pid, count))
+
+    def study(self, cfg: RunConfig) -> Study:
+        """The study this node holds: a deployed institution's own copy of the file."""
+        if self.settings is not None:
+            if self.settings.study is None:
+                raise NodeConfigError("the run is a study, this node was started without one")
+            return load_study(self.settings.study)
+        return load_study(Path(cfg.study))
+
+    def study_data(self, cfg: RunConfig, config: Mapping[str, Any]) -> StudyData:
+        study = self.study(cfg)
+        check_study(study, config)
+        if self.settings is not None:
+            refuse_seeded_noise(cfg)
+            return StudyData.of(read_table(study, self.settings.data_path))
+        return StudyData.of(simulated_table(cfg, study, self.partition[0]))
+
+
+def train(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    config: Mapping[str, Any],
+    global_state: StateDict,
+    *,
+    released_on_return: bool,
+) -> NodeReply:
+    source = Source.of(cfg, node_config)
+    server_round, run_key = int(config["server-round"]), str(config["run-key"])
+    if not cfg.study:
+        if source.settings is not None:
+            return deployed_round(
+                cfg, source.settings, config, global_state, released_on_return=released_on_return
+            )
+        data, dataset, task = simulated_partition(cfg, *source.partition), "", None
+    else:
+        study_data = source.study_data(cfg, config)
+        statistics = Statistics.from_record(study_data.study, dict(config))
+        data, dataset = study_data.encoded(study_data.train, statistics), study_data.dataset
+        task = study_task(study_data.study)
+    return train_round(
+        cfg,
+        node=source.node,
+        data=data,
+        global_state=global_state,
+        server_round=server_round,
+        run_key=run_key,
+        ledger_dir=source.ledger_dir,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        dataset_id=dataset,
+        released_on_return=released_on_return,
+        epsilon_cap=source.epsilon_cap,
+        task=task,
+    )
+
+
+def release(
+    cfg: RunConfig,
+    node_config: Mapping[str, Any],
+    config: Mapping[str, Any],
+    global_state: StateDict | None,
+) -> NodeReply:
+    """A study's statistics or evaluation vector, as ``config["purpose"]`` asks."""
+    source = Source.of(cfg, node_config)
+    data = source.study_data(cfg, config)
+    run_key = str(config["run-key"])
+    if config[PURPOSE] == "statistics":
+        return statistics_release(
+            cfg,
+            data,
+            node=source.node,
+            ledger_dir=source.ledger_dir,
+            run_key=run_key,
+            epsilon_cap=source.epsilon_cap,
+        )
+    if global_state is None:
+        raise NodeConfigError("an evaluation request carries no model")
+    statistics = Statistics.from_record(data.study, dict(config))
+    return evaluation_release(
+        cfg,
+        data,
+        statistics,
+        global_state,
+        server_round=int(config["server-round"]),
+        evaluations=int(config[EVALUATIONS]),
+        node=source.node,
+        ledger_dir=source.ledger_dir,
+        run_key=run_key,
+        epsilon_cap=source.epsilon_cap,
+    )

@@ -87,6 +87,24 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
     if privacy and not privacy.get("private", True) and "seed" in privacy.get("noise", ""):
         result.add_row("privacy", f"[red]{privacy['noise']}[/]")
 
+    tables = [result]
+    exact = summary.get("exact") or {}
+    if exact.get("pooled"):
+        measured = Table(title="measured by the simulation on every site's held-out rows")
+        for column in ("model", "accuracy", "auc", "sensitivity", "specificity"):
+            measured.add_column(column, justify="left" if column == "model" else "right")
+        rows = {"federated (this run)": exact["pooled"]}
+        rows.update({f"  site {site}": values for site, values in exact.get("sites", {}).items()})
+        rows["pooled logistic regression"] = exact.get("pooled_logistic_regression", {})
+        if "pooled_dp_sgd" in exact:
+            rows["pooled DP-SGD, same epsilon"] = exact["pooled_dp_sgd"]
+        for name, values in rows.items():
+            cells = [
+                _fmt(values.get(k), 4) for k in ("accuracy", "auc", "sensitivity", "specificity")
+            ]
+            measured.add_row(name, *cells)
+        tables.append(measured)
+
     nodes = Table(title="privacy spent per node")
     for column in ("node", "examples", "epsilon", "delta", "noise multiplier", "rounds"):
         nodes.add_column(column, justify="left" if column == "node" else "right")
@@ -99,4 +117,4 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
             _fmt(node["noise_multiplier"]),
             str(node["rounds"]),
         )
-    return [result, nodes]
+    return [*tables, nodes]

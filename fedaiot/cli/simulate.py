@@ -42,6 +42,9 @@ KEYS = {
     "seed": "seed",
     "secure_aggregation": "secure-aggregation",
     "stop_after": "stop-after-round",
+    "study": "study",
+    "data": "study-data",
+    "site_column": "site-column",
 }
 
 
@@ -50,7 +53,9 @@ def simulate(
     task: Annotated[
         str, typer.Option(help="breast-cancer, digits, fashion-mnist, ...")
     ] = _DEFAULT.task,
-    nodes: Annotated[int, typer.Option(help="simulated institutions")] = 10,
+    nodes: Annotated[
+        int | None, typer.Option(help="simulated institutions (a study: one per site)")
+    ] = None,
     rounds: Annotated[int, typer.Option(help="federated rounds")] = _DEFAULT.num_rounds,
     epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = _DEFAULT.epsilon,
     delta: Annotated[float, typer.Option()] = _DEFAULT.delta,
@@ -89,6 +94,9 @@ def simulate(
     ] = "on",
     output: Annotated[Path | None, typer.Option(help="run folder (resumed if it exists)")] = None,
     stop_after: Annotated[int, typer.Option(help="pause after this round; rerun to go on")] = 0,
+    study: Annotated[str, typer.Option(help="a study file (an institution's own table)")] = "",
+    data: Annotated[str, typer.Option(help="a study's table of every site's rows")] = "",
+    site_column: Annotated[str, typer.Option(help="the column naming each row's site")] = "",
     run_config: Annotated[
         Path | None, typer.Option(help="a TOML file of run-config keys; options given win")
     ] = None,
@@ -99,20 +107,22 @@ def simulate(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
 ) -> None:
     """Train one model across simulated institutions with Flower's simulation engine."""
-    cfg = _run_config(ctx, nodes, output, run_config, settings or [])
-    from fedaiot.simulation.engine import preflight
+    from fedaiot.simulation.engine import federation_size, preflight
 
-    done = preflight(cfg, nodes)
-    summary = _run(cfg, nodes, done, as_json)
+    values = _values(ctx, output, run_config, settings or [])
+    count = nodes if nodes is not None else federation_size(values)
+    cfg = _run_config(values, count)
+    done = preflight(cfg, count)
+    summary = _run(cfg, count, done, as_json)
     if summary["status"] == "budget-exhausted":
         raise PrivacyBudgetError("every node refused to train: their privacy budgets are spent")
 
 
-def _run_config(
-    ctx: typer.Context, nodes: int, output: Path | None, file: Path | None, settings: list[str]
-) -> RunConfig:
+def _values(
+    ctx: typer.Context, output: Path | None, file: Path | None, settings: list[str]
+) -> dict[str, Any]:
     """Defaults < the run-config file < the options given on the command line < --set."""
-    from fedaiot.config.run import node_counts, read_run_config
+    from fedaiot.config.run import read_run_config
 
     values: dict[str, Any] = read_run_config(file) if file else {}
     for option, key in KEYS.items():
@@ -128,8 +138,15 @@ def _run_config(
         if not sep or not key.strip():
             raise BadInputError(f"--set takes key=value, got {item!r}")
         values[key.strip()] = value.strip()
-    stamped = Path("runs") / f"{values['task']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = Path(str(values["study"])).stem if values.get("study") else values["task"]
+    stamped = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     values["output-dir"] = str(Path(output or values.get("output-dir") or stamped).resolve())
+    return values
+
+
+def _run_config(values: dict[str, Any], nodes: int) -> RunConfig:
+    from fedaiot.config.run import node_counts
+
     fraction = float(values.get("fraction-train", _DEFAULT.fraction_train))
     return RunConfig.from_run_config({**node_counts(nodes, fraction), **values})
 
@@ -141,10 +158,12 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
     from fedaiot.simulation.engine import simulate as run_simulation
 
     console = Console(stderr=as_json)
+    what = f"study {cfg.study}, one node per site" if cfg.study else cfg.task
+    split = f"{cfg.partitioner} partitions" if not cfg.study else f"sites in {cfg.study_data}"
     console.print(
-        f"fedaiot: {cfg.task}, {nodes} nodes, {cfg.num_rounds} rounds, "
+        f"fedaiot: {what}, {nodes} nodes, {cfg.num_rounds} rounds, "
         + (f"epsilon {cfg.epsilon:g} per node" if cfg.private else "non-private")
-        + f", {cfg.partitioner} partitions -> {cfg.output_path}",
+        + f", {split} -> {cfg.output_path}",
         highlight=False,
     )
     if cfg.seeded_noise and cfg.private:
@@ -160,6 +179,11 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
             outcome = run_simulation(cfg, nodes, on_event=progress)
     summary: dict[str, Any] = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     summary["output_dir"] = str(cfg.output_path)
+    if cfg.study and outcome.status != "failed":
+        from fedaiot.simulation.study_report import exact_metrics, pooled_baselines
+
+        # the simulation holds every site's rows: no coordinator does (docs/studies.md)
+        summary["exact"] = {**exact_metrics(cfg), **pooled_baselines(cfg)}
     if outcome.status == "failed":
         raise FlowerRuntimeError(f"the run failed: {outcome.error} (log: {outcome.log})")
     if outcome.status == "no-aggregate":

@@ -30,8 +30,8 @@ from fedaiot.privacy.accounting import BudgetExhaustedError
 from fedaiot.privacy.budget import BudgetTerms, Release
 from fedaiot.privacy.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
 from fedaiot.studies.encoding import Encoder, Statistics, contributions, sensitivity
-from fedaiot.studies.spec import Study
-from fedaiot.studies.table import StudyTable, read_table
+from fedaiot.studies.spec import Study, StudyError
+from fedaiot.studies.table import StudyTable, open_table, read_table
 from fedaiot.tasks.base import ArrayData
 from fedaiot.wire.replies import CONTRIBUTED, REFUSED, NodeReply
 from fedaiot.wire.requests import STUDY_KEY
@@ -72,15 +72,18 @@ class StudyData:
 
 def simulated_sites(cfg: RunConfig) -> list[str]:
     """The sites of a simulated study, in order: node i holds site i's rows."""
-    import pyarrow.csv as pacsv
-
-    names = pacsv.read_csv(cfg.study_data).column(cfg.site_column).to_pylist()
-    return sorted({str(v) for v in names})
+    table = open_table(Path(cfg.study_data))
+    if cfg.site_column not in table.column_names:
+        raise StudyError(f"{cfg.study_data}: no site column {cfg.site_column!r}")
+    return sorted({str(v) for v in table.column(cfg.site_column).to_pylist()})
 
 
 def simulated_table(cfg: RunConfig, study: Study, partition_id: int) -> StudyTable:
-    sites = simulated_sites(cfg)
-    return read_table(study, Path(cfg.study_data), site=(cfg.site_column, sites[partition_id]))
+    site = simulated_sites(cfg)[partition_id]
+    try:
+        return read_table(study, Path(cfg.study_data), site=(cfg.site_column, site))
+    except StudyError as exc:
+        raise StudyError(f"site {site!r}: {exc}") from None
 
 
 def check_study(study: Study, config: Mapping[str, Any]) -> None:

@@ -10,7 +10,8 @@ is read from the journal, not from ``flwr run``'s exit code (which is 0 even for
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import tomli_w
@@ -23,17 +24,33 @@ from fedaiot.launch.processes import flower_env, free_port, stop_tree
 from fedaiot.launch.superlink import SuperLink, start_superlink
 from fedaiot.rounds.journal import Journal
 
+DEFAULT_NODES = 10
+
+
+def federation_size(values: Mapping[str, Any]) -> int:
+    """How many nodes a simulation has when not told: a study's sites, else 10."""
+    if values.get("study-data") and values.get("site-column"):
+        from fedaiot.node.study_round import simulated_sites
+
+        cfg = RunConfig.from_run_config({**values, "min-available-nodes": 1, "min-train-nodes": 1})
+        return len(simulated_sites(cfg))
+    return DEFAULT_NODES
+
 
 def preflight(cfg: RunConfig, nodes: int) -> int:
     """Refuse what would only fail later inside Flower, with the same clear message.
 
     Returns how many rounds of this run were already played (0 for a new run).
     """
-    from fedaiot.node.round import simulated_federation
     from fedaiot.rounds.loop import rounds_done
     from fedaiot.secure_rounds.driver import MIN_NODES
 
-    simulated_federation(cfg, nodes)
+    if cfg.study:
+        _check_study_sites(cfg, nodes)
+    else:
+        from fedaiot.node.round import simulated_federation
+
+        simulated_federation(cfg, nodes)
     per_round = max(int(nodes * cfg.fraction_train), cfg.min_train_nodes)
     if cfg.secure_aggregation and per_round < MIN_NODES:
         raise BadInputError(
@@ -50,6 +67,24 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
     ):
         raise BadInputError(f"{out} exists and is not a fedaiot run folder")
     return rounds_done(cfg)
+
+
+def _check_study_sites(cfg: RunConfig, nodes: int) -> None:
+    """Every site's rows checked against the study before anything trains."""
+    from fedaiot.node.study_round import simulated_sites, simulated_table
+    from fedaiot.studies.spec import load_study
+
+    study = load_study(Path(cfg.study))
+    if not cfg.study_data:
+        raise BadInputError("simulating a study needs its table: --data FILE --site-column COL")
+    sites = simulated_sites(cfg)
+    if len(sites) != nodes:
+        raise BadInputError(
+            f"{cfg.study_data} holds {len(sites)} sites in column {cfg.site_column!r}, the "
+            f"simulation has {nodes} nodes: one node per site"
+        )
+    for index in range(len(sites)):
+        simulated_table(cfg, study, index)  # StudyError names the site's file and fault
 
 
 def simulate(

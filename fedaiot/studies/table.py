@@ -78,7 +78,7 @@ def read_table(study: Study, path: Path, *, site: tuple[str, str] | None = None)
     path = Path(path).expanduser()
     if not path.is_file():
         raise StudyError(f"data {path} does not exist")
-    table = _open(path)
+    table = open_table(path)
     names = [str(c) for c in table.column_names]
     if site is not None:
         if site[0] not in names:
@@ -107,7 +107,7 @@ def read_table(study: Study, path: Path, *, site: tuple[str, str] | None = None)
     return checked
 
 
-def _open(path: Path) -> Any:
+def open_table(path: Path) -> Any:
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq

@@ -22,7 +22,13 @@ node_app = typer.Typer(no_args_is_help=True, help="The institution's kit (SuperN
 
 Pki = Annotated[Path, typer.Option(help="folder made by `fedaiot provision`")]
 State = Annotated[Path, typer.Option(help="coordinator state: SuperLink database, runs, logs")]
-Task = Annotated[str, typer.Option(help="the task this node's data is for, e.g. breast-cancer")]
+Task = Annotated[str, typer.Option(help="the built-in task this node's data is for")]
+StudyFile = Annotated[Path | None, typer.Option(help="the study file this node's table is for")]
+
+
+def _task_or_study(task: str, study: Path | None) -> None:
+    if bool(task) == (study is not None):
+        raise BadInputError("name the data's --task or its --study (one of them)")
 
 
 def provision(
@@ -134,12 +140,27 @@ def node_schema(task: Task) -> None:
 
 @node_app.command("check")
 def node_check(
-    task: Task, data: Annotated[Path, typer.Option(help="the data file or folder")]
+    data: Annotated[Path, typer.Option(help="the data file or folder")],
+    task: Task = "",
+    study: StudyFile = None,
 ) -> None:
-    """Check the institution's data against the task's schema, without starting anything."""
+    """Check the institution's data against the task's schema or the study, starting nothing."""
     from fedaiot.node.local_data import load_local
     from fedaiot.tasks import get_task
 
+    _task_or_study(task, study)
+    if study is not None:
+        from fedaiot.studies.spec import load_study
+        from fedaiot.studies.table import read_table
+
+        table = read_table(load_study(study), data)
+        held_out = int(table.test_rows().sum())
+        ignored = f"; ignored columns: {', '.join(table.ignored)}" if table.ignored else ""
+        print(
+            f"{data}: {len(table)} examples fit study {table.study.key} {table.class_counts()}, "
+            f"{held_out} held out for evaluation{ignored}"
+        )
+        return
     loaded = load_local(get_task(task), data)
     counts = {name: int((loaded.y == i).sum()) for i, name in enumerate(get_task(task).class_names)}
     print(f"{data}: {len(loaded)} examples fit task {task} ({counts})")
@@ -164,7 +185,6 @@ def node_demo_data(
 
 @node_app.command("start")
 def node_start(
-    task: Task,
     data: Annotated[Path, typer.Option(help="the institution's data file or folder")],
     kit: Annotated[Path, typer.Option(help="this institution's folder: node.key and ca.crt")],
     superlink: Annotated[str, typer.Option(help="the coordinator's SuperLink, host:port")] = (
@@ -178,11 +198,14 @@ def node_start(
         float | None, typer.Option(help="this institution's own lifetime epsilon cap")
     ] = None,
     port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
+    task: Task = "",
+    study: StudyFile = None,
 ) -> None:
     """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
     from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode
     from fedaiot.launch.supernode import wait_supernode
 
+    _task_or_study(task, study)
     node_kit = NodeKit(kit.resolve())
     if max_epsilon is not None and not max_epsilon > 0:
         raise BadInputError(f"--max-epsilon must be > 0, got {max_epsilon}")
@@ -193,13 +216,14 @@ def node_start(
         name=name or node_kit.folder.name,
         ledger_dir=ledger_dir,
         max_epsilon=max_epsilon,
+        study=study,
     )
     log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
     offset = log.stat().st_size if log.exists() else 0
     process = start_supernode(node_kit, prepared, superlink, port, log)
     settings = prepared.settings
     print(
-        f"node {settings.node_name}: {prepared.examples} examples of {task} from "
+        f"node {settings.node_name}: {prepared.examples} examples of {settings.task} from "
         f"{settings.data_path}, ledgers in {settings.ledger_dir}, SuperLink {superlink} "
         f"(log {log})",
         flush=True,

@@ -43,22 +43,31 @@ def ledger_verify(paths: list[Path]) -> None:
     problems = []
     for path in paths:
         ledger = summarize(path)
-        if not ledger["history"]:
+        sides = {"training": ledger["history"], "test split": ledger["test_history"]}
+        if not any(sides.values()):
             print(f"{path}: nothing spent")
             continue
-        history, delta = ledger["history"], ledger["delta"]
-        reported = epsilon_spent(history, delta)
-        checks = {"pld-fine": epsilon_pld_fine(history, delta), "prv": epsilon_prv(history, delta)}
-        rdp = epsilon_rdp(history, delta)
-        gaps = {name: abs(value - reported) / reported for name, value in checks.items()}
-        print(
-            f"{path}: epsilon {reported:.4f} (pld) at delta {delta:g}; "
-            + ", ".join(f"{n} {checks[n]:.4f} (gap {gaps[n]:.2e})" for n in checks)
-            + f"; rdp bound {rdp:.4f}"
-        )
-        problems += [f"{path}: {n} differs by {g:.2%}" for n, g in gaps.items() if g > AGREEMENT]
-        if not rdp >= reported * (1 - AGREEMENT):
-            problems.append(f"{path}: the RDP bound {rdp:.4f} is below the PLD's {reported:.4f}")
+        delta = ledger["delta"]
+        for side, history in sides.items():
+            if not history:
+                continue
+            reported = epsilon_spent(history, delta)
+            checks = {
+                "pld-fine": epsilon_pld_fine(history, delta),
+                "prv": epsilon_prv(history, delta),
+            }
+            rdp = epsilon_rdp(history, delta)
+            gaps = {name: abs(value - reported) / reported for name, value in checks.items()}
+            print(
+                f"{path} ({side}): epsilon {reported:.4f} (pld) at delta {delta:g}; "
+                + ", ".join(f"{n} {checks[n]:.4f} (gap {gaps[n]:.2e})" for n in checks)
+                + f"; rdp bound {rdp:.4f}"
+            )
+            problems += [
+                f"{path} ({side}): {n} differs by {g:.2%}" for n, g in gaps.items() if g > AGREEMENT
+            ]
+            if not rdp >= reported * (1 - AGREEMENT):
+                problems.append(f"{path} ({side}): the RDP bound is below the PLD's")
     if problems:
         raise FedaiotError("; ".join(problems))
 

@@ -36,9 +36,17 @@ def run_config(
     By default every registered institution must be online before a round starts and takes
     part in every round; the registry and journal go under the state folder.
     """
+    study = str(overrides.get("study") or "")
+    if study:  # the ServerApp runs elsewhere (under the SuperLink): give it an absolute path
+        from fedaiot.studies.spec import load_study
+
+        overrides = {**overrides, "study": str(Path(study).expanduser().resolve())}
+        name = load_study(Path(overrides["study"])).id
+    else:
+        name = str(overrides.get("task", "run"))
     values: dict[str, Any] = {
         **node_counts(institutions, float(overrides.get("fraction-train", 1.0))),
-        "output-dir": str((paths.state / "runs" / str(overrides.get("task", "run"))).resolve()),
+        "output-dir": str((paths.state / "runs" / name).resolve()),
         **overrides,
     }
     cfg = RunConfig.from_run_config(values)

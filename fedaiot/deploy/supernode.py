@@ -63,10 +63,21 @@ def prepare(
     name: str,
     ledger_dir: Path | None = None,
     max_epsilon: float | None = None,
+    study: Path | None = None,
 ) -> PreparedNode:
-    """Check the data against the task's schema and write the SuperNode's node config."""
+    """Check the data against the task's schema (or the study) and write the SuperNode's node
+    config; a file that does not fit is refused here, before the node ever connects."""
     data = Path(data).expanduser().resolve()
-    raw = load_local(get_task(task), data)  # LocalDataError names the column or shape
+    if study is not None:
+        from fedaiot.studies.spec import load_study
+        from fedaiot.studies.table import read_table
+
+        study = Path(study).expanduser().resolve()
+        spec = load_study(study)
+        examples = len(read_table(spec, data))  # StudyError names the column, row or rule
+        task = f"study:{spec.id}"
+    else:
+        examples = len(load_local(get_task(task), data))  # LocalDataError names the fault
     settings = NodeSettings(
         data_path=data,
         node_name=provision.check_name(name),
@@ -74,11 +85,12 @@ def prepare(
         ledger_dir=(Path(ledger_dir).expanduser().resolve() if ledger_dir else None)
         or default_ledger_dir(data),
         max_epsilon=max_epsilon,
+        study=study,
     )
     settings.ledger_dir.mkdir(parents=True, exist_ok=True)
     config = settings.ledger_dir / f"node-config-{settings.node_name}.toml"
     config.write_text(tomli_w.dumps(settings.to_node_config()))
-    return PreparedNode(settings, config, len(raw))
+    return PreparedNode(settings, config, examples)
 
 
 def start_supernode(

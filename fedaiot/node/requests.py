@@ -71,8 +71,8 @@ class Source:
         check_study(study, config)
         if self.settings is not None:
             refuse_seeded_noise(cfg)
-            return StudyData.of(read_table(study, self.settings.data_path))
-        return StudyData.of(simulated_table(cfg, study, self.partition[0]))
+            return StudyData.of(read_table(study, self.settings.data_path), cfg.holdout)
+        return StudyData.of(simulated_table(cfg, study, self.partition[0]), cfg.holdout)
 
 
 def train(

@@ -53,15 +53,19 @@ class StudyData:
     dataset: str  # the fingerprint of every record: the one ledger of this data set
 
     @classmethod
-    def of(cls, table: StudyTable) -> StudyData:
+    def of(cls, table: StudyTable, holdout: str = "test") -> StudyData:
+        """``holdout = "validation"`` (tuning) sets the test split aside, unused, and holds
+        out a validation split of the training rows in its place."""
         held_out = table.test_rows()
         raw = ArrayData(table.raw().astype(np.float32), table.labels)
-        return cls(
-            table.study,
-            table.take(np.flatnonzero(~held_out)),
-            table.take(np.flatnonzero(held_out)),
-            dataset_fingerprint(raw),
-        )
+        train, test = table.take(np.flatnonzero(~held_out)), table.take(np.flatnonzero(held_out))
+        if holdout == "validation":
+            validation = train.test_rows("validation")
+            train, test = (
+                train.take(np.flatnonzero(~validation)),
+                train.take(np.flatnonzero(validation)),
+            )
+        return cls(table.study, train, test, dataset_fingerprint(raw))
 
     def ledger(self, folder: Path) -> PrivacyLedger:
         return PrivacyLedger(ledger_path(folder, self.dataset), dataset=self.dataset)

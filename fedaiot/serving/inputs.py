@@ -121,6 +121,10 @@ def to_batch(
     instances: list[Any], model: LoadedModel, range_stds: float, abs_max: float
 ) -> np.ndarray:
     """The (n, *shape) float32 batch of checked instances, or InputError naming the problem."""
+    if model.encoder is not None:
+        from fedaiot.serving.study_inputs import study_batch
+
+        return study_batch(instances, model.encoder)
     rows = [_row(i, row, model) for i, row in enumerate(instances)]
     try:
         x = np.asarray(rows, dtype=np.float64)

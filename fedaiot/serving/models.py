@@ -28,7 +28,11 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedaiot.registry.store import Manifest, ModelRegistry, RegistryError
-from fedaiot.tasks import UnknownTaskError, get_task
+from fedaiot.studies.encoding import Encoder, Statistics
+from fedaiot.studies.spec import Study
+from fedaiot.studies.task import PREFIX as STUDY_PREFIX
+from fedaiot.studies.task import study_task
+from fedaiot.tasks import Task, UnknownTaskError, get_task
 
 log = logging.getLogger(__name__)
 HISTORY_FILE = "served.json"
@@ -49,6 +53,7 @@ class LoadedModel:
     class_names: list[str]
     mean: np.ndarray | None  # broadcastable against (n, *shape)
     std: np.ndarray | None
+    encoder: Encoder | None = None  # a study model's: objects of its features -> inputs
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:
         """Class probabilities of a (n, *shape) float32 batch, after the manifest's scaling."""
@@ -74,8 +79,18 @@ def load_model(registry: ModelRegistry, version: str, public_key: Ed25519PublicK
         raise ModelLoadError(f"model version {version} cannot be served: {message}") from None
 
 
+def _study_task(manifest: Manifest) -> tuple[Task, Encoder | None]:
+    """The manifest's task: a built-in one by name, a study's from the study it carries."""
+    if not manifest.task.startswith(STUDY_PREFIX):
+        return get_task(manifest.task), None
+    schema = manifest.input_schema
+    study = Study.model_validate(schema["study"])
+    statistics = Statistics.model_validate(schema["statistics"])
+    return study_task(study), Encoder(study, statistics)
+
+
 def _build(version: str, manifest: Manifest, state: dict[str, torch.Tensor]) -> LoadedModel:
-    task = get_task(manifest.task)
+    task, encoder = _study_task(manifest)
     if manifest.architecture != task.architecture:
         raise ValueError(
             f"architecture {manifest.architecture!r} is not task {task.name}'s "
@@ -88,6 +103,8 @@ def _build(version: str, manifest: Manifest, state: dict[str, torch.Tensor]) -> 
     names = schema.get("feature_names")
     if names is not None and len(names) != math.prod(shape):
         raise ValueError(f"{len(names)} feature names for {math.prod(shape)} input values")
+    if encoder is not None:  # a caller names the study's features, not the encoded inputs
+        names = [f.name for f in encoder.study.features]
     mean = std = None
     normalization = schema.get("normalization") or {}
     if normalization:
@@ -114,6 +131,7 @@ def _build(version: str, manifest: Manifest, state: dict[str, torch.Tensor]) -> 
         class_names=class_names,
         mean=mean,
         std=std,
+        encoder=encoder,
     )
     probe = model.predict_proba(np.zeros((1, *shape), dtype=np.float32))
     if probe.shape != (1, len(class_names)) or not np.isfinite(probe).all():

@@ -24,10 +24,11 @@ Number = Annotated[float, Field(strict=True)]  # ints and floats; no strings, no
 
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    instances: list[list[Number] | dict[str, Number]] = Field(
+    instances: list[list[Number] | dict[str, Number | str | bool | None]] = Field(
         description=(
             "A batch of instances: each a list of the model's input values (flattened in C "
-            "order), or, for a model with feature names, an object of feature name -> value."
+            "order), or, for a model with feature names, an object of feature name -> value "
+            "(a study's model: numbers, category levels, true/false, null where imputed)."
         ),
     )
 

@@ -46,7 +46,7 @@ def exact_metrics(cfg: RunConfig) -> dict[str, Any]:
     tests = []
     per_site = {}
     for index, site in enumerate(sites):
-        data = StudyData.of(simulated_table(cfg, study, index))
+        data = StudyData.of(simulated_table(cfg, study, index), cfg.holdout)
         test = data.encoded(data.test, statistics)
         tests.append(test)
         per_site[site] = _rounded(evaluate(model, test, positive_class=task.positive_class))
@@ -61,7 +61,8 @@ def pooled_baselines(cfg: RunConfig) -> dict[str, Any]:
 
     study = load_study(Path(cfg.study))
     task = study_task(study)
-    datas = [StudyData.of(simulated_table(cfg, study, i)) for i in range(len(simulated_sites(cfg)))]
+    sites = range(len(simulated_sites(cfg)))
+    datas = [StudyData.of(simulated_table(cfg, study, i), cfg.holdout) for i in sites]
     statistics = statistics_from_sums(
         study, np.sum([contributions(d.train) for d in datas], axis=0)
     )

@@ -50,11 +50,13 @@ class StudyTable:
         columns = {name: values[rows] for name, values in self.columns.items()}
         return StudyTable(self.study, columns, self.labels[rows], self.ignored)
 
-    def test_rows(self) -> np.ndarray:
+    def test_rows(self, split: str = "test") -> np.ndarray:
         """The rows of the local test split: a record is held out when a hash of the record
         (and the study's public split seed) falls below ``test_fraction``. Each record's side
-        depends on that record alone, so adding or removing one moves no other."""
-        salt = f"fedaiot-split/1:{self.study.key}:{self.study.evaluation.seed}".encode()
+        depends on that record alone, so adding or removing one moves no other. ``split =
+        "validation"`` draws a second, independent hold-out (from the training rows, when
+        tuning)."""
+        salt = f"fedaiot-{split}/1:{self.study.key}:{self.study.evaluation.seed}".encode()
         raw, labels = self.raw(), self.labels
         draws = np.array(
             [

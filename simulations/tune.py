@@ -48,7 +48,7 @@ def _validation_accuracy(base: dict[str, Any], nodes: int, folder: Path) -> floa
     if summary["status"] not in ("completed", "budget-exhausted"):
         return float("nan")
     if cfg.study:  # a study's coordinator sees DP-noised counts: measure the model exactly
-        from fedaiot.simulation.study_report import exact_metrics
+        from fedaiot.experiments.study_baselines import exact_metrics
 
         measured = exact_metrics(cfg)
         return float(measured["pooled"]["accuracy"]) if measured else float("nan")

@@ -275,3 +275,15 @@ def test_the_noise_multiplier_depends_on_the_budget_not_on_the_data_size(
     a, b = _round(cfg, small, tmp_path, 1), _round(cfg, large, tmp_path, 1)
     assert a.metrics["noise-multiplier"] == b.metrics["noise-multiplier"]
     assert a.metrics["epsilon"] == b.metrics["epsilon"]
+
+
+def test_an_update_larger_than_the_bound_is_scaled_down_to_it() -> None:
+    from fedaiot.node.round import bound_update
+
+    start = {"w": torch.zeros(3), "b": torch.zeros(1)}
+    small = {"w": torch.tensor([0.3, 0.0, 0.4]), "b": torch.zeros(1)}
+    assert bound_update(start, small, 1.0) is small  # within the bound: untouched
+    huge = {"w": torch.tensor([3e6, 0.0, 4e6]), "b": torch.zeros(1)}
+    bounded = bound_update(start, huge, 10.0)
+    assert torch.allclose(bounded["w"], torch.tensor([6.0, 0.0, 8.0]))
+    assert bounded["w"].dtype == torch.float32

@@ -180,7 +180,7 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
     summary: dict[str, Any] = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     summary["output_dir"] = str(cfg.output_path)
     if cfg.study and outcome.status != "failed":
-        from fedaiot.simulation.study_report import exact_metrics, pooled_baselines
+        from fedaiot.experiments.study_baselines import exact_metrics, pooled_baselines
 
         # the simulation holds every site's rows: no coordinator does (docs/studies.md)
         summary["exact"] = {**exact_metrics(cfg), **pooled_baselines(cfg)}

@@ -63,6 +63,9 @@ class RunConfig(BaseModel):
     epsilon: float = 3.0
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # The largest L2 norm of the change a node's round may make to the model; a node clips a
+    # larger one (post-processing: no privacy cost). One faulty node cannot swamp the average.
+    max_update_norm: float = Field(100.0, gt=0)
     # DP-SGD's Poisson sampling rate, the same for every node: the noise is planned from it,
     # never from a node's size (a round is ceil(local-epochs / sample-rate) steps).
     sample_rate: float = Field(0.2, gt=0, le=1)

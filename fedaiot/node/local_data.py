@@ -8,8 +8,10 @@ Accepted layouts (values in the units of the task's reference data, *before* nor
 the node standardizes them with the statistics the coordinator sends, see docs/deployment.md):
 
 - tabular tasks (1-D input with named features): a ``.csv`` file with a header row, or a
-  ``.parquet`` file, holding exactly the task's feature columns and a ``label`` column, in any
-  order. A label is a class name (``malignant``) or a class index (``0``).
+  ``.parquet`` file, holding the task's feature columns and a ``label`` column, in any order
+  (other columns, an id say, are ignored). A label is a class name (``malignant``) or a class
+  index (``0``). The file is read by the studies' reader (`fedaiot.studies.table`): a built-in
+  tabular task is a study whose features are all numeric and refuse missing values.
 - every task: a ``.npz`` file with arrays ``x`` (``(n, *input_shape)``, numeric) and ``y``
   (``(n,)``, class indices or class names).
 - image and sensor tasks: a folder with one sub-folder per class name, each holding one
@@ -28,10 +30,13 @@ import numpy as np
 from pydantic import BaseModel
 
 from fedaiot.errors import BadInputError
+from fedaiot.studies.spec import Feature, Header, Label, Quality, Study, StudyError
+from fedaiot.studies.table import read_table
 from fedaiot.tasks import ArrayData, Task
 
 LABEL = "label"
 MIN_EXAMPLES = 2
+ANY = 1e30  # a built-in task declares no valid range: any finite number
 
 
 class LocalDataError(BadInputError):
@@ -124,79 +129,30 @@ def _label_key(value: Any) -> str:
 # --- tables -----------------------------------------------------------------------------------
 
 
+def study_of_task(task: Task) -> Study:
+    """A built-in tabular task's table described as a study: one reader, one set of checks,
+    for a hospital's own study and for a built-in task's file alike."""
+    names = list(task.feature_names or [])
+    return Study(
+        study=Header(id=task.name, version=1, title=task.description),
+        label=Label(
+            column=LABEL,
+            classes=list(task.class_names),
+            positive=task.class_names[task.positive_class] if task.num_classes == 2 else None,
+            codings={str(i): name for i, name in enumerate(task.class_names)},
+        ),
+        features=[Feature(name=n, kind="numeric", range=(-ANY, ANY)) for n in names],
+        quality=Quality(min_examples=MIN_EXAMPLES, min_per_class=1, max_examples=10**9),
+    )
+
+
 def _read_table(task: Task, schema: TabularSchema, path: Path) -> ArrayData:
-    import pyarrow as pa
-
-    table = _open_table(path)
-    columns = [str(c) for c in table.column_names]
-    expected = [*schema.features, schema.label]
-    missing = [c for c in expected if c not in columns]
-    extra = [c for c in columns if c not in expected]
-    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-    if missing:
-        raise LocalDataError(
-            f"{path}: missing column{'s' * (len(missing) > 1)} {_names(missing)} "
-            f"(task {task.name} needs its {len(schema.features)} features and '{schema.label}'; "
-            "see `fedaiot node schema`)"
-        )
-    if extra or duplicated:
-        raise LocalDataError(
-            f"{path}: unexpected column{'s' * (len(extra) > 1)} {_names(extra or duplicated)}"
-            f"{' (duplicated)' if duplicated and not extra else ''}: the file must hold "
-            f"exactly the task's features and '{schema.label}'"
-        )
-    x = np.empty((table.num_rows, len(schema.features)), dtype=np.float32)
-    for index, name in enumerate(schema.features):
-        column = table.column(name)
-        if pa.types.is_integer(column.type) or pa.types.is_floating(column.type):
-            values = column.to_numpy(zero_copy_only=False).astype(np.float64)
-        else:
-            values = _parse_numbers(column.to_pylist(), f"{path}: column '{name}'")
-        bad = np.flatnonzero(~np.isfinite(values))
-        if bad.size:
-            raise LocalDataError(
-                f"{path}: column '{name}' has {bad.size} missing or non-finite value"
-                f"{'s' * (bad.size > 1)} (first at row {bad[0] + 1})"
-            )
-        x[:, index] = values
-    y = _labels(task, table.column(schema.label).to_pylist(), f"{path}: column '{schema.label}'")
-    return ArrayData(x=x, y=y)
-
-
-def _open_table(path: Path) -> Any:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     try:
-        if path.suffix.lower() == ".parquet":
-            return pq.read_table(path)
-        # Labels stay text so that "0" and "malignant" are read alike.
-        convert = pacsv.ConvertOptions(column_types={LABEL: pa.string()})
-        return pacsv.read_csv(path, convert_options=convert)
-    except (pa.ArrowInvalid, OSError) as exc:
-        first = " ".join(str(exc).split())[:200]
-        raise LocalDataError(f"{path}: unreadable {path.suffix} file: {first}") from None
-
-
-def _parse_numbers(values: list[Any], where: str) -> np.ndarray:
-    out = np.empty(len(values), dtype=np.float64)
-    for row, value in enumerate(values):
-        if value is None:
-            out[row] = math.nan
-            continue
-        try:
-            out[row] = float(value)
-        except (TypeError, ValueError):
-            raise LocalDataError(
-                f"{where} must be numeric: row {row + 1} holds {value!r}"
-            ) from None
-    return out
-
-
-def _names(columns: list[str]) -> str:
-    shown = ", ".join(repr(c) for c in columns[:5])
-    return shown + (f" and {len(columns) - 5} more" if len(columns) > 5 else "")
+        table = read_table(study_of_task(task), path)
+    except StudyError as exc:
+        raise LocalDataError(str(exc)) from None
+    x = np.column_stack([table.columns[name] for name in schema.features]).astype(np.float32)
+    return ArrayData(x=x, y=table.labels)
 
 
 # --- arrays -----------------------------------------------------------------------------------

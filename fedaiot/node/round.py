@@ -86,6 +86,16 @@ def round_randomness(cfg: RunConfig, node: str, server_round: int) -> SecureRand
     return SecureRandom()
 
 
+def bound_update(global_state: StateDict, state: StateDict, bound: float) -> StateDict:
+    """``state``, or the state whose change from ``global_state`` is scaled to norm ``bound``."""
+    change = {k: state[k].double() - global_state[k].double() for k in state}
+    norm = float(torch.sqrt(torch.stack([(c**2).sum() for c in change.values()]).sum()))
+    if norm <= bound:
+        return state
+    scale = bound / norm
+    return {k: (global_state[k].double() + scale * change[k]).to(state[k].dtype) for k in state}
+
+
 @_returns_freed_memory
 def train_round(
     cfg: RunConfig,
@@ -153,6 +163,7 @@ def train_round(
         max_grad_norm=cfg.max_grad_norm,
     )
     outcome = train_private(model, data, schedule, mechanism, randomness=randomness)
+    bounded = bound_update(global_state, outcome.state, cfg.max_update_norm)
     pending = budget.PendingRelease(str(ledger.path), ledger.dataset, run_key, server_round)
     if released_on_return:
         pending.release()
@@ -165,12 +176,13 @@ def train_round(
         "train-loss": outcome.loss,
         "examples": float(len(data)),
         "train-seconds": time.perf_counter() - started,
+        "update-clipped": float(bounded is not outcome.state),
     }
     return NodeReply(
         TRAINED,
         node,
         decision.weight,
         metrics,
-        outcome.state,
+        bounded,
         pending=None if released_on_return else pending,
     )

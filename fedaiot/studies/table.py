@@ -180,9 +180,11 @@ def _parse(feature: Feature, text: str, where: str) -> float:
         number = float(text)
     except ValueError:
         raise StudyError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(number):
+        raise StudyError(f"{where}: {text!r} is not a finite number")
     assert feature.range is not None
     low, high = feature.range
-    if not (math.isfinite(number) and low <= number <= high):
+    if not low <= number <= high:
         unit = f" {feature.unit}" if feature.unit else ""
         raise StudyError(
             f"{where}: {text}{unit} is outside the study's range [{low:g}, {high:g}]{unit}"

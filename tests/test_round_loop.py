@@ -215,3 +215,22 @@ def test_every_manifest_and_the_model_card_say_what_the_coordinator_saw(tmp_path
     research.run_rounds(InProcessGrid(seeded, 3))
     card = model_card(research.registry.manifest("s-r0001"))
     assert card.privacy["private"] is False and card.privacy["noise"].startswith("NOT PRIVATE")
+
+
+def _oversized(message: Message, context: Context) -> Message:
+    reply = train(message, context)
+    arrays: ArrayRecord = reply.content["arrays"]  # type: ignore[assignment]
+    reply.content["arrays"] = ArrayRecord(
+        {k: v + 10.0 for k, v in arrays.to_torch_state_dict().items()}
+    )
+    return reply
+
+
+def test_an_update_past_the_bound_is_rejected_and_the_round_goes_on(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, max_update_norm=5.0)
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, [train, train, _oversized]))
+    assert summary["status"] == "completed"
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    fates = {r["node"]: (r["status"], r["problem"]) for r in events[-2]["replies"]}
+    assert fates["node-0"][0] == fates["node-1"][0] == "trained"
+    assert fates["node-2"][0] == "rejected" and "exceeds max-update-norm 5" in fates["node-2"][1]

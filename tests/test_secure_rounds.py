@@ -239,3 +239,49 @@ def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> 
     assert dict(refusal.config_records["node"])["status"] == "refused"
     assert set(refusal.metric_records["metrics"]) == {"epsilon", "delta"}
     assert not refusal.array_records
+
+
+def _unbounded(handler: Any) -> Any:
+    """A malicious node: it trains, then pushes its update far past the bound, unclipped."""
+    import fedaiot.node.round as node_round
+
+    def scaled(start: dict, state: dict, bound: float) -> dict:
+        return {k: start[k] + 1e3 * (state[k] - start[k]) + 1.0 for k in state}
+
+    def run(message: Any, context: Any) -> Any:
+        honest = node_round.bound_update
+        node_round.bound_update = scaled  # type: ignore[assignment]
+        try:
+            return handler(message, context)
+        finally:
+            node_round.bound_update = honest
+
+    return run
+
+
+def test_a_sum_no_honest_nodes_could_make_is_discarded_not_applied(tmp_path: Path) -> None:
+    from clients.client_app import train_and_advertise
+
+    # the coordinator sees only the sum, but the sum betrays an unbounded update
+    cfg = _cfg(tmp_path, "attacked", num_rounds=2, max_update_norm=5.0)
+    attacked = {(4, "train.secagg"): _unbounded(train_and_advertise)}
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=attacked))
+    assert summary["status"] == "no-aggregate" and summary["aggregated_rounds"] == 0
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    errors = [e["secure_aggregation"]["error"] for e in events if e["event"] == "round"]
+    assert len(errors) == 2 and all("implausible aggregate" in e for e in errors)
+    # the same five honest nodes aggregate: the bound is not what stopped the round
+    honest_cfg = _cfg(tmp_path, "honest", max_update_norm=5.0)
+    assert RoundLoop(honest_cfg).run_rounds(InProcessGrid(honest_cfg, 5))["status"] == "completed"
+
+
+def test_more_weight_than_the_survivors_may_carry_is_implausible() -> None:
+    import numpy as np
+
+    from fedaiot.secure_rounds.driver import implausible
+
+    small = np.full(10, 0.1)
+    assert implausible(small, 3 * 500.0, 3, max_norm=1.0, max_weight=500.0) == ""
+    assert "total weight of 1600 from 3 nodes" in implausible(small, 1600.0, 3, 1.0, 500.0)
+    assert "norm is 3.162" in implausible(small * 10, 30.0, 3, 1.0, 500.0)
+    assert implausible(np.array([np.nan]), 30.0, 3, 1.0, 500.0)

@@ -104,8 +104,9 @@ def test_a_study_model_is_served_by_its_feature_names(tmp_path: Path, pbc_table:
         ({k: v for k, v in patient.items() if k != "age"}, "lacks feature 'age'"),
         ({**patient, "Smith": 1}, "1 unknown feature name(s)"),
     ):
-        with pytest.raises(InputError, match="") as info:
+        with pytest.raises(InputError) as info:
             to_batch([bad], model, 100.0, 1e6)
         assert message in str(info.value) and "Smith" not in str(info.value)
     card = model_card(model.manifest)
     assert card.input_schema["study"]["study"]["id"] == "pbc"
+    assert card.study is not None and card.study.startswith("pbc@1: ")

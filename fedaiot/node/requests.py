@@ -8,6 +8,7 @@ evaluation) to :func:`release`; both are Flower-free.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,11 +92,13 @@ def train(
                 cfg, source.settings, config, global_state, released_on_return=released_on_return
             )
         data, dataset, task = simulated_partition(cfg, *source.partition), "", None
+        max_weight = math.inf
     else:
         study_data = source.study_data(cfg, config)
         statistics = Statistics.from_record(study_data.study, dict(config))
         data, dataset = study_data.encoded(study_data.train, statistics), study_data.dataset
         task = study_task(study_data.study)
+        max_weight = float(study_data.study.quality.max_examples)
     return train_round(
         cfg,
         node=source.node,
@@ -109,6 +112,7 @@ def train(
         released_on_return=released_on_return,
         epsilon_cap=source.epsilon_cap,
         task=task,
+        max_weight=max_weight,
     )
 
 

@@ -111,6 +111,7 @@ def train_round(
     released_on_return: bool = True,
     epsilon_cap: float | None = None,
     task: Task | None = None,
+    max_weight: float = math.inf,
 ) -> NodeReply:
     """One round of local training, or a refusal when it would overrun the privacy budget.
 
@@ -118,7 +119,8 @@ def train_round(
     their fingerprint: a deployed node passes its raw files'). With ``released_on_return`` the
     round's charge is marked released before the reply is returned, as the reply carries the
     update; otherwise the caller marks it (:func:`fedaiot.privacy.budget.mark_released`) when
-    the update leaves in another form (a masked vector).
+    the update leaves in another form (a masked vector). ``max_weight`` caps the node's
+    weight in the average (a study's ``max_examples``).
     """
     torch.set_num_threads(1)  # nodes share the machine's cores with each other
     task = task or get_task(cfg.task)
@@ -164,11 +166,12 @@ def train_round(
     )
     outcome = train_private(model, data, schedule, mechanism, randomness=randomness)
     bounded = bound_update(global_state, outcome.state, cfg.max_update_norm)
+    weight = min(decision.weight, max_weight)
     pending = budget.PendingRelease(str(ledger.path), ledger.dataset, run_key, server_round)
     if released_on_return:
         pending.release()
     metrics = {
-        "num-examples": decision.weight,
+        "num-examples": weight,
         "epsilon": decision.epsilon,
         "delta": cfg.delta,
         "noise-multiplier": mechanism.noise_multiplier,
@@ -181,7 +184,7 @@ def train_round(
     return NodeReply(
         TRAINED,
         node,
-        decision.weight,
+        weight,
         metrics,
         bounded,
         pending=None if released_on_return else pending,

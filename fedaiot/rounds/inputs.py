@@ -9,6 +9,7 @@ four things.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Protocol
 
 from flwr.app import ArrayRecord
@@ -20,6 +21,8 @@ from fedaiot.tasks.evaluation import evaluate
 
 
 class Inputs(Protocol):
+    max_weight: float  # the most weight one node may carry in the average
+
     def prepare(self, grid: Grid) -> dict[str, Any]:
         """Anything to do before round 1; what to journal about it."""
         ...
@@ -41,6 +44,8 @@ class Inputs(Protocol):
 
 class CentralInputs:
     """The coordinator's own held-out set (a validation slice when tuning)."""
+
+    max_weight = math.inf  # a built-in task's nodes are as large as they are
 
     def __init__(self, cfg: RunConfig, task: Task) -> None:
         self.task = task

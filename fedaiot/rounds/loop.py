@@ -152,7 +152,13 @@ class RoundLoop:
                 accepted, replies, notes = self._secure(grid, messages, arrays)
             else:
                 received = grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
-                replies = refuse_duplicates([receive(r, arrays, self.roster) for r in received])
+                limits = self.cfg.max_update_norm, self.inputs.max_weight
+                replies = refuse_duplicates(
+                    [
+                        receive(r, arrays, self.roster, max_norm=limits[0], max_weight=limits[1])
+                        for r in received
+                    ]
+                )
                 accepted, notes = [r.message for r in replies if r.message is not None], {}
             aggregated = None
             if accepted:
@@ -198,7 +204,9 @@ class RoundLoop:
         A node whose update did not make it into the sum (it dropped out, or the round failed)
         is recorded as "dropped"; its privacy spend is still accounted.
         """
-        secure = SecureAggregation(self.cfg, grid, self.roster).run(messages, arrays)
+        secure = SecureAggregation(self.cfg, grid, self.roster).run(
+            messages, arrays, self.inputs.max_weight
+        )
         failed = secure.arrays is None
         replies = [
             replace(r, status="dropped", problem=secure.error or secure.dropped[r.node])

@@ -54,6 +54,7 @@ class FederatedInputs:
         self.statistics: Statistics | None = None
         self.file = cfg.output_path / STATISTICS_FILE
         self.evaluated = evaluation_rounds(study, cfg.num_rounds)
+        self.max_weight = float(study.quality.max_examples)
 
     def prepare(self, grid: Grid) -> dict[str, Any]:
         if self.file.exists():  # a resumed run: the statistics were released already

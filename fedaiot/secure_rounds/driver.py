@@ -87,8 +87,16 @@ class SecureAggregation:
         except SecAggError as exc:
             raise ConfigError(f"secure aggregation: {exc}") from None
 
-    def run(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
-        """A training round: the new global model is the old plus the survivors' average."""
+    def run(
+        self, messages: Sequence[Message], arrays: ArrayRecord, max_weight: float = math.inf
+    ) -> SecureRound:
+        """A training round: the new global model is the old plus the survivors' average.
+
+        The coordinator cannot see one node's update, but it can see when the sum is one no
+        honest nodes could have made: an average change longer than ``max-update-norm`` (every
+        honest node bounds its own), or more total weight than ``max_weight`` a survivor. Such
+        a round is discarded (the model stays), not applied.
+        """
         first = [
             (
                 m.metadata.dst_node_id,
@@ -100,6 +108,12 @@ class SecureAggregation:
         done = self._run(first, TRAIN_AND_ADVERTISE, length)
         if done.vector is not None:
             delta = done.vector / done.total_weight
+            survivors = len(first) - len(done.dropped)
+            problem = implausible(
+                delta, done.total_weight, survivors, self.cfg.max_update_norm, max_weight
+            )
+            if problem:
+                return replace(done, vector=None, error=problem)
             done = replace(done, arrays=unflatten(flatten(arrays) + delta, arrays), vector=None)
         return done
 
@@ -267,6 +281,24 @@ class SecureAggregation:
             )
             return None
         return parsed
+
+
+def implausible(
+    delta: np.ndarray, total_weight: float, survivors: int, max_norm: float, max_weight: float
+) -> str:
+    """Why an unmasked sum cannot have come from honest nodes, or ""."""
+    norm = float(np.linalg.norm(delta))
+    if not math.isfinite(norm) or norm > max_norm * (1 + 1e-3) + 1e-4:
+        return (
+            f"implausible aggregate: the average update's norm is {norm:.4g}, more than the "
+            f"max-update-norm {max_norm:g} every honest node keeps to; the round is discarded"
+        )
+    if total_weight > survivors * max_weight * (1 + 1e-3):
+        return (
+            f"implausible aggregate: a total weight of {total_weight:.0f} from {survivors} "
+            f"nodes, more than the {max_weight:g} one node may carry; the round is discarded"
+        )
+    return ""
 
 
 def as_strategy_reply(average: ArrayRecord, total_weight: float, request: Message) -> Message:

@@ -58,6 +58,9 @@ class ModelCard(BaseModel):
         default_factory=dict,
         description="the guarantee, the noise, what the nodes sent the coordinator in the clear",
     )
+    study: str | None = Field(
+        default=None, description="the study the model was trained for: id@version, title"
+    )
     training_config: dict[str, Any]
     input_schema: dict[str, Any]
     weights_sha256: str
@@ -75,11 +78,20 @@ def model_card(manifest: Manifest) -> ModelCard:
         metrics={k: v for k, v in manifest.metrics.items() if math.isfinite(v)},
         nodes=manifest.nodes,
         privacy=manifest.privacy,
+        study=_study_line(manifest.input_schema),
         training_config=without_paths(manifest.config),
         input_schema=manifest.input_schema,
         weights_sha256=manifest.weights_sha256,
         created=datetime.fromtimestamp(manifest.created, UTC).isoformat(timespec="seconds"),
     )
+
+
+def _study_line(input_schema: dict[str, Any]) -> str | None:
+    study = input_schema.get("study")
+    if not isinstance(study, dict) or not isinstance(study.get("study"), dict):
+        return None
+    header = study["study"]
+    return f"{header.get('id')}@{header.get('version')}: {header.get('title', '')}".rstrip(": ")
 
 
 Verification = Literal["verified", "unsigned", "bad-signature", "unreadable"]

@@ -109,15 +109,24 @@ def read_reply(message: Message, roster: Mapping[int, str] | None = None) -> Rec
 
 
 def receive(
-    message: Message, reference: ArrayRecord, roster: Mapping[int, str] | None = None
+    message: Message,
+    reference: ArrayRecord,
+    roster: Mapping[int, str] | None = None,
+    *,
+    max_norm: float = math.inf,
+    max_weight: float = math.inf,
 ) -> ReceivedReply:
-    """Classify one reply; an update that could corrupt the global model is rejected here."""
+    """Classify one reply; an update that could corrupt the global model is rejected here:
+    malformed, non-finite, changing the model by more than ``max_norm`` (honest nodes bound
+    their own) or weighing more than ``max_weight``."""
     reply = read_reply(message, roster)
     if reply.message is None:
         return reply
     if reply.status != TRAINED:
         return replace(reply, message=None)
-    problem = _update_problem(message.content, reply.metrics, reference)
+    problem = _update_problem(message.content, reply.metrics, reference) or _out_of_bounds(
+        message.content.array_records[ARRAYS], reply.metrics, reference, max_norm, max_weight
+    )
     if problem:
         return replace(reply, status="rejected", message=None, problem=f"{reply.node}: {problem}")
     return reply
@@ -162,4 +171,25 @@ def _update_problem(content: RecordDict, metrics: dict[str, float], reference: A
             return f"wrong dtype for {name}: {got.dtype}, expected {expected.dtype}"
         if not np.isfinite(got.numpy()).all():
             return f"non-finite values (NaN or infinity) in {name}"
+    return ""
+
+
+def _out_of_bounds(
+    arrays: ArrayRecord,
+    metrics: dict[str, float],
+    reference: ArrayRecord,
+    max_norm: float,
+    max_weight: float,
+) -> str:
+    if metrics["num-examples"] > max_weight:
+        return f"weight {metrics['num-examples']:.0f} exceeds the {max_weight:g} one node may carry"
+    if math.isinf(max_norm):
+        return ""
+    squares = sum(
+        float(((arrays[k].numpy().astype(np.float64) - v.numpy()) ** 2).sum())
+        for k, v in reference.items()
+    )
+    norm = math.sqrt(squares)
+    if norm > max_norm * (1 + 1e-3) + 1e-4:
+        return f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}"
     return ""

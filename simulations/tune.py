@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedaiot.config.run import RunConfig
+from fedaiot.errors import FedaiotError
 from fedaiot.simulation.inprocess import run_inprocess
 
 
@@ -44,7 +45,11 @@ def _validation_accuracy(base: dict[str, Any], nodes: int, folder: Path) -> floa
     cfg = RunConfig.from_run_config(
         {**base, "holdout": "validation", "output-dir": str(folder), "min-available-nodes": nodes}
     )
-    summary = run_inprocess(cfg, nodes)
+    try:
+        summary = run_inprocess(cfg, nodes)
+    except FedaiotError as exc:  # e.g. no budget left for a study's statistics
+        print(f"failed: {exc}")
+        return float("nan")
     if summary["status"] not in ("completed", "budget-exhausted"):
         return float("nan")
     if cfg.study:  # a study's coordinator sees DP-noised counts: measure the model exactly

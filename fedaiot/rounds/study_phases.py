@@ -63,9 +63,15 @@ class FederatedInputs:
         config = ConfigRecord({PURPOSE: "statistics"})
         total, notes = self._vector_round(grid, config, None, contribution_length(self.study))
         if total is None:
-            raise NothingLearnedError(
-                f"the nodes' feature statistics could not be summed: {notes.get('error', '')}"
+            refused = [r for r in notes["replies"] if r["status"] == "refused"]
+            why = (
+                f"{len(refused)} of {len(notes['replies'])} nodes refused to release them "
+                f"({refused[0]['problem']}): the budget cannot pay statistics-noise "
+                f"{self.cfg.statistics_noise:g}"
+                if refused
+                else notes.get("error", "")
             )
+            raise NothingLearnedError(f"the nodes' feature statistics could not be summed: {why}")
         contributors = int(notes.get("contributors", 1))
         noise = self.cfg.statistics_noise * sensitivity(self.study) if self.cfg.private else 0.0
         self.statistics = statistics_from_sums(self.study, total, noise * math.sqrt(contributors))

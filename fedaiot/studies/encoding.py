@@ -81,7 +81,11 @@ def contributions(table: StudyTable) -> np.ndarray:
         if feature.kind == "numeric":
             present = ~np.isnan(values)
             assert feature.range is not None
-            scaled = np.clip(values[present], *feature.range) / feature.scale
+            # centred on the range's middle, in half-widths: every record in [-1, 1], and the
+            # sums as large as they can be against the same noise
+            scaled = (
+                np.clip(values[present], *feature.range) - feature.centre
+            ) / feature.half_width
             parts.append([present.sum(), scaled.sum(), (scaled**2).sum()])
         elif feature.kind == "categorical":
             parts.append([(values == i).sum() for i in range(len(feature.levels))])
@@ -112,12 +116,12 @@ def statistics_from_sums(study: Study, sums: np.ndarray, noise_std: float = 0.0)
             count = max(float(part[0]), floor)
             examples.append(count)
             noise_var = (noise_std / count) ** 2  # of each normalized moment estimate
-            centre, spread = (low + high) / 2 / feature.scale, (high - low) / 4 / feature.scale
+            spread = 0.5  # the prior: a mean at the centre, a spread of half a half-width
             raw_mean = float(np.clip(part[1] / count, -1, 1))
             raw_std = math.sqrt(max(float(part[2] / count) - raw_mean**2, 0.0))
             weight = spread**2 / (spread**2 + noise_var)  # how far the data is trusted
-            mean = (weight * raw_mean + (1 - weight) * centre) * feature.scale
-            std = (weight * raw_std + (1 - weight) * spread) * feature.scale
+            mean = feature.centre + weight * raw_mean * feature.half_width
+            std = (weight * raw_std + (1 - weight) * spread) * feature.half_width
             least = MIN_STD_FRACTION * (high - low)
             features[feature.name] = FeatureStatistics(
                 mean=min(max(mean, low), high), std=max(std, least)

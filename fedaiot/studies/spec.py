@@ -115,10 +115,15 @@ class Feature(_Strict):
         return self
 
     @property
-    def scale(self) -> float:
-        """The largest magnitude a value may have: clipping bound of the statistics."""
+    def centre(self) -> float:
         assert self.range is not None
-        return max(abs(self.range[0]), abs(self.range[1]), 1e-12)
+        return (self.range[0] + self.range[1]) / 2
+
+    @property
+    def half_width(self) -> float:
+        """Half the valid range: a value's distance from the centre is at most this."""
+        assert self.range is not None
+        return (self.range[1] - self.range[0]) / 2
 
 
 class Model(_Strict):

@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 
 from fedaiot.node.guard import guarded
 from fedaiot.secure_rounds import handlers
-from fedaiot.secure_rounds.wire import unpack
+from fedaiot.secure_rounds.wire import survivor_floor, unpack
 
 if TYPE_CHECKING:
     from fedaiot.config.run import RunConfig
@@ -29,7 +29,9 @@ def _config(context: Context) -> RunConfig:
     return RunConfig.from_run_config(context.run_config)
 
 
-def _train(msg: Message, context: Context, *, released_on_return: bool) -> NodeReply:
+def _train(
+    msg: Message, context: Context, *, released_on_return: bool, survivors: int | None = None
+) -> NodeReply:
     from fedaiot.node import requests
     from fedaiot.simulation import faults
 
@@ -43,7 +45,12 @@ def _train(msg: Message, context: Context, *, released_on_return: bool) -> NodeR
         faults.before_training(cfg, node, server_round)
     state = arrays.to_torch_state_dict()
     reply = requests.train(
-        cfg, context.node_config, config, state, released_on_return=released_on_return
+        cfg,
+        context.node_config,
+        config,
+        state,
+        released_on_return=released_on_return,
+        survivors=survivors,
     )
     if simulated:
         faults.after_training(cfg, node, server_round)
@@ -83,9 +90,16 @@ def vector(msg: Message, context: Context) -> Message:
 def train_and_advertise(msg: Message, context: Context) -> Message:
     handlers.forget_round(context)  # an abandoned round's update must never leave later
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    reply = _train(msg, context, released_on_return=False)
-    private = _config(context).private
-    content = handlers.advertise(reply, arrays, unpack(msg.content), context, private=private)
+    setup = unpack(msg.content)
+    cfg = _config(context)
+    # A distributed-DP noise share is sized for the fewest survivors this node will let the
+    # round unmask (it checks that itself at the unmask stage), never a number merely claimed.
+    floor = survivor_floor(len(setup["node_ids"]), cfg.secagg_dropout, int(setup["threshold"]))
+    reply = _train(msg, context, released_on_return=False, survivors=floor)
+    floor = floor if cfg.dp_mode == "distributed" else 0
+    content = handlers.advertise(
+        reply, arrays, setup, context, private=cfg.private, min_survivors=floor
+    )
     return Message(content=content, reply_to=msg)
 
 

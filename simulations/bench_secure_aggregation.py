@@ -39,7 +39,7 @@ def run(
         sys.executable, "-m", "fedaiot", "simulate", "--task", f"synthetic-{params}",
         "--nodes", str(nodes), "--rounds", str(rounds), "--partitioner", "iid",
         "--secure-aggregation", "on" if secure else "off", "--output", str(out), "--json",
-        "--dp" if dp else "--no-dp",
+        *(["--dp", "local"] if dp else ["--no-dp"]),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:

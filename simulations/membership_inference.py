@@ -65,7 +65,7 @@ def run_federated(
         *("--lr", str(args.lr), "--partitioner", args.partitioner, "--seed", str(seed)),
         # The coordinator's sum is the same with or without SecAgg+; off saves minutes a run.
         *("--secure-aggregation", "off", "--output", str(out), "--json"),
-        *(["--no-dp"] if epsilon is None else ["--dp", "--epsilon", str(epsilon)]),
+        *(["--no-dp"] if epsilon is None else ["--dp", "local", "--epsilon", str(epsilon)]),
     ]
     with open(log, "ab") as sink:
         done = subprocess.run(command, stdout=subprocess.PIPE, stderr=sink, check=False)

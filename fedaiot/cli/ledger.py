@@ -44,7 +44,9 @@ def ledger_verify(paths: list[Path]) -> None:
     for path in paths:
         ledger = summarize(path)
         sides = {"training": ledger["history"], "test split": ledger["test_history"]}
-        if not any(sides.values()):
+        if ledger["skellam_history"]:  # the training side is checked with its Skellam steps
+            sides["training (local rounds only)"] = sides.pop("training")
+        if not any(sides.values()) and not ledger["skellam_history"]:
             print(f"{path}: nothing spent")
             continue
         delta = ledger["delta"]
@@ -68,8 +70,31 @@ def ledger_verify(paths: list[Path]) -> None:
             ]
             if not rdp >= reported * (1 - AGREEMENT):
                 problems.append(f"{path} ({side}): the RDP bound is below the PLD's")
+        if ledger["skellam_history"]:
+            problems += _verify_distributed(path, ledger, delta)
     if problems:
         raise FedaiotError("; ".join(problems))
+
+
+def _verify_distributed(path: Path, ledger: dict[str, object], delta: float) -> list[str]:
+    """Both epsilons of a data set that took part in distributed rounds, recomputed with
+    dp-accounting's own Rényi-DP accountant: they must agree within 1 %."""
+    from fedaiot.privacy.accounting import AGREEMENT, epsilon_rdp_independent
+    from fedaiot.privacy.rdp import ORDERS, epsilon_composed
+
+    problems = []
+    gaussian = ledger["history"]
+    for name, key in (("distributed", "skellam_history"), ("local", "share_history")):
+        reported = epsilon_composed(gaussian, ledger[key], delta)  # type: ignore[arg-type]
+        again = epsilon_rdp_independent(gaussian, ledger[key], delta, ORDERS)  # type: ignore[arg-type]
+        gap = abs(again - reported) / reported
+        print(
+            f"{path} ({name} epsilon): {reported:.4f} (skellam rdp) at delta {delta:g}; "
+            f"dp-accounting rdp {again:.4f} (gap {gap:.2e})"
+        )
+        if not gap <= AGREEMENT:
+            problems.append(f"{path} ({name} epsilon): dp-accounting differs by {gap:.2%}")
+    return problems
 
 
 @registry_app.command("list")

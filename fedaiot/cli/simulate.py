@@ -29,7 +29,8 @@ KEYS = {
     "delta": "delta",
     "sample_rate": "sample-rate",
     "seeded_noise": "seeded-noise",
-    "private": "private",
+    "dp": "dp-mode",
+    "dp_collusion": "dp-collusion",
     "partitioner": "partitioner",
     "alpha": "dirichlet-alpha",
     "classes_per_node": "classes-per-node",
@@ -68,7 +69,19 @@ def simulate(
             "--seeded-noise", help="research only: noise from --seed, reproducible, NOT private"
         ),
     ] = False,
-    private: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD or plain SGD")] = True,
+    dp: Annotated[
+        str,
+        typer.Option(
+            "--dp",
+            help="local: each node noises its own update; distributed: noise shares inside "
+            "secure aggregation (central-DP accuracy, trusts that at most --dp-collusion nodes "
+            "collude with the coordinator); off: no DP",
+        ),
+    ] = _DEFAULT.dp_mode,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="the same as --dp off")] = False,
+    dp_collusion: Annotated[
+        int, typer.Option(help="distributed DP: nodes assumed to collude with the coordinator")
+    ] = _DEFAULT.dp_collusion,
     partitioner: Annotated[
         str, typer.Option(help="iid, dirichlet or pathological")
     ] = _DEFAULT.partitioner,
@@ -128,6 +141,8 @@ def _values(
     for option, key in KEYS.items():
         if key not in values or ctx.get_parameter_source(option) != ParameterSource.DEFAULT:
             values[key] = ctx.params[option]
+    if ctx.params["no_dp"]:
+        values["dp-mode"] = "off"
     secure = values["secure-aggregation"]
     if isinstance(secure, str):
         if secure not in ("on", "off"):
@@ -166,6 +181,8 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
         + f", {split} -> {cfg.output_path}",
         highlight=False,
     )
+    if cfg.dp_mode == "distributed":
+        console.print(trust_assumption(cfg), highlight=False)
     if cfg.seeded_noise and cfg.private:
         from fedaiot.privacy.disclosure import NOT_PRIVATE
 
@@ -195,6 +212,16 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
         for table in summary_tables(summary):
             console.print(table)
     return summary
+
+
+def trust_assumption(cfg: RunConfig) -> str:
+    """The one line a distributed-DP run's operator must read before trusting its epsilon."""
+    return (
+        f"distributed DP: one DP-SGD step a round; each node adds a share of the noise inside "
+        f"secure aggregation. Epsilon {cfg.epsilon:g} holds while at most {cfg.dp_collusion} "
+        "node(s) collude with the coordinator and the others run fedaiot unmodified; each "
+        "node's ledger also records its epsilon if all others colluded (epsilon-local)."
+    )
 
 
 def register(app: typer.Typer) -> None:

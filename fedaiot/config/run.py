@@ -22,6 +22,8 @@ from fedaiot.errors import BadInputError
 from fedaiot.tasks.names import PartitionerName, check_task_name
 
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+DpMode = Literal["local", "distributed", "off"]
+_FALSE = {"false", "0", "no", "off"}
 
 
 class ConfigError(BadInputError):
@@ -59,6 +61,14 @@ class RunConfig(BaseModel):
     # is never touched (for tuning hyperparameters); "test": the held-out test set.
     holdout: Literal["test", "validation"] = "test"
 
+    # Where the DP noise is added (docs/privacy.md, "Two modes"): "local", each node noises its
+    # own update for its own data set; "distributed", each node adds a share of integer noise
+    # inside secure aggregation and a round is one DP-SGD step on the union of the nodes'
+    # records, private against a coordinator colluding with at most dp-collusion nodes; "off",
+    # no DP (baselines). ``private`` is false exactly when dp-mode is "off" (private=false is
+    # the older spelling of dp-mode="off").
+    dp_mode: DpMode = "local"
+    dp_collusion: int = Field(0, ge=0)
     private: bool = True
     epsilon: float = 3.0
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -108,6 +118,27 @@ class RunConfig(BaseModel):
     # Deployment: a JSON file of Flower node id -> institution name, written by the
     # coordinator's kit when it registers the keys. Identities come from it, never from nodes.
     node_roster: str = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dp_mode_and_private(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        private = data.get("private", True)
+        if isinstance(private, str):
+            private = private.strip().lower() not in _FALSE
+        mode = data.get("dp_mode", "local") if private else "off"
+        return {**data, "dp_mode": mode, "private": mode != "off"}
+
+    @model_validator(mode="after")
+    def _distributed_needs_secure_aggregation(self) -> RunConfig:
+        if self.dp_mode == "distributed" and not self.secure_aggregation:
+            raise ValueError(
+                "dp-mode distributed adds each node's noise share inside secure aggregation: "
+                "there is no distributed DP without it (set secure-aggregation=true, or "
+                "dp-mode=local)"
+            )
+        return self
 
     @field_validator("epsilon")
     @classmethod

@@ -126,6 +126,7 @@ def deployed_round(
     global_state: StateDict,
     *,
     released_on_return: bool = True,
+    survivors: int | None = None,
 ) -> NodeReply:
     """One round on the institution's files (refused when the run is for another task).
 
@@ -145,19 +146,27 @@ def deployed_round(
             f"task {task.name} standardizes its inputs, the coordinator sent no statistics"
         )
     data = standardize(raw, stats) if stats is not None else raw
-    reply = train_round(
-        cfg,
-        node="",
-        data=data,
-        global_state=global_state,
-        server_round=int(config["server-round"]),
-        run_key=str(config["run-key"]),
-        ledger_dir=settings.ledger_dir,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        dataset_id=dataset_fingerprint(raw),
-        released_on_return=released_on_return,
-        epsilon_cap=settings.max_epsilon,
-    )
+    common = {
+        "node": "",
+        "data": data,
+        "global_state": global_state,
+        "server_round": int(config["server-round"]),
+        "run_key": str(config["run-key"]),
+        "ledger_dir": settings.ledger_dir,
+        "dataset_id": dataset_fingerprint(raw),
+        "epsilon_cap": settings.max_epsilon,
+    }
+    if cfg.dp_mode == "distributed" and survivors is not None:
+        from fedaiot.node.gradient_share import gradient_share
+
+        reply = gradient_share(cfg, survivors=survivors, task=task, **common)  # type: ignore[arg-type]
+    else:
+        reply = train_round(
+            cfg,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            released_on_return=released_on_return,
+            **common,  # type: ignore[arg-type]
+        )
     LOG.info(
         "fedaiot node %s, round %s: %s", settings.node_name, config["server-round"], describe(reply)
     )

@@ -34,6 +34,7 @@ from fedaiot.studies.encoding import Statistics
 from fedaiot.studies.spec import Study, load_study
 from fedaiot.studies.table import read_table
 from fedaiot.studies.task import study_task
+from fedaiot.tasks import get_task
 from fedaiot.wire.replies import NodeReply
 from fedaiot.wire.requests import EVALUATIONS, PURPOSE
 
@@ -83,13 +84,23 @@ def train(
     global_state: StateDict,
     *,
     released_on_return: bool,
+    survivors: int | None = None,
 ) -> NodeReply:
+    """A training round's reply: a (local-DP) update, or in a distributed-DP run this node's
+    noisy gradient share, sized for the round's fewest ``survivors``."""
     source = Source.of(cfg, node_config)
+    if cfg.dp_mode == "distributed" and survivors is None:
+        raise NodeConfigError("a distributed-DP round must come through secure aggregation")
     server_round, run_key = int(config["server-round"]), str(config["run-key"])
     if not cfg.study:
         if source.settings is not None:
             return deployed_round(
-                cfg, source.settings, config, global_state, released_on_return=released_on_return
+                cfg,
+                source.settings,
+                config,
+                global_state,
+                released_on_return=released_on_return,
+                survivors=survivors,
             )
         data, dataset, task = simulated_partition(cfg, *source.partition), "", None
         max_weight = math.inf
@@ -99,6 +110,23 @@ def train(
         data, dataset = study_data.encoded(study_data.train, statistics), study_data.dataset
         task = study_task(study_data.study)
         max_weight = float(study_data.study.quality.max_examples)
+    if cfg.dp_mode == "distributed":
+        from fedaiot.node.gradient_share import gradient_share
+
+        assert survivors is not None
+        return gradient_share(
+            cfg,
+            node=source.node,
+            data=data,
+            global_state=global_state,
+            server_round=server_round,
+            run_key=run_key,
+            ledger_dir=source.ledger_dir,
+            survivors=survivors,
+            task=task or get_task(cfg.task),
+            dataset_id=dataset,
+            epsilon_cap=source.epsilon_cap,
+        )
     return train_round(
         cfg,
         node=source.node,

@@ -25,10 +25,10 @@ import numpy as np
 from fedaiot.config.run import RunConfig
 from fedaiot.errors import BadInputError
 from fedaiot.node.round import round_randomness
-from fedaiot.privacy import budget
 from fedaiot.privacy.accounting import BudgetExhaustedError
-from fedaiot.privacy.budget import BudgetTerms, Release
+from fedaiot.privacy.budget import BudgetTerms
 from fedaiot.privacy.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
+from fedaiot.privacy.releases import Release, charge_release, evaluation_noise
 from fedaiot.studies.encoding import Encoder, Statistics, contributions, sensitivity
 from fedaiot.studies.spec import Study, StudyError
 from fedaiot.studies.table import StudyTable, open_table, read_table
@@ -115,7 +115,7 @@ def statistics_release(
         return NodeReply(CONTRIBUTED, node, 1.0, {}, vector=vector)
     release = Release("statistics", "train", cfg.statistics_noise)
     terms = BudgetTerms.for_run(cfg, epsilon_cap)
-    decision = budget.charge_release(data.ledger(ledger_dir), terms, run=run_key, release=release)
+    decision = charge_release(data.ledger(ledger_dir), terms, run=run_key, release=release)
     if not decision.granted:
         metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
         return _refused(node, metrics, decision.reason)
@@ -154,12 +154,12 @@ def evaluation_release(
         return NodeReply(CONTRIBUTED, node, 1.0, {}, vector=counts)
     ledger, terms = data.ledger(ledger_dir), BudgetTerms.for_run(cfg, epsilon_cap)
     try:
-        sigma = budget.evaluation_noise(ledger, terms, run=run_key, releases=evaluations)
+        sigma = evaluation_noise(ledger, terms, run=run_key, releases=evaluations)
     except BudgetExhaustedError as exc:
         metrics = {"epsilon": ledger.epsilon(cfg.delta), "delta": cfg.delta}
         return _refused(node, metrics, str(exc))
     release = Release("evaluation", "test", sigma)
-    decision = budget.charge_release(ledger, terms, run=run_key, release=release)
+    decision = charge_release(ledger, terms, run=run_key, release=release)
     metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
     if not decision.granted:
         return _refused(node, metrics, decision.reason)

@@ -36,18 +36,19 @@ from fedaiot.privacy.accounting import (
     ACCOUNTANT,
     BudgetExhaustedError,
     HistoryEntry,
-    epsilon_spent,
     plan_noise,
 )
+from fedaiot.privacy.distributed import ACCOUNTANT as DISTRIBUTED_ACCOUNTANT
+from fedaiot.privacy.distributed import ShareGeometry, plan_sigma
 from fedaiot.privacy.ledger import (
     CountRelease,
     LedgerRecord,
     NoisePlan,
     PrivacyLedger,
-    ReleaseEntry,
     RoundEntry,
 )
 from fedaiot.privacy.randomness import SecureRandom
+from fedaiot.privacy.rdp import SkellamEntry
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,8 @@ class BudgetTerms:
     steps_per_round: int
     rounds: int
     count_noise: float
+    run_epsilon: float = math.nan  # the run's own target, before the node's cap: what a
+    # distributed run's shared noise is planned for (every node must add the same)
 
     @classmethod
     def for_run(cls, cfg: RunConfig, cap: float | None = None) -> BudgetTerms:
@@ -74,6 +77,7 @@ class BudgetTerms:
             steps_per_round=cfg.steps_per_round,
             rounds=cfg.num_rounds,
             count_noise=cfg.count_noise,
+            run_epsilon=cfg.epsilon,
         )
 
 
@@ -86,6 +90,7 @@ class Decision:
     plan: NoisePlan | None = None
     weight: float = 0.0  # the data set's noisy count: its weight in the average
     reason: str = ""
+    local_epsilon: float = math.nan  # distributed rounds: this node's share alone
 
 
 def decide(
@@ -110,20 +115,22 @@ def decide(
         count_step: list[HistoryEntry] = []
         if record.count is None:
             count_step = [(terms.count_noise, 1.0, 1)]
+        before = [*record.history, *count_step]
         try:
-            plan = record.plans.get(run) or _plan(terms, [*record.history, *count_step])
+            plan = record.plans.get(run) or _plan(terms, before, record.skellam_history)
         except BudgetExhaustedError as exc:
             return Decision(False, record.epsilon(terms.delta), reason=str(exc))
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
-        before = [*record.history, *count_step]
-        after = epsilon_spent(_with_step(before, step), terms.delta)
+        trial = record.model_copy()
+        trial.history = with_step(before, step)
+        after = trial.train_epsilon(terms.delta)
         if after > terms.epsilon:
             return Decision(
                 False,
                 record.epsilon(terms.delta),
                 reason=(
                     f"privacy budget exhausted: this round would raise epsilon from "
-                    f"{epsilon_spent(before, terms.delta):.3f} to {after:.3f}, over the budget "
+                    f"{record.train_epsilon(terms.delta):.3f} to {after:.3f}, over the budget "
                     f"of {terms.epsilon:.3f} (delta {terms.delta:g})"
                 ),
             )
@@ -131,7 +138,7 @@ def decide(
             noisy = round(examples + float(randomness.normal(1, terms.count_noise)[0]))
             record.count = CountRelease(value=max(1, noisy), noise=terms.count_noise, run=run)
         record.plans[run] = plan
-        record.history = _with_step(before, step)
+        record.history = with_step(before, step)
         record.rounds.append(
             RoundEntry(
                 run=run,
@@ -148,76 +155,95 @@ def decide(
         return Decision(True, record.epsilon(terms.delta), plan, record.count.value)
 
 
-@dataclass(frozen=True)
-class Release:
-    """A release other than training: a sum of per-record contributions of L2 norm at most 1
-    with Gaussian noise of ``noise_multiplier`` (the history entry ``(sigma, 1.0, 1)``), over
-    the training records (``side = "train"``) or the held-out test split (``"test"``)."""
-
-    kind: str
-    side: str
-    noise_multiplier: float
-
-
-def charge_release(
-    ledger: PrivacyLedger, terms: BudgetTerms, *, run: str, release: Release
+def decide_distributed(
+    ledger: PrivacyLedger,
+    terms: BudgetTerms,
+    *,
+    run: str,
+    server_round: int,
+    examples: int,
+    randomness: SecureRandom,
+    geometry: ShareGeometry,
+    honest: int,
 ) -> Decision:
-    """Charge ``release`` to its side of the ledger before it is computed, or refuse it."""
+    """As :func:`decide`, for a distributed round: one Skellam step whose noise multiplier is
+    planned from the run's terms alone (every node adds the same share), charged with both its
+    distributed epsilon (which the budget is held to) and its share-alone (local) epsilon."""
     with ledger.update() as record:
-        test = release.side == "test"
-        history = record.test_history if test else record.history
-        step = (release.noise_multiplier, 1.0, 1)
-        after = epsilon_spent(_with_step(history, step), terms.delta)
+        _refund_abandoned(record, run, server_round)
+        pending = [
+            e
+            for e in record.rounds
+            if e.run == run and e.round == server_round and not e.released and not e.refunded
+        ]
+        if pending and run in record.plans and record.count is not None:
+            entry = pending[-1]
+            return Decision(
+                True, entry.epsilon, record.plans[run], record.count.value,
+                local_epsilon=entry.local_epsilon or math.nan,
+            )  # fmt: skip
+        count_step: list[HistoryEntry] = [] if record.count else [(terms.count_noise, 1.0, 1)]
+        try:
+            plan = record.plans.get(run) or _plan_distributed(terms, geometry)
+        except BudgetExhaustedError as exc:
+            return Decision(False, record.epsilon(terms.delta), reason=str(exc))
+        sigma, q = plan.noise_multiplier, plan.sample_rate
+        share = sigma / math.sqrt(honest)
+        after_record = record.model_copy(deep=True)
+        after_record.history = [*record.history, *count_step]
+        after_record.skellam_history = _with_entry(
+            record.skellam_history, geometry.entry(sigma, q, 1)
+        )
+        after_record.share_history = _with_entry(record.share_history, geometry.entry(share, q, 1))
+        after = after_record.train_epsilon(terms.delta)
         if after > terms.epsilon:
             return Decision(
                 False,
                 record.epsilon(terms.delta),
                 reason=(
-                    f"privacy budget exhausted: the {release.kind} release would raise the "
-                    f"{release.side} side's epsilon to {after:.3f}, over {terms.epsilon:.3f}"
+                    f"privacy budget exhausted: this distributed round would raise epsilon from "
+                    f"{record.train_epsilon(terms.delta):.3f} to {after:.3f}, over the budget of "
+                    f"{terms.epsilon:.3f} (delta {terms.delta:g})"
                 ),
             )
-        if test:
-            record.test_history = _with_step(history, step)
-        else:
-            record.history = _with_step(history, step)
-        record.releases.append(
-            ReleaseEntry(
-                run=run,
-                kind=release.kind,
-                side=release.side,
-                noise_multiplier=release.noise_multiplier,
-                epsilon=after,
+        local = after_record.train_epsilon(terms.delta, shares_alone=True)
+        if record.count is None:
+            noisy = round(examples + float(randomness.normal(1, terms.count_noise)[0]))
+            record.count = CountRelease(value=max(1, noisy), noise=terms.count_noise, run=run)
+        record.plans[run] = plan
+        record.history = after_record.history
+        record.skellam_history = after_record.skellam_history
+        record.share_history = after_record.share_history
+        record.rounds.append(
+            RoundEntry(
+                run=run, round=server_round, noise_multiplier=sigma, sample_rate=q, steps=1,
+                epsilon=after, delta=terms.delta, examples=examples, released=False,
+                mode="distributed", l2=geometry.l2, l1=geometry.l1,
+                share_noise_multiplier=share, local_epsilon=local,
             )
-        )
-        return Decision(True, record.epsilon(terms.delta))
+        )  # fmt: skip
+        return Decision(True, record.epsilon(terms.delta), plan, record.count.value, "", local)
 
 
-def evaluation_noise(
-    ledger: PrivacyLedger, terms: BudgetTerms, *, run: str, releases: int
-) -> float:
-    """The noise of a run's evaluation releases, planned once so that ``releases`` of them
-    fit the test split's budget; BudgetExhaustedError when they cannot."""
-    key = f"{run}#evaluation"
-    with ledger.update() as record:
-        if key not in record.plans:
-            sigma = plan_noise(
-                target_epsilon=terms.epsilon,
-                delta=terms.delta,
-                sample_rate=1.0,
-                steps=releases,
-                spent=record.test_history,
-            )
-            record.plans[key] = NoisePlan(
-                noise_multiplier=sigma,
-                sample_rate=1.0,
-                steps_per_round=1,
-                rounds=releases,
-                target_epsilon=terms.epsilon,
-                delta=terms.delta,
-                accountant=ACCOUNTANT,
-            )
-        return record.plans[key].noise_multiplier
+def _plan_distributed(terms: BudgetTerms, geometry: ShareGeometry) -> NoisePlan:
+    target = terms.run_epsilon if math.isfinite(terms.run_epsilon) else terms.epsilon
+    sigma = plan_sigma(
+        epsilon=target,
+        delta=terms.delta,
+        sample_rate=terms.sample_rate,
+        rounds=terms.rounds,
+        geometry=geometry,
+        count_noise=terms.count_noise,
+    )
+    return NoisePlan(
+        noise_multiplier=sigma,
+        sample_rate=terms.sample_rate,
+        steps_per_round=1,
+        rounds=terms.rounds,
+        target_epsilon=target,
+        delta=terms.delta,
+        accountant=DISTRIBUTED_ACCOUNTANT,
+    )
 
 
 @dataclass(frozen=True)
@@ -260,13 +286,16 @@ def mark_released(ledger: PrivacyLedger, *, run: str, server_round: int) -> None
                 entry.released = True
 
 
-def _plan(terms: BudgetTerms, spent: list[HistoryEntry]) -> NoisePlan:
+def _plan(
+    terms: BudgetTerms, spent: list[HistoryEntry], spent_skellam: list[SkellamEntry]
+) -> NoisePlan:
     sigma = plan_noise(
         target_epsilon=terms.epsilon,
         delta=terms.delta,
         sample_rate=terms.sample_rate,
         steps=terms.steps_per_round * terms.rounds,
         spent=spent,
+        spent_skellam=spent_skellam,
     )
     return NoisePlan(
         noise_multiplier=sigma,
@@ -283,6 +312,14 @@ def _refund_abandoned(record: LedgerRecord, run: str, server_round: int) -> None
     for entry in record.rounds:
         if entry.run != run or entry.round == server_round or entry.released or entry.refunded:
             continue
+        if entry.mode == "distributed":
+            summed, alone = entry.skellam_steps()
+            kept = _without_entry(record.skellam_history, summed)
+            kept_alone = _without_entry(record.share_history, alone)
+            if kept is not None and kept_alone is not None:
+                record.skellam_history, record.share_history = kept, kept_alone
+                entry.refunded = True
+            continue
         step = (entry.noise_multiplier, entry.sample_rate, entry.steps)
         remaining = _without_step(record.history, step)
         if remaining is not None:  # a charge that cannot be found stays charged
@@ -290,7 +327,7 @@ def _refund_abandoned(record: LedgerRecord, run: str, server_round: int) -> None
             entry.refunded = True
 
 
-def _with_step(history: list[HistoryEntry], step: HistoryEntry) -> list[HistoryEntry]:
+def with_step(history: list[HistoryEntry], step: HistoryEntry) -> list[HistoryEntry]:
     """The history after ``step``, merged into the last entry as Opacus' accountant does."""
     if history and history[-1][:2] == step[:2]:
         return [*history[:-1], (step[0], step[1], history[-1][2] + step[2])]
@@ -309,3 +346,29 @@ def _without_step(history: list[HistoryEntry], step: HistoryEntry) -> list[Histo
                 rest.insert(index, (sigma, q, left))
             return rest
     return None
+
+
+def _with_entry(history: list[SkellamEntry], step: SkellamEntry) -> list[SkellamEntry]:
+    """The Skellam history after ``step``, merged into the last entry of the same mechanism."""
+    if history and _same_mechanism(history[-1], step):
+        last = history[-1]
+        return [*history[:-1], (last[0], last[1], last[2] + step[2], last[3], last[4])]
+    return [*history, step]
+
+
+def _without_entry(history: list[SkellamEntry], step: SkellamEntry) -> list[SkellamEntry] | None:
+    for index in range(len(history) - 1, -1, -1):
+        entry = history[index]
+        if _same_mechanism(entry, step) and entry[2] >= step[2]:
+            rest = [*history[:index], *history[index + 1 :]]
+            if entry[2] > step[2]:
+                rest.insert(index, (entry[0], entry[1], entry[2] - step[2], entry[3], entry[4]))
+            return rest
+    return None
+
+
+def _same_mechanism(a: SkellamEntry, b: SkellamEntry) -> bool:
+    return all(
+        math.isclose(x, y)
+        for x, y in zip((a[0], a[1], a[3], a[4]), (b[0], b[1], b[3], b[4]), strict=True)
+    )

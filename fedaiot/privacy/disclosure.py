@@ -20,7 +20,10 @@ def disclosure(cfg: RunConfig) -> dict[str, Any]:
     """The privacy facts of a run: its guarantee, its noise, and what crossed in the clear."""
     secure = cfg.secure_aggregation
     mode = ("private" if cfg.private else "non-private") + ("-secure" if secure else "")
+    distributed = cfg.dp_mode == "distributed"
     clear = ["status", "reason code", *CLEAR_METRICS[mode]]
+    if not distributed and "epsilon-local" in clear:
+        clear.remove("epsilon-local")  # only a distributed round's node has a share alone
     if not secure:
         clear.append("the update itself")
     if not cfg.private:
@@ -29,6 +32,17 @@ def disclosure(cfg: RunConfig) -> dict[str, Any]:
     elif cfg.seeded_noise:
         guarantee = NOT_PRIVATE
         noise = NOT_PRIVATE
+    elif distributed:
+        guarantee = (
+            f"record-level (epsilon, delta)-DP per node's data set, epsilon <= {cfg.epsilon:g}, "
+            f"delta {cfg.delta:g}, Skellam RDP accountant, provided at most {cfg.dp_collusion} "
+            "node(s) collude with the coordinator; 'epsilon_local' in 'nodes' is what holds if "
+            "every other node colluded"
+        )
+        noise = (
+            "distributed: each node's share of Skellam noise (integers) and its Poisson "
+            "sampling from ChaCha20 keyed by its OS, added inside secure aggregation"
+        )
     else:
         guarantee = (
             f"record-level (epsilon, delta)-DP per node's data set, epsilon <= {cfg.epsilon:g}, "
@@ -49,11 +63,22 @@ def disclosure(cfg: RunConfig) -> dict[str, Any]:
         "secure_aggregation": secure,
         "coordinator_saw_per_node": clear,
         "coordinator_saw_in_total": (
-            ["the weighted sum of the survivors' updates", "the sum of their weights"]
+            ["the sum of the survivors' noisy integer gradient shares", "of their noisy counts"]
+            if distributed
+            else ["the weighted sum of the survivors' updates", "the sum of their weights"]
             if secure
             else []
         ),
+        "dp_mode": cfg.dp_mode,
+        "trust": (
+            f"at most {cfg.dp_collusion} node(s) collude with the coordinator; the others run "
+            "fedaiot unmodified"
+            if distributed
+            else "none: each node's own noise protects its records"
+            if cfg.private
+            else "none"
+        ),
         "weights": weight,
         "sample_rate": cfg.sample_rate if cfg.private else None,
-        "steps_per_round": cfg.steps_per_round if cfg.private else None,
+        "steps_per_round": (1 if distributed else cfg.steps_per_round) if cfg.private else None,
     }

@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from fedaiot.errors import BadInputError
 from fedaiot.privacy.accounting import ACCOUNTANT, epsilon_spent
+from fedaiot.privacy.rdp import SkellamEntry, epsilon_composed
 
 if TYPE_CHECKING:
     from fedaiot.tasks import ArrayData
@@ -69,6 +70,20 @@ class RoundEntry(BaseModel):
     released: bool = True  # the first format charged only what it sent
     refunded: bool = False
     time: float = Field(default_factory=time.time)
+    # A distributed round (``mode = "distributed"``): its Skellam step's sensitivities, the
+    # noise multiplier of this node's share alone, and the epsilon that share alone gives.
+    mode: str = "local"
+    l2: float = 0.0
+    l1: float = 0.0
+    share_noise_multiplier: float = 0.0
+    local_epsilon: float | None = None
+
+    def skellam_steps(self) -> tuple[SkellamEntry, SkellamEntry]:
+        """The round's entries in the distributed and in the share-alone histories."""
+        return (
+            (self.noise_multiplier, self.sample_rate, self.steps, self.l2, self.l1),
+            (self.share_noise_multiplier, self.sample_rate, self.steps, self.l2, self.l1),
+        )
 
 
 class ReleaseEntry(BaseModel):
@@ -102,6 +117,10 @@ class LedgerRecord(BaseModel):
     # Releases computed from the held-out test records only: a record is on one side or the
     # other (decided by the record alone), so the two sides compose in parallel.
     test_history: list[tuple[float, float, int]] = Field(default_factory=list)
+    # Distributed rounds (Skellam shares inside secure aggregation): the sum's noise, valid
+    # while at most dp-collusion nodes collude, and this node's share alone (no trust at all).
+    skellam_history: list[tuple[float, float, int, float, float]] = Field(default_factory=list)
+    share_history: list[tuple[float, float, int, float, float]] = Field(default_factory=list)
     plans: dict[str, NoisePlan] = Field(default_factory=dict)
     rounds: list[RoundEntry] = Field(default_factory=list)
     releases: list[ReleaseEntry] = Field(default_factory=list)
@@ -109,8 +128,23 @@ class LedgerRecord(BaseModel):
     adopted: list[str] = Field(default_factory=list)
 
     def epsilon(self, delta: float) -> float:
-        """The data set's epsilon: the larger of its two sides' (parallel composition)."""
-        return max(epsilon_spent(self.history, delta), epsilon_spent(self.test_history, delta))
+        """The data set's epsilon: the larger of its two sides' (parallel composition); for
+        distributed rounds, under their trust assumption."""
+        return max(self.train_epsilon(delta), epsilon_spent(self.test_history, delta))
+
+    def train_epsilon(self, delta: float, *, shares_alone: bool = False) -> float:
+        """The training side's epsilon: the PLD for local rounds only, else the Rényi-DP
+        composition of every local and distributed step (``shares_alone``: each distributed
+        step as this node's own noise share alone, trusting no one)."""
+        skellam = self.share_history if shares_alone else self.skellam_history
+        if not skellam:
+            return epsilon_spent(self.history, delta)
+        return epsilon_composed(self.history, skellam, delta)
+
+    def local_epsilon(self, delta: float) -> float:
+        """What the data set's epsilon is if every other node colludes with the coordinator."""
+        test = epsilon_spent(self.test_history, delta)
+        return max(self.train_epsilon(delta, shares_alone=True), test)
 
 
 def dataset_fingerprint(data: ArrayData) -> str:
@@ -215,6 +249,8 @@ class PrivacyLedger:
                 continue
             record.history = [*record.history, *old.history]
             record.test_history = [*record.test_history, *old.test_history]
+            record.skellam_history = [*record.skellam_history, *old.skellam_history]
+            record.share_history = [*record.share_history, *old.share_history]
             record.releases = [*record.releases, *old.releases]
             record.rounds = [*record.rounds, *old.rounds]
             record.plans = {**old.plans, **record.plans}
@@ -249,11 +285,14 @@ def summarize(path: Path) -> dict[str, Any]:
         "refunded_rounds": len([r for r in record.rounds if r.refunded]),
         "delta": delta,
         "epsilon": record.epsilon(delta),
+        "epsilon_local": record.local_epsilon(delta),
         "epsilon_test_split": epsilon_spent(record.test_history, delta),
         "releases": len(record.releases),
-        "accountant": ACCOUNTANT,
+        "accountant": ACCOUNTANT if not record.skellam_history else "rdp (local and skellam steps)",
         "noisy_count": record.count.value if record.count else None,
         "history": record.history,
+        "skellam_history": record.skellam_history,
+        "share_history": record.share_history,
         "test_history": record.test_history,
         "adopted": record.adopted,
     }

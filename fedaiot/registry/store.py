@@ -58,6 +58,9 @@ class NodePrivacy(BaseModel):
     delta: float
     noise_multiplier: float
     rounds: int  # rounds whose update entered the global model
+    # distributed DP: the epsilon of the node's own noise share alone (every other node
+    # colluding with the coordinator); ``epsilon`` holds under the run's trust assumption
+    epsilon_local: float | None = None
 
 
 class Manifest(BaseModel):

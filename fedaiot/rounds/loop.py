@@ -204,9 +204,11 @@ class RoundLoop:
         A node whose update did not make it into the sum (it dropped out, or the round failed)
         is recorded as "dropped"; its privacy spend is still accounted.
         """
-        secure = SecureAggregation(self.cfg, grid, self.roster).run(
-            messages, arrays, self.inputs.max_weight
-        )
+        aggregation = SecureAggregation(self.cfg, grid, self.roster)
+        if self.cfg.dp_mode == "distributed":
+            secure = aggregation.run_distributed(messages, arrays)
+        else:
+            secure = aggregation.run(messages, arrays, self.inputs.max_weight)
         failed = secure.arrays is None
         replies = [
             replace(r, status="dropped", problem=secure.error or secure.dropped[r.node])
@@ -245,6 +247,7 @@ class RoundLoop:
                 delta=reply.metrics.get("delta", self.cfg.delta),
                 noise_multiplier=reply.metrics.get("noise-multiplier", 0.0),
                 rounds=(previous.rounds if previous else 0) + (reply.status == "trained"),
+                epsilon_local=reply.metrics.get("epsilon-local"),
             )
 
     def _register(

@@ -41,6 +41,7 @@ from fedaiot.secure_rounds.wire import (
     VECTOR_AND_ADVERTISE,
     flatten,
     pack,
+    survivor_floor,
     unflatten,
     unpack,
 )
@@ -50,6 +51,7 @@ from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
 # Fixed point with 24 fractional bits in Z_2^64: each node's weighted update is exact to 3e-8;
 # |update x examples| up to 1e8 per coordinate leaves room for 5,000 nodes without wrapping.
 FRAC_BITS, MAX_ABS = 24, 1e8
+INTEGER_MAX_ABS = 2.0**52  # a distributed-DP share: exact in float64; 2^10 of them fit Z_2^64
 MIN_NODES = 3
 
 M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
@@ -117,14 +119,82 @@ class SecureAggregation:
             done = replace(done, arrays=unflatten(flatten(arrays) + delta, arrays), vector=None)
         return done
 
+    def run_distributed(self, messages: Sequence[Message], arrays: ArrayRecord) -> SecureRound:
+        """A distributed-DP round: the nodes' integer shares (``fedaiot.privacy.distributed``)
+        summed exactly, decoded into the step's noisy gradient; the new global model is the
+        old one minus ``learning-rate`` times it. A sum no honest nodes could make (a norm
+        past every clipped record plus the noise) is discarded."""
+        from fedaiot.privacy.distributed import ShareGeometry, decode_sum, plausible_norm
+
+        first = [
+            (m.metadata.dst_node_id, RecordDict({ARRAYS: arrays, "config": m.content["config"]}))
+            for m in messages
+        ]
+        vector = flatten(arrays)
+        geometry = ShareGeometry.of(vector.size, self.cfg.max_grad_norm)
+        floor = survivor_floor(len(first), self.cfg.secagg_dropout, self._threshold(len(first)))
+        done = self._run(
+            first, TRAIN_AND_ADVERTISE, vector.size + 1, integers=True, min_survivors=floor
+        )
+        if done.vector is None:
+            return done
+        gradient, count = decode_sum(done.vector, geometry, self.cfg.sample_rate)
+        survivors = len(first) - len(done.dropped)
+        bound = plausible_norm(
+            geometry,
+            count=count,
+            count_noise=self.cfg.count_noise,
+            nodes=survivors,
+            variance=self._share_variance(geometry),
+        )
+        norm = float(np.linalg.norm(done.vector[:-1]))
+        if not norm <= bound:
+            problem = (
+                f"implausible aggregate: the summed shares' norm is {norm:.4g}, more than the "
+                f"{bound:.4g} honest nodes' clipped gradients and noise can reach; the round is "
+                "discarded"
+            )
+            return replace(done, vector=None, error=problem)
+        stepped = vector - self.cfg.learning_rate * gradient
+        return replace(done, arrays=unflatten(stepped, arrays), vector=None, total_weight=count)
+
+    def _threshold(self, n: int) -> int:
+        return self.cfg.secagg_threshold or self.parameters(n).threshold
+
+    def _share_variance(self, geometry: Any) -> float:
+        from fedaiot.privacy.distributed import plan_sigma
+
+        sigma = plan_sigma(
+            epsilon=self.cfg.epsilon,
+            delta=self.cfg.delta,
+            sample_rate=self.cfg.sample_rate,
+            rounds=self.cfg.num_rounds,
+            geometry=geometry,
+            count_noise=self.cfg.count_noise,
+        )
+        floor = survivor_floor(
+            len(self.names), self.cfg.secagg_dropout, int(self.setup_notes["threshold"] or 0)
+        )
+        honest = max(floor - self.cfg.dp_collusion, 1)
+        return float(geometry.share_variance(sigma, honest))
+
     def sum_vectors(self, node_ids: Sequence[int], content: RecordDict, length: int) -> SecureRound:
         """The sum of a vector each node computes (statistics, evaluation counts): ``vector``
         holds it, ``total_weight`` the number of nodes whose vector it includes."""
         return self._run([(fid, content) for fid in node_ids], VECTOR_AND_ADVERTISE, length)
 
     def _run(
-        self, first: list[tuple[int, RecordDict]], message_type: str, length: int
+        self,
+        first: list[tuple[int, RecordDict]],
+        message_type: str,
+        length: int,
+        *,
+        integers: bool = False,
+        min_survivors: int = 0,
     ) -> SecureRound:
+        """The four stages; ``integers``: the inputs are exact integers (distributed-DP
+        shares), summed without fixed-point scaling; fewer than ``min_survivors`` masked inputs
+        and the round stops before unmasking (the nodes would refuse anyway)."""
         flower_ids = [fid for fid, _ in first]
         if len(flower_ids) < MIN_NODES:
             raise ConfigError(
@@ -141,8 +211,8 @@ class SecureAggregation:
                 vector_length=length,
                 degree=params.degree,
                 threshold=self.cfg.secagg_threshold or params.threshold,
-                frac_bits=FRAC_BITS,
-                max_abs=MAX_ABS,
+                frac_bits=0 if integers else FRAC_BITS,
+                max_abs=INTEGER_MAX_ABS if integers else MAX_ABS,
             )
         except SecAggError as exc:
             raise ConfigError(f"secagg-threshold: {exc}") from None
@@ -162,6 +232,12 @@ class SecureAggregation:
             masked = self._exchange(MASKED_INPUT, forwarded, MaskedInput, setup)
             server.collect_masked(masked)
             self._lap("mask")
+            if len(masked) < min_survivors:
+                raise SecAggError(
+                    f"distributed DP: {len(masked)} of {len(first)} nodes sent a masked input; "
+                    f"their noise shares were sized for a sum of at least {min_survivors}, so "
+                    "the round is not unmasked"
+                )
             shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
             weighted_sum, total = server.aggregate(shares)
             self._lap("unmask")

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDic
 from fedaiot.secagg import (
     ForwardedShares,
     NeighbourKeys,
+    ProtocolViolation,
     RoundSetup,
     SecAggClient,
     SecAggError,
@@ -28,11 +29,12 @@ from fedaiot.secure_rounds.wire import flatten, pack, unpack
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
     from fedaiot.wire.replies import NodeReply
 
-_SETUP, _CLIENT, _UPDATE, _PENDING = (
+_SETUP, _CLIENT, _UPDATE, _PENDING, _FLOOR = (
     "secagg-setup",
     "secagg-client",
     "secagg-update",
     "secagg-charge",
+    "secagg-floor",  # a distributed-DP share's fewest survivors
 )
 
 
@@ -42,7 +44,7 @@ def forget_round(context: Context) -> None:
     Called before training: once a round is forgotten its update can never be masked and
     sent, which is what lets the budget return that round's unreleased charge.
     """
-    for name in (_SETUP, _CLIENT, _UPDATE, _PENDING):
+    for name in (_SETUP, _CLIENT, _UPDATE, _PENDING, _FLOOR):
         if name in context.state:
             del context.state[name]
 
@@ -54,6 +56,7 @@ def advertise(
     context: Context,
     *,
     private: bool,
+    min_survivors: int = 0,
 ) -> RecordDict:
     """After local training (or computing a release's vector): keep the input, start the
     SecAgg round, send the key advert. A trained update is masked as its difference from
@@ -63,7 +66,8 @@ def advertise(
     from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
     from fedaiot.wire.replies import CONTRIBUTED, TRAINED, clear_metrics
 
-    if reply.status == CONTRIBUTED and reply.vector is not None:
+    if reply.status in (CONTRIBUTED, TRAINED) and reply.vector is not None:
+        # a release's vector, or a distributed-DP round's noisy integer share
         update, weight = np.asarray(reply.vector, dtype=np.float64), 1.0
     elif reply.status == TRAINED and reply.state is not None and global_arrays is not None:
         update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
@@ -76,6 +80,7 @@ def advertise(
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
     context.state[_UPDATE] = ConfigRecord({"update": update.tobytes(), "weight": weight})
+    context.state[_FLOOR] = ConfigRecord({"min-survivors": min_survivors})
     if reply.pending is not None:
         context.state[_PENDING] = ConfigRecord(reply.pending.to_record())  # type: ignore[arg-type]
     mode = wire_mode(reply.status, private=private, secure=True)
@@ -131,6 +136,15 @@ def masked_input(content: RecordDict, context: Context) -> RecordDict:
 def unmask(content: RecordDict, context: Context) -> RecordDict:
     client = _client(context)
     try:
-        return pack(client.unmask(UnmaskRequest.from_record(unpack(content))).to_record())
+        request = UnmaskRequest.from_record(unpack(content))
+        floor = int(context.state.config_records[_FLOOR]["min-survivors"])  # type: ignore[arg-type]
+        if len(request.survivors) < floor:
+            # the noise share was sized for a sum of at least `floor`: a smaller sum could
+            # carry too little noise, so this node reveals nothing towards it
+            raise ProtocolViolation(
+                f"refuses to unmask a distributed-DP sum of {len(request.survivors)} "
+                f"survivors: its noise share was sized for at least {floor}"
+            )
+        return pack(client.unmask(request).to_record())
     finally:
         forget_round(context)

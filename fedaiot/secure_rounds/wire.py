@@ -63,3 +63,11 @@ def unflatten(vector: npt.NDArray[np.float64], like: ArrayRecord) -> ArrayRecord
     if offset != vector.size:
         raise ValueError(f"vector of {vector.size} values for a model of {offset} parameters")
     return ArrayRecord({k: Array(v) for k, v in out.items()})
+
+
+def survivor_floor(nodes: int, dropout: float, threshold: int) -> int:
+    """The fewest survivors a distributed-DP round may unmask: all of its ``nodes`` but the
+    fraction ``dropout`` the run tolerates, and never fewer than the protocol's threshold.
+    Each node sizes its noise share for a sum of this many (less the colluding ones), and
+    refuses to unmask a smaller one."""
+    return max(threshold, nodes - int(dropout * nodes))

@@ -51,7 +51,8 @@ REASONS: dict[str, str] = {
 # exact size or how long it trained. Under secure aggregation even the weight travels masked.
 CLEAR_METRICS: dict[str, tuple[str, ...]] = {
     "private": ("num-examples", "epsilon", "delta", "noise-multiplier"),
-    "private-secure": ("epsilon", "delta", "noise-multiplier"),
+    # a distributed-DP round adds the epsilon of the node's own noise share alone
+    "private-secure": ("epsilon", "epsilon-local", "delta", "noise-multiplier"),
     "non-private": ("num-examples", "train-loss", "epsilon", "delta", "noise-multiplier"),
     "non-private-secure": ("epsilon", "delta", "noise-multiplier"),
     "refused": ("epsilon", "delta"),

@@ -22,6 +22,7 @@ LAYERS = [
     "node",
     "secure_rounds",
     "registry",
+    "edge",
     "rounds",
     "launch",
     "simulation",

@@ -102,7 +102,10 @@ def test_an_attempt_stopped_before_the_coordinator_started_can_be_run_again(
         preflight(cfg, 5)
 
 
-HEAVY = ("torch", "opacus", "ray", "sklearn", "sktime", "datasets", "flwr_datasets")
+HEAVY = (
+    "torch", "opacus", "ray", "sklearn", "sktime", "datasets", "flwr_datasets", "onnx",
+    "onnxruntime", "onnxscript",
+)  # fmt: skip
 
 
 def _imported(args: list[str], cwd: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
@@ -135,6 +138,7 @@ def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
     commands = [
         ["--help"],
         ["simulate", "--help"],
+        ["export", "--help"],
         [
             "token",
             "issue",

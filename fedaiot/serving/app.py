@@ -32,14 +32,18 @@ from fedaiot.serving.auth import Principal, TokenVerifier
 from fedaiot.serving.authenticate import Authenticate
 from fedaiot.serving.body_limit import BodyLimit
 from fedaiot.serving.guard import Guard
+from fedaiot.serving.holder import ModelHolder
 from fedaiot.serving.inference import Predictor, Refusal, body_limit
 from fedaiot.serving.inputs import InputError
 from fedaiot.serving.limits import AddressLimiter, DailyQuota, RateLimiter
 from fedaiot.serving.metrics import ServiceMetrics
-from fedaiot.serving.models import ModelHolder, ModelLoadError
+from fedaiot.serving.models import ModelLoadError, Runtime
 from fedaiot.serving.observe import Observe, audit_fields
 from fedaiot.serving.redact import redact_paths
+from fedaiot.serving.routes_edge import add_edge_routes
 from fedaiot.serving.schemas import (
+    AUTH_ERRORS,
+    VERSION_PATTERN,
     AuditEntries,
     Health,
     ModelCard,
@@ -52,12 +56,6 @@ from fedaiot.serving.schemas import (
 from fedaiot.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
-_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no token, or a refused one (a fixed reason in detail)"},
-    403: {"description": "the token's role may not call this endpoint"},
-    429: {"description": "a rate limit or quota is reached (see Retry-After)"},
-}
 # The body is read by hand, after the token check, so FastAPI does not parse it: the schema is
 # stated here for the OpenAPI document.
 _PREDICT_BODY = {
@@ -80,7 +78,10 @@ def _load(settings: ServingSettings) -> tuple[ModelHolder, Ed25519PublicKey, Tok
         verifier = TokenVerifier(settings)
     except SigningError as exc:
         raise ServingStartupError(str(exc)) from None
-    holder = ModelHolder(ModelRegistry(settings.registry), model_key, settings.served_history)
+    runtime = Runtime(settings.runtime, settings.onnx_artifact, settings.torch_threads)
+    holder = ModelHolder(
+        ModelRegistry(settings.registry), model_key, settings.served_history, runtime
+    )
     try:
         holder.start()
     except (RegistryError, OSError) as exc:
@@ -167,7 +168,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses={**_AUTH_ERRORS, 413: {"description": "body too large"}},
+        responses={**AUTH_ERRORS, 413: {"description": "body too large"}},
         openapi_extra=_PREDICT_BODY,
     )
     async def predict(
@@ -194,7 +195,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         metrics.rows(model.version, result.rows)
         return Response(result.body, media_type="application/json")
 
-    @app.get("/v1/model", response_model=ModelCard, responses=_AUTH_ERRORS)
+    @app.get("/v1/model", response_model=ModelCard, responses=AUTH_ERRORS)
     async def card(
         request: Request, _: Annotated[Principal, Depends(guard.require("model_card"))]
     ) -> ModelCard:
@@ -203,7 +204,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         audit_fields(request, model_version=model.version)
         return model_card(model.manifest)
 
-    @app.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
     def models(
         request: Request, _: Annotated[Principal, Depends(guard.require("models"))]
     ) -> ModelList:
@@ -245,14 +246,14 @@ def create_app(settings: ServingSettings) -> FastAPI:
         "/v1/models/{version}/promote",
         response_model=SwapResult,
         responses={
-            **_AUTH_ERRORS,
+            **AUTH_ERRORS,
             404: {"description": "no such version"},
             409: {"description": "the version is unsigned, tampered or corrupt"},
         },
     )
     async def promote(
         request: Request,
-        version: Annotated[str, Path(pattern=_VERSION)],
+        version: Annotated[str, Path(pattern=VERSION_PATTERN)],
         _: Annotated[Principal, Depends(guard.require("manage"))],
     ) -> SwapResult:
         """Verify a version fully, then serve it (admin). In-flight requests are unaffected."""
@@ -264,7 +265,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     @app.post(
         "/v1/models/rollback",
         response_model=SwapResult,
-        responses={**_AUTH_ERRORS, 409: {"description": "nothing to roll back to, or refused"}},
+        responses={**AUTH_ERRORS, 409: {"description": "nothing to roll back to, or refused"}},
     )
     async def rollback(
         request: Request, _: Annotated[Principal, Depends(guard.require("manage"))]
@@ -273,7 +274,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         audit_fields(request, model_version=holder.current.version)
         return await swap(request, "rollback", holder.rollback)
 
-    @app.get("/v1/audit", response_model=AuditEntries, responses=_AUTH_ERRORS)
+    @app.get("/v1/audit", response_model=AuditEntries, responses=AUTH_ERRORS)
     def audit_log(
         _: Annotated[Principal, Depends(guard.require("audit"))],
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -288,6 +289,8 @@ def create_app(settings: ServingSettings) -> FastAPI:
         except AuditError as exc:
             log.error("audit query failed: %s", exc)
             raise HTTPException(503, "the audit database cannot be read now") from None
+
+    add_edge_routes(app, guard, holder, model_key)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -19,7 +19,13 @@ from fedaiot.registry.store import (
 )
 from fedaiot.serving.redact import without_paths
 
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 Number = Annotated[float, Field(strict=True)]  # ints and floats; no strings, no booleans
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no token, or a refused one (a fixed reason in detail)"},
+    403: {"description": "the token's role may not call this endpoint"},
+    429: {"description": "a rate limit or quota is reached (see Retry-After)"},
+}
 
 
 class PredictRequest(BaseModel):

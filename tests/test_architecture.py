@@ -27,6 +27,7 @@ LAYERS = [
     "launch",
     "simulation",
     "deploy",
+    "monitoring",
     "serving",
     "experiments",
     "cli",

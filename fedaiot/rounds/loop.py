@@ -26,7 +26,7 @@ from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version
 from fedaiot.rounds.journal import Journal
 from fedaiot.rounds.strategy_state import load_moments, save_moments
 from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply
-from fedaiot.tasks import ArrayData, Task, federate, get_task
+from fedaiot.tasks import ArrayData, Task, federate, get_task, histogram
 from fedaiot.tasks.evaluation import evaluate
 from fedaiot.wire.records import ReceivedReply, receive, refuse_duplicates
 
@@ -106,6 +106,8 @@ class RoundLoop:
         held_out = federate(self.task, 1, partitioner="iid", seed=cfg.seed, validation=validation)
         self.test: ArrayData = held_out.test
         self.input_schema = self.task.input_schema(held_out.normalization)
+        if held_out.normalization:  # the service measures input drift against these frequencies
+            self.input_schema["drift_reference"] = histogram.reference(held_out.test.x)
         # Sent with every round: a deployed node standardizes its own files with these, the
         # very statistics its simulated counterpart's partition was standardized with.
         self.normalization = {

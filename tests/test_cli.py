@@ -135,10 +135,13 @@ def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
         record.history = [(1.0, 0.2, 10)]
     keys = tmp_path / "keys"
     subprocess.run([sys.executable, "-m", "fedaiot", "keys", "--dir", str(keys)], check=True)
+    rules = tmp_path / "alerts.yml"
+    rules.write_text("rules:\n  - {name: drift, kind: drift}\n")
     commands = [
         ["--help"],
         ["simulate", "--help"],
         ["export", "--help"],
+        ["alerts", "validate", str(rules)],
         [
             "token",
             "issue",

@@ -92,7 +92,7 @@ def latencies(
 def bench(root: Path, version: str, key: Any, calls: int) -> dict[str, Any]:
     exported: dict[str, ArtifactManifest] = {}
     for quantization in ("none", "int8"):
-        exported[quantization] = export_version(root, version, key, quantization)[0]  # type: ignore[arg-type]
+        exported[quantization] = export_version(root, version, key, quantization)[0]
     state, manifest = ModelRegistry(root).load(version, key.public_key())
     module = standardized_module(manifest, state)
     test, _ = evaluation_set(get_task(manifest.task), int(manifest.config.get("seed", 42)))

@@ -152,6 +152,14 @@ def test_per_version_counts_class_mix_and_drift(tmp_path: Path, keys: Keys) -> N
         for role in ("clinician", "device"):
             denied = httpx.get(f"{server.url}/v1/monitoring", headers=auth(keys, role))
             assert denied.status_code == 403
+        # A freshly promoted version's first call, refused, is counted against it.
+        promote = httpx.post(f"{server.url}/v1/models/{V1}/promote", headers=auth(keys, "admin"))
+        assert promote.status_code == 200
+        httpx.post(f"{server.url}/v1/predict", json={"instances": [[1.0]]},
+                   headers=auth(keys, "clinician"))  # fmt: skip
+        view = httpx.get(f"{server.url}/v1/monitoring", headers=auth(keys, "auditor")).json()
+        (first,) = [v for v in view["versions"] if v["version"] == V1]
+        assert (first["requests"], first["refused"], first["rows"]) == (1, 1, 0)
     finally:
         server.stop()
 

@@ -48,7 +48,7 @@ def source(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> tuple[ModelR
     root = tmp_path_factory.mktemp("registry")
     registry, version = trained_registry(root, keys.private, "breast-cancer", 20)
     for quantization in ("int8", "none"):
-        export_version(registry.root, version, keys.private, quantization)  # type: ignore[arg-type]
+        export_version(registry.root, version, keys.private, quantization)
     trained_registry(root, keys.private, "breast-cancer", 1, run="bare")  # no artifacts
     registry.set_refs(latest=version, best=version)
     return registry, version

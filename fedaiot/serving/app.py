@@ -227,6 +227,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         """Batch prediction: the label of each instance (and probabilities for clinicians)."""
         model = holder.current  # this request uses this object to the end, whatever swaps
         audit_fields(request, model_version=model.version)
+        monitor.track(model)  # so that its outcome is counted, even a refusal
         try:
             body = await request.body()  # size and time limited by BodyLimit
             result = await predictor.predict(body, model, principal)

@@ -99,7 +99,9 @@ class Shadow:
                 model, time.time(), candidate_mix=np.zeros(classes, dtype=np.int64),
                 served_mix=np.zeros(classes, dtype=np.int64),
             )  # fmt: skip
-        return self.report(version)  # type: ignore[return-value]
+        report = self.report(version)
+        assert report is not None  # just added
+        return report
 
     def stop(self, version: str) -> ShadowReport | None:
         with self._lock:

@@ -241,3 +241,15 @@ def test_every_bad_rules_file_gets_one_line_naming_the_rule_and_field(
 def test_an_unreadable_rules_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(RulesError, match="cannot be read"):
         load_rules(tmp_path / "missing.yml")
+
+
+def test_latency_quantiles_are_the_upper_edges_of_their_buckets() -> None:
+    from fedaiot.serving.monitor import _BUCKETS, _quantiles
+
+    counts = np.zeros(len(_BUCKETS) + 1, dtype=np.int64)
+    counts[1], counts[-1] = 98, 2  # 98 calls within 1 ms, 2 beyond the last edge (5 s)
+    assert _quantiles(counts) == {"p50": 1.0, "p99": None}
+    counts[-1] = 0
+    counts[4] = 2  # within 10 ms
+    assert _quantiles(counts) == {"p50": 1.0, "p99": 10.0}
+    assert _quantiles(np.zeros_like(counts)) == {"p50": None, "p99": None}

@@ -141,6 +141,8 @@ def test_per_version_counts_class_mix_and_drift(tmp_path: Path, keys: Keys) -> N
         assert (snap["requests"], snap["ok"], snap["refused"], snap["errors"]) == (4, 3, 1, 0)
         assert snap["rows"] == 300 and sum(snap["class_mix"].values()) == 300
         assert snap["refusal_rate"] == pytest.approx(0.25)
+        # Latency of the three answered calls: bucket edges, p50 no more than p99.
+        assert 0 < snap["latency_ms"]["p50"] <= snap["latency_ms"]["p99"] <= 5000
         # The data set's own rows against its own reference: no drift to speak of.
         assert len(snap["psi"]) == 30 and snap["psi_max"] < 0.25
         text = httpx.get(f"{server.url}/metrics").text

@@ -11,6 +11,7 @@ counters. At most ``MAX_VERSIONS`` versions are tracked (the oldest is forgotten
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ class VersionStats:
     features: list[str] | None  # drift's features (channels of an image or a series)
     reference: np.ndarray | None
     outcomes: SlotCounts  # ok, refused, error, rows
+    latency: SlotCounts  # answered calls per latency bucket (the histogram's, and one beyond)
     predicted: SlotCounts  # per class
     drift: SlotCounts | None  # per feature and bin
 
@@ -56,6 +58,11 @@ class Snapshot(BaseModel):
     rows: int
     error_rate: float | None
     refusal_rate: float | None
+    latency_ms: dict[str, float | None] = Field(
+        default_factory=dict,
+        description="p50 and p99 of answered calls: the upper edge of the histogram bucket "
+        "holding each (None beyond the last, 5 s)",
+    )
     class_mix: dict[str, int]
     psi: dict[str, float] | None = Field(
         default=None, description="per feature, over the window; none without normalization"
@@ -110,6 +117,7 @@ class Monitor:
                     features=features,
                     reference=reference,
                     outcomes=self._counts((_ROWS + 1,)),
+                    latency=self._counts((len(_BUCKETS) + 1,)),
                     predicted=self._counts((len(model.class_names),)),
                     drift=self._counts(reference.shape) if reference is not None else None,
                 )
@@ -136,6 +144,9 @@ class Monitor:
         stats.outcomes.add(counts)
         if status < 400:
             self._latency.labels(version).observe(seconds)
+            bucket = np.zeros(len(_BUCKETS) + 1, dtype=np.int64)
+            bucket[bisect.bisect_left(_BUCKETS, seconds)] = 1
+            stats.latency.add(bucket)
 
     def predicted(self, model: LoadedModel, x: np.ndarray, labels: np.ndarray) -> None:
         """A predicted batch, reduced to counts (the inference thread)."""
@@ -180,11 +191,25 @@ class Monitor:
             rows=rows,
             error_rate=errors / requests if requests else None,
             refusal_rate=refused / requests if requests else None,
+            latency_ms=_quantiles(stats.latency.window(seconds)),
             class_mix={c: int(n) for c, n in zip(stats.classes, mix, strict=True)},
             psi=values,
             psi_max=values[worst] if values and worst else None,
             psi_max_feature=worst,
         )
+
+
+def _quantiles(counts: np.ndarray) -> dict[str, float | None]:
+    """p50 and p99 from bucket counts: each bucket's upper edge, in milliseconds."""
+    total = int(counts.sum())
+    if total == 0:
+        return {"p50": None, "p99": None}
+    cumulative = np.cumsum(counts)
+    found: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        index = int(np.searchsorted(cumulative, q * total))
+        found[name] = _BUCKETS[index] * 1000 if index < len(_BUCKETS) else None
+    return found
 
 
 class _Collector:

@@ -102,7 +102,10 @@ def test_an_attempt_stopped_before_the_coordinator_started_can_be_run_again(
         preflight(cfg, 5)
 
 
-HEAVY = ("torch", "opacus", "ray", "sklearn", "sktime", "datasets", "flwr_datasets")
+HEAVY = (
+    "torch", "opacus", "ray", "sklearn", "sktime", "datasets", "flwr_datasets", "onnx",
+    "onnxruntime", "onnxscript",
+)  # fmt: skip
 
 
 def _imported(args: list[str], cwd: Path) -> tuple[set[str], subprocess.CompletedProcess[str]]:
@@ -132,9 +135,13 @@ def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
         record.history = [(1.0, 0.2, 10)]
     keys = tmp_path / "keys"
     subprocess.run([sys.executable, "-m", "fedaiot", "keys", "--dir", str(keys)], check=True)
+    rules = tmp_path / "alerts.yml"
+    rules.write_text("rules:\n  - {name: drift, kind: drift}\n")
     commands = [
         ["--help"],
         ["simulate", "--help"],
+        ["export", "--help"],
+        ["alerts", "validate", str(rules)],
         [
             "token",
             "issue",

@@ -133,6 +133,16 @@ def serve(
     inference_threads: Annotated[
         int | None, typer.Option(help="threads that parse and run predictions (default 2)")
     ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="torch, or onnx: the version's signed ONNX artifact (fedaiot export)"),
+    ] = None,
+    artifact: Annotated[
+        str | None, typer.Option(help="with --runtime onnx: onnx-int8 (default) or onnx")
+    ] = None,
+    alert_rules: Annotated[
+        Path | None, typer.Option(help="alert rules (YAML): drift, errors, accuracy, budgets")
+    ] = None,
     docs: Annotated[
         bool | None,
         typer.Option("--docs/--no-docs", help="serve /docs, /redoc and /openapi.json"),
@@ -159,6 +169,9 @@ def serve(
             max_batch=max_batch,
             torch_threads=torch_threads,
             inference_threads=inference_threads,
+            runtime=runtime,
+            onnx_artifact=artifact,
+            alert_rules=alert_rules,
             docs=docs,
         )
     except ValidationError as exc:
@@ -173,7 +186,8 @@ def serve(
 
     sock = _listen(host, port)
     version = app.state.holder.current.version
-    print(f"fedaiot serve: model {version} on http://{host}:{port}", file=sys.stderr)
+    runs = app.state.holder.current.runtime
+    print(f"fedaiot serve: model {version} ({runs}) on http://{host}:{port}", file=sys.stderr)
     logging.basicConfig(format="%(levelname)s: %(name)s: %(message)s")
     logging.getLogger("fedaiot").setLevel("DEBUG" if log_level == "trace" else log_level.upper())
     config = uvicorn_config(app, settings, log_level=log_level, access_log=access_log)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from fedaiot.config.run import RunConfig
-from fedaiot.tasks import Task, federate
+from fedaiot.tasks import Task, federate, histogram
 from fedaiot.tasks.evaluation import evaluate
 
 
@@ -63,7 +63,10 @@ class CentralInputs:
         return {f"normalization-{key}": list(values) for key, values in self.normalization.items()}
 
     def input_schema(self) -> dict[str, Any]:
-        return self.task.input_schema(self.normalization)
+        schema = self.task.input_schema(self.normalization)
+        if self.normalization:  # the service measures input drift against these frequencies
+            schema["drift_reference"] = histogram.reference(self.test.x)
+        return schema
 
     def evaluate(
         self, grid: Grid, arrays: ArrayRecord, server_round: int

@@ -7,14 +7,17 @@ database) is checked inside ``create_app``, which raises ``ServingStartupError``
 See docs/serving.md for the endpoints, the roles, the limits and the decisions.
 """
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import Body, Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -22,9 +25,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
 from fedaiot.errors import BadInputError
+from fedaiot.monitoring.rules import RulesError, load_rules
 from fedaiot.registry.signing import SigningError, load_public_key
 from fedaiot.registry.store import ModelRegistry, RegistryError
 from fedaiot.serving import reasons
+from fedaiot.serving.alerting import AlertEngine
 from fedaiot.serving.audit import AuditError, AuditLog, make_record
 from fedaiot.serving.audit_query import AuditFilter
 from fedaiot.serving.audit_sampling import RefusalSampler
@@ -32,32 +37,34 @@ from fedaiot.serving.auth import Principal, TokenVerifier
 from fedaiot.serving.authenticate import Authenticate
 from fedaiot.serving.body_limit import BodyLimit
 from fedaiot.serving.guard import Guard
+from fedaiot.serving.holder import ModelHolder
 from fedaiot.serving.inference import Predictor, Refusal, body_limit
 from fedaiot.serving.inputs import InputError
 from fedaiot.serving.limits import AddressLimiter, DailyQuota, RateLimiter
 from fedaiot.serving.metrics import ServiceMetrics
-from fedaiot.serving.models import ModelHolder, ModelLoadError
+from fedaiot.serving.models import LoadedModel, ModelLoadError, Runtime
+from fedaiot.serving.monitor import Monitor
 from fedaiot.serving.observe import Observe, audit_fields
 from fedaiot.serving.redact import redact_paths
+from fedaiot.serving.routes_edge import add_edge_routes
+from fedaiot.serving.routes_ops import add_ops_routes
 from fedaiot.serving.schemas import (
+    AUTH_ERRORS,
+    VERSION_PATTERN,
     AuditEntries,
     Health,
     ModelCard,
     ModelList,
     PredictRequest,
     PredictResponse,
+    PromoteRequest,
     SwapResult,
     model_card,
 )
 from fedaiot.serving.settings import ServingSettings
+from fedaiot.serving.shadow import Shadow
 
 log = logging.getLogger(__name__)
-_VERSION = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "no token, or a refused one (a fixed reason in detail)"},
-    403: {"description": "the token's role may not call this endpoint"},
-    429: {"description": "a rate limit or quota is reached (see Retry-After)"},
-}
 # The body is read by hand, after the token check, so FastAPI does not parse it: the schema is
 # stated here for the OpenAPI document.
 _PREDICT_BODY = {
@@ -80,7 +87,10 @@ def _load(settings: ServingSettings) -> tuple[ModelHolder, Ed25519PublicKey, Tok
         verifier = TokenVerifier(settings)
     except SigningError as exc:
         raise ServingStartupError(str(exc)) from None
-    holder = ModelHolder(ModelRegistry(settings.registry), model_key, settings.served_history)
+    runtime = Runtime(settings.runtime, settings.onnx_artifact, settings.torch_threads)
+    holder = ModelHolder(
+        ModelRegistry(settings.registry), model_key, settings.served_history, runtime
+    )
     try:
         holder.start()
     except (RegistryError, OSError) as exc:
@@ -102,22 +112,59 @@ def _audit_log(settings: ServingSettings) -> tuple[AuditLog, dict[str, int]]:
         raise ServingStartupError(str(exc)) from None
 
 
+def _engine(
+    settings: ServingSettings,
+    holder: ModelHolder,
+    monitor: Monitor,
+    shadow: Shadow,
+    audit: AuditLog,
+    metrics: ServiceMetrics,
+    key: Ed25519PublicKey,
+) -> AlertEngine | None:
+    if settings.alert_rules is None:
+        return None
+    try:
+        rules = load_rules(settings.alert_rules)
+    except RulesError as exc:
+        raise ServingStartupError(str(exc)) from None
+    return AlertEngine(rules, holder, monitor, shadow, audit, metrics, key, metrics.registry)
+
+
 def create_app(settings: ServingSettings) -> FastAPI:
     holder, model_key, verifier = _load(settings)
     audit, used_today = _audit_log(settings)
     limiter = RateLimiter(settings.rate_limits)
     addresses = AddressLimiter(settings.unauthenticated_limit)
     guard = Guard(verifier, limiter, addresses)
-    predictor = Predictor(settings, limiter, DailyQuota(settings.rate_limits, used_today))
     metrics = ServiceMetrics(audit)
     metrics.served(holder.current.version)
+    monitor = Monitor(
+        metrics.registry, settings.monitor_slot_seconds, settings.monitor_horizon_seconds
+    )
+    monitor.track(holder.current)
+    shadow = Shadow(holder.load, lambda: holder.current)
+
+    def observed(model: LoadedModel, x: np.ndarray, labels: np.ndarray) -> None:
+        monitor.predicted(model, x, labels)
+        shadow.submit(x, model, labels)
+
+    quota = DailyQuota(settings.rate_limits, used_today)
+    predictor = Predictor(settings, limiter, quota, observed)
+    engine = _engine(settings, holder, monitor, shadow, audit, metrics, model_key)
 
     def public(text: str) -> str:
         return redact_paths(text, [settings.registry])
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(engine.run()) if engine is not None else None
         yield
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            engine.close()  # type: ignore[union-attr]
+        shadow.close()
         predictor.close()
         audit.close()
 
@@ -142,8 +189,11 @@ def create_app(settings: ServingSettings) -> FastAPI:
 
     app.add_middleware(Authenticate, guard=guard, protected=protected)
     # Outermost: sees every answer.
-    app.add_middleware(Observe, audit=audit, metrics=metrics, routes=app.router.routes)
+    app.add_middleware(
+        Observe, audit=audit, metrics=metrics, routes=app.router.routes, monitor=monitor
+    )
     app.state.holder, app.state.audit, app.state.metrics = holder, audit, metrics
+    app.state.monitor, app.state.shadow, app.state.engine = monitor, shadow, engine
     app.state.address_blocked = addresses.spent  # read by the uvicorn protocol (protocol.py)
 
     def connection_refused(reason: str, address: str | None) -> None:
@@ -167,7 +217,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
     @app.post(
         "/v1/predict",
         response_model=PredictResponse,
-        responses={**_AUTH_ERRORS, 413: {"description": "body too large"}},
+        responses={**AUTH_ERRORS, 413: {"description": "body too large"}},
         openapi_extra=_PREDICT_BODY,
     )
     async def predict(
@@ -177,6 +227,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         """Batch prediction: the label of each instance (and probabilities for clinicians)."""
         model = holder.current  # this request uses this object to the end, whatever swaps
         audit_fields(request, model_version=model.version)
+        monitor.track(model)  # so that its outcome is counted, even a refusal
         try:
             body = await request.body()  # size and time limited by BodyLimit
             result = await predictor.predict(body, model, principal)
@@ -194,7 +245,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         metrics.rows(model.version, result.rows)
         return Response(result.body, media_type="application/json")
 
-    @app.get("/v1/model", response_model=ModelCard, responses=_AUTH_ERRORS)
+    @app.get("/v1/model", response_model=ModelCard, responses=AUTH_ERRORS)
     async def card(
         request: Request, _: Annotated[Principal, Depends(guard.require("model_card"))]
     ) -> ModelCard:
@@ -203,7 +254,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         audit_fields(request, model_version=model.version)
         return model_card(model.manifest)
 
-    @app.get("/v1/models", response_model=ModelList, responses=_AUTH_ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses=AUTH_ERRORS)
     def models(
         request: Request, _: Annotated[Principal, Depends(guard.require("models"))]
     ) -> ModelList:
@@ -213,7 +264,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
         audit_fields(request, model_version=served)
         return ModelList.build(holder.registry, model_key, served, holder.history())
 
-    async def swap(request: Request, action: str, run: Callable[[], tuple[str, str]]) -> SwapResult:
+    async def swap(
+        request: Request, action: str, run: Callable[[], tuple[str, str]], why: str = ""
+    ) -> SwapResult:
         try:
             previous, now = await run_in_threadpool(run)
         except LookupError as exc:
@@ -238,33 +291,36 @@ def create_app(settings: ServingSettings) -> FastAPI:
             ) from None  # fmt: skip
         metrics.swap(action, "done")
         metrics.served(holder.current.version)
-        audit_fields(request, model_version=now, note=f"{action}: {previous} -> {now}")
+        audit_fields(request, model_version=now, note=f"{action}: {previous} -> {now}{why}")
         return SwapResult(served=now, previous=previous)
 
     @app.post(
         "/v1/models/{version}/promote",
         response_model=SwapResult,
         responses={
-            **_AUTH_ERRORS,
+            **AUTH_ERRORS,
             404: {"description": "no such version"},
             409: {"description": "the version is unsigned, tampered or corrupt"},
         },
     )
     async def promote(
         request: Request,
-        version: Annotated[str, Path(pattern=_VERSION)],
+        version: Annotated[str, Path(pattern=VERSION_PATTERN)],
         _: Annotated[Principal, Depends(guard.require("manage"))],
+        change: Annotated[PromoteRequest | None, Body()] = None,
     ) -> SwapResult:
-        """Verify a version fully, then serve it (admin). In-flight requests are unaffected."""
+        """Verify a version fully, then serve it (admin), with an optional reason for the audit
+        log. In-flight requests are unaffected."""
         if version not in holder.registry.versions():
             raise HTTPException(404, "no such model version in the registry")
-        audit_fields(request, model_version=version)
-        return await swap(request, "promote", lambda: holder.promote(version))
+        why = f"; reason: {change.reason}" if change is not None and change.reason else ""
+        audit_fields(request, model_version=version, note=f"promote requested{why}")
+        return await swap(request, "promote", lambda: holder.promote(version), why)
 
     @app.post(
         "/v1/models/rollback",
         response_model=SwapResult,
-        responses={**_AUTH_ERRORS, 409: {"description": "nothing to roll back to, or refused"}},
+        responses={**AUTH_ERRORS, 409: {"description": "nothing to roll back to, or refused"}},
     )
     async def rollback(
         request: Request, _: Annotated[Principal, Depends(guard.require("manage"))]
@@ -273,7 +329,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         audit_fields(request, model_version=holder.current.version)
         return await swap(request, "rollback", holder.rollback)
 
-    @app.get("/v1/audit", response_model=AuditEntries, responses=_AUTH_ERRORS)
+    @app.get("/v1/audit", response_model=AuditEntries, responses=AUTH_ERRORS)
     def audit_log(
         _: Annotated[Principal, Depends(guard.require("audit"))],
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -288,6 +344,9 @@ def create_app(settings: ServingSettings) -> FastAPI:
         except AuditError as exc:
             log.error("audit query failed: %s", exc)
             raise HTTPException(503, "the audit database cannot be read now") from None
+
+    add_edge_routes(app, guard, holder, model_key)
+    add_ops_routes(app, guard, holder, monitor, shadow, engine)
 
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Health:

@@ -44,6 +44,8 @@ PERMISSIONS: dict[str, frozenset[Role]] = {
     "audit": frozenset({"auditor", "admin"}),
     "manage": frozenset({"admin"}),
     "metrics": frozenset({"admin"}),
+    "edge": frozenset({"device", "admin"}),
+    "alerts": frozenset({"auditor", "admin"}),
 }
 WHAT = {
     "predict": "predict",
@@ -53,6 +55,8 @@ WHAT = {
     "audit": "read the audit log",
     "manage": "promote or roll back models",
     "metrics": "read metrics",
+    "edge": "download edge artifacts",
+    "alerts": "read alerts",
 }
 _ALWAYS_REQUIRED = ["exp", "iat", "sub", "iss", "aud"]
 _NUMERIC_DATES = ("exp", "iat", "nbf")

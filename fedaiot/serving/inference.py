@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +31,7 @@ from fedaiot.serving.limits import DailyQuota, RateLimiter
 from fedaiot.serving.models import LoadedModel
 from fedaiot.serving.settings import ServingSettings
 
+log = logging.getLogger(__name__)
 _BYTES_PER_VALUE = 64  # a value in JSON, with its feature name: generous
 _BODY_SLACK = 16 << 10
 
@@ -57,9 +60,21 @@ def body_limit(settings: ServingSettings, model: LoadedModel) -> int:
     return settings.max_batch * model.size * _BYTES_PER_VALUE + _BODY_SLACK
 
 
+Observer = Callable[[LoadedModel, np.ndarray, np.ndarray], None]  # model, batch, labels
+
+
 class Predictor:
-    def __init__(self, settings: ServingSettings, limiter: RateLimiter, quota: DailyQuota) -> None:
+    def __init__(
+        self,
+        settings: ServingSettings,
+        limiter: RateLimiter,
+        quota: DailyQuota,
+        observer: Observer | None = None,
+    ) -> None:
+        """``observer`` sees each answered batch in the inference thread (monitoring counts
+        and shadow scoring); it must not keep the batch."""
         self._settings = settings
+        self._observer = observer
         self._limiter = limiter
         self._quota = quota
         self._pool = ThreadPoolExecutor(
@@ -105,7 +120,13 @@ class Predictor:
         else:
             predictions = [{"label": names[k], "class_index": k} for k in best]
         answer = {"model_version": model.version, "predictions": predictions}
-        return Prediction(json.dumps(answer, allow_nan=False).encode(), len(x))
+        body = json.dumps(answer, allow_nan=False).encode()
+        if self._observer is not None:
+            try:
+                self._observer(model, x, np.asarray(best, dtype=np.int64))
+            except Exception:  # monitoring must never fail a prediction
+                log.exception("monitoring a predicted batch failed")
+        return Prediction(body, len(x))
 
     def _admit(self, principal: Principal, rows: int) -> None:
         role, subject = principal.role, principal.subject

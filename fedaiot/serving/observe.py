@@ -19,8 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fedaiot.serving import reasons
 from fedaiot.serving.audit import AuditLog, make_record
 from fedaiot.serving.metrics import ServiceMetrics
+from fedaiot.serving.monitor import Monitor
 
 AUDIT_SCOPE_KEY = "fedaiot.audit"
+PREDICT = "/v1/predict"
 
 
 def audit_fields(where: HTTPConnection | Scope, **values: Any) -> None:
@@ -46,9 +48,15 @@ def route_template(scope: Scope, routes: Sequence[BaseRoute]) -> str:
 
 class Observe:
     def __init__(
-        self, app: ASGIApp, audit: AuditLog, metrics: ServiceMetrics, routes: Sequence[BaseRoute]
+        self,
+        app: ASGIApp,
+        audit: AuditLog,
+        metrics: ServiceMetrics,
+        routes: Sequence[BaseRoute],
+        monitor: Monitor | None = None,
     ) -> None:
         self.app, self.audit, self.metrics, self.routes = app, audit, metrics, routes
+        self.monitor = monitor
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,6 +80,9 @@ class Observe:
             endpoint = route_template(scope, self.routes)
             method = scope["method"]
             self.metrics.observe(method, endpoint, status, seconds)
+            version = fields.get("model_version")
+            if self.monitor is not None and endpoint == PREDICT and version:
+                self.monitor.request(version, status, seconds)  # reached a model: its outcome
             if scope["path"].startswith("/v1/"):
                 reason = fields.pop("reason", None) or reasons.for_status(status)
                 self.audit.record(

@@ -44,6 +44,13 @@ ADDRESS_BLOCKED = "address_blocked"
 HEADERS_TOO_LARGE = "headers_too_large"
 HEADER_TIMEOUT = "header_timeout"
 CONNECTION_STATUS = {ADDRESS_BLOCKED: 429, HEADERS_TOO_LARGE: 431, HEADER_TIMEOUT: 408}
+# What the alert engine did (endpoints "(alert)" and "(monitor)").
+ALERT_FIRING = "alert_firing"
+ALERT_RESOLVED = "alert_resolved"
+ALERT_DECISION = "alert_decision"
+ALERT_ROLLBACK = "alert_rollback"
+GATE_PROMOTE = "gate_promote"
+GATE_REFUSE = "gate_refuse"
 NOT_FOUND = "not_found"
 REFUSED = "refused"
 FAILED = "failed"

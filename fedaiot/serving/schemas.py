@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fedaiot.registry.store import (
     MANIFEST,
@@ -19,7 +19,13 @@ from fedaiot.registry.store import (
 )
 from fedaiot.serving.redact import without_paths
 
+VERSION_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 Number = Annotated[float, Field(strict=True)]  # ints and floats; no strings, no booleans
+AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "no token, or a refused one (a fixed reason in detail)"},
+    403: {"description": "the token's role may not call this endpoint"},
+    429: {"description": "a rate limit or quota is reached (see Retry-After)"},
+}
 
 
 class PredictRequest(BaseModel):
@@ -151,6 +157,19 @@ def _verified(
         if not (folder / SIGNATURE).is_file():
             return "unsigned", None
         return "bad-signature", None
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(
+        default="", max_length=500, description="why: written to the audit log with the swap"
+    )
+
+    @field_validator("reason")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        # The audit log is read in terminals (fedaiot audit): no control characters.
+        return " ".join("".join(c if c.isprintable() else " " for c in value).split())
 
 
 class SwapResult(BaseModel):

@@ -122,6 +122,15 @@ class ServingSettings(BaseModel):
     max_connections: int | None = Field(default=None, ge=1)  # uvicorn's limit_concurrency
     # Addresses whose X-Forwarded-For is believed (a reverse proxy); none by default.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # What runs the model: its torch weights, or its signed ONNX artifact (``fedaiot export``),
+    # verified before it is loaded: "onnx-int8" or "onnx".
+    runtime: Literal["torch", "onnx"] = "torch"
+    onnx_artifact: Literal["onnx-int8", "onnx"] = "onnx-int8"
+    # Alert rules (YAML, fedaiot.monitoring.rules): what fires, where alerts go, what rolls back.
+    alert_rules: Path | None = None
+    # Per-version monitoring: the time slots that rule windows and the drift gauges sum over.
+    monitor_slot_seconds: float = Field(default=10.0, gt=0, le=3600)
+    monitor_horizon_seconds: float = Field(default=3600.0, gt=0, le=7 * DAY)
     # /docs, /redoc and /openapi.json; off by default (the pages load scripts from a CDN).
     docs: bool = False
 

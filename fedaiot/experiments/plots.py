@@ -47,12 +47,11 @@ def accuracy_vs_epsilon(results: pd.DataFrame, path: Path) -> Path:
             if setting == "central":  # one non-private value: a reference line
                 axis.axhline(100 * rows["mean"].iloc[0], color="black", ls=":", label="central")
                 continue
-            style = {"ls": "--", "color": "black"} if setting == "central DP-SGD" else {}
+            style = _style(rows)
             axis.errorbar(
                 xs,
                 100 * rows["mean"],
                 yerr=100 * rows["std"],
-                marker="o",
                 capsize=3,
                 label=str(setting),
                 **style,
@@ -63,6 +62,15 @@ def accuracy_vs_epsilon(results: pd.DataFrame, path: Path) -> Path:
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     return _save(figure, path)
+
+
+def _style(rows: pd.DataFrame) -> dict[str, str]:
+    """Central DP-SGD in black dashes; distributed DP in dash-dots with square markers."""
+    if (rows["kind"] == "central").all():
+        return {"ls": "--", "color": "black", "marker": "o"}
+    if rows["setting"].str.endswith("distributed DP").all():
+        return {"ls": "-.", "marker": "s"}
+    return {"marker": "o"}
 
 
 def accuracy_per_round(results: pd.DataFrame, rounds: pd.DataFrame, path: Path) -> Path:
@@ -93,7 +101,9 @@ def node_epsilon_per_round(results: pd.DataFrame, nodes: pd.DataFrame, path: Pat
     """One panel per budget: each node's spend, round by round, under its budget line."""
     data = ok(results)
     data = data[(data["kind"] == "federated") & data["epsilon"].map(math.isfinite)]
-    shown = data.sort_values(["scenario", "seed"]).drop_duplicates(["task", "epsilon", "scenario"])
+    distributed = data["dp_mode"] == "distributed"  # after their local twins
+    shown = data.assign(_later=distributed).sort_values(["scenario", "_later", "seed"])
+    shown = shown.drop_duplicates(["task", "epsilon", "dp_mode", "scenario"])
     shown = shown.head(6)
     figure, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.4), squeeze=False)
     for axis, (_, point) in zip(axes[0], shown.iterrows(), strict=True):
@@ -102,7 +112,9 @@ def node_epsilon_per_round(results: pd.DataFrame, nodes: pd.DataFrame, path: Pat
             axis.plot(rows["round"], rows["epsilon"], lw=1, alpha=0.8, label=str(node))
         axis.axhline(point["epsilon"], color="red", ls="--", label="budget")
         scenario = "" if point["scenario"] == "none" else f", {point['scenario']}"
-        axis.set_title(f"{point['task']}, budget {point['epsilon']:g}{scenario}", fontsize=9)
+        mode = ", distributed DP" if point["dp_mode"] == "distributed" else ""
+        title = f"{point['task']}, budget {point['epsilon']:g}{mode}{scenario}"
+        axis.set_title(title, fontsize=9)
         axis.set_xlabel("round")
         axis.set_ylabel("epsilon spent")
         axis.grid(alpha=0.3)
@@ -116,7 +128,10 @@ def membership(results: pd.DataFrame, path: Path) -> Path:
     figure, axis = plt.subplots(figsize=(6, 4))
     epsilons = list(data["epsilon"].unique())
     finite = [e for e in epsilons if math.isfinite(e)]
-    for (task, kind), rows in data.groupby(["task", "kind"]):
+    # one line per kind, non-private points at its right end; distributed DP a line of its own
+    line = data["dp_mode"].where(data["dp_mode"] == "distributed", "")
+    for (task, kind, mode), rows in data.groupby(["task", "kind", line]):
+        described = f"{task} {kind}" + (" distributed DP" if mode else "")
         for column, marker in (("mia_loss_auc", "o"), ("mia_calibrated_auc", "s")):
             stats = rows.groupby("epsilon")[column].agg(["mean", "std"]).reset_index()
             attack = "loss" if column == "mia_loss_auc" else "calibrated"
@@ -126,7 +141,7 @@ def membership(results: pd.DataFrame, path: Path) -> Path:
                 yerr=stats["std"].fillna(0.0),
                 marker=marker,
                 capsize=3,
-                label=f"{task} {kind}, {attack} attack",
+                label=f"{described}, {attack} attack",
             )
     axis.axhline(0.5, color="black", ls=":", label="chance")
     _epsilon_axis(axis, epsilons or [1.0])

@@ -5,6 +5,12 @@
 holds one row per (point, round) and ``node_rounds.csv`` one per (point, round, node). Rows are
 appended and flushed to disk one at a time, so an interrupted sweep loses at most the point it
 was running. A point recorded twice (a retried failure) counts by its last row.
+
+A row's ``dp_mode`` is where its noise was added: ``local`` or ``distributed`` for a private
+federated point, ``central`` for central DP-SGD, ``off`` for any non-private point. Files
+written before the column existed are read as if it held ``local`` (private federated; the only
+mode sweeps ran then), ``central`` or ``off``; appending to such a file first rewrites it with
+the current columns, since rows under a shorter header would read as cut short.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ POINT_COLUMNS = [
     "nodes",
     "partition",
     "secure_aggregation",
+    "dp_mode",
     "seed",
     "rounds",
     "scenario",
@@ -43,6 +50,8 @@ RESULT_COLUMNS = [
     "auc",
     "epsilon_spent_max",
     "epsilon_spent_mean",
+    # distributed DP: the largest epsilon of a node's own noise share alone
+    "epsilon_local_max",
     "rounds_completed",
     "mia_loss_auc",
     "mia_calibrated_auc",
@@ -75,11 +84,21 @@ def point_fields(point: Point) -> dict[str, Any]:
         "nodes": point.nodes,
         "partition": point.partition,
         "secure_aggregation": point.secure_aggregation,
+        "dp_mode": dp_mode(point.kind, point.private, point.dp_mode),
         "seed": point.seed,
         "rounds": point.rounds,
         "scenario": point.scenario,
         "config": json.dumps(point.model_dump(mode="json"), sort_keys=True),
     }
+
+
+def dp_mode(kind: str, private: bool, recorded: str | None = "local") -> str:
+    """A row's mode; ``recorded`` is None or empty where the file predates the column."""
+    if not private:
+        return "off"
+    if kind == "central":
+        return "central"
+    return recorded or "local"
 
 
 def _cell(value: Any) -> str:
@@ -100,6 +119,8 @@ class ResultsStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / name
         fresh = not path.exists() or path.stat().st_size == 0
+        if not fresh and self._header(name) != columns:
+            self._upgrade(name, columns)
         with open(path, "a", newline="") as handle:
             writer = csv.writer(handle)
             if fresh:
@@ -134,7 +155,35 @@ class ResultsStore:
             if header is None:
                 return []
             complete = (row for row in reader if len(row) == len(header))
-            return [dict(zip(header, row, strict=True)) for row in complete]
+            rows = [dict(zip(header, row, strict=True)) for row in complete]
+        if name == RESULTS and "dp_mode" not in header:
+            for row in rows:
+                private = math.isfinite(float(row["epsilon"]))
+                row["dp_mode"] = dp_mode(row["kind"], private, None)
+        return rows
+
+    def _header(self, name: str) -> list[str]:
+        with open(self.folder / name, newline="") as handle:
+            return next(csv.reader(handle), [])
+
+    def _upgrade(self, name: str, columns: list[str]) -> None:
+        """Rewrite a file written with older columns under ``columns`` (atomically)."""
+        header = self._header(name)
+        extra = set(header) - set(columns)
+        if extra:
+            raise ValueError(
+                f"{name}: unknown columns {sorted(extra)}: written by a newer fedaiot?"
+            )
+        path = self.folder / name
+        temporary = path.with_suffix(".upgrading")
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(columns)
+            for row in self.rows(name):
+                writer.writerow([row.get(column, "") for column in columns])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
 
     def finished(self, *, include_failed: bool = True) -> dict[str, dict[str, str]]:
         """The last recorded row of each point; failed ones only with ``include_failed``."""

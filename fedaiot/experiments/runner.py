@@ -79,6 +79,7 @@ def run_sweep(
         return measure(point, folder, tick, membership=use_membership)
 
     measure_point = runner or default_runner
+    console.print(plan(points), highlight=False)
     failed = 0
     columns = (
         TextColumn("{task.description}"),
@@ -137,14 +138,28 @@ def _brief(result: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def plan(points: list[Point]) -> str:
+    """What the sweep measures, e.g. '18 points: 6 central, 6 local DP, 6 distributed DP'."""
+    counts: dict[str, int] = {}
+    for point in points:
+        what = _mode(point) if point.kind == "federated" else "central"
+        counts[what] = counts.get(what, 0) + 1
+    return f"{len(points)} points: " + ", ".join(f"{n} {what}" for what, n in counts.items())
+
+
+def _mode(point: Point) -> str:
+    return f"{point.dp_mode} DP" if point.private else "non-private"
+
+
 def describe(point: Point) -> str:
     budget = f"eps {point.epsilon:g}" if point.private else "non-private"
     if point.kind == "central":
         return f"{point.task} central {budget} seed {point.seed}"
     secure = "secagg" if point.secure_aggregation else "plain"
+    mode = f" {point.dp_mode} DP" if point.private else ""
     scenario = "" if point.scenario == "none" else f" [{point.scenario}]"
     return (
-        f"{point.task} {point.nodes} nodes {point.partition} {budget} {secure} "
+        f"{point.task} {point.nodes} nodes {point.partition} {budget}{mode} {secure} "
         f"seed {point.seed}{scenario}"
     )
 
@@ -214,6 +229,9 @@ def _federated(
     rounds, node_rounds = journal_rows(Journal(run_dir), budget=budget)
     summary = outcome.summary
     epsilons = [n["epsilon"] for n in summary.get("nodes", []) if n.get("epsilon") is not None]
+    shares = [
+        n["epsilon_local"] for n in summary.get("nodes", []) if n.get("epsilon_local") is not None
+    ]
     metrics = summary.get("metrics", {})
     result: dict[str, Any] = {
         "status": "ok" if outcome.status == "completed" else outcome.status,
@@ -222,6 +240,7 @@ def _federated(
         "auc": metrics.get("auc"),
         "epsilon_spent_max": max(epsilons) if epsilons else math.inf,
         "epsilon_spent_mean": sum(epsilons) / len(epsilons) if epsilons else math.inf,
+        "epsilon_local_max": max(shares) if shares else None,
         "rounds_completed": summary.get("rounds"),
         "wall_seconds": outcome.wall_seconds,
         "run_dir": str(run_dir),

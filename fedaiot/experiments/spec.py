@@ -5,6 +5,15 @@ apps as a real run); a central point trains the same model on all node data pool
 at the same epsilon or not at all, as the baseline that federation is measured against. A
 point's id is a hash of everything that shapes its result, so a sweep can be resumed, and
 extended, without rerunning what is already measured.
+
+Private federated points are run in each of the sweep's ``dp_modes`` (``local``: each node
+noises its own update; ``distributed``: noise shares inside secure aggregation, one DP-SGD
+step a round; see ``RunConfig.dp_mode``). Distributed DP needs secure aggregation, so a grid
+that crosses ``secure_aggregation = [true, false]`` with ``distributed`` runs distributed points
+with secure aggregation only; a grid with no secure aggregation at all is refused, rather than
+silently measuring no distributed point. Distributed runs take other hyperparameters (many
+one-step rounds): ``[distributed.<task>]`` holds run-config overrides applied on top of
+``[run_config.<task>]`` for distributed points only, its ``num-rounds`` their rounds.
 """
 
 from __future__ import annotations
@@ -16,12 +25,24 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.errors import BadInputError
 
 NON_PRIVATE = math.inf  # the epsilon of a non-private point, written `inf` in TOML and CSV
+
+SweepDpMode = Literal["local", "distributed"]
+# The dp_modes axis decides these for each point; an override could relabel a point's mode.
+_AXIS_KEYS = frozenset({"dp-mode", "private"})
+_LOCAL_ONLY: list[SweepDpMode] = ["local"]
 
 
 class SweepError(BadInputError):
@@ -125,9 +146,13 @@ class SweepSpec(BaseModel):
     partitions: list[str] = Field(default_factory=lambda: ["iid", "dirichlet-0.5"], min_length=1)
     secure_aggregation: list[bool] = Field(default_factory=lambda: [True], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    dp_modes: list[SweepDpMode] = Field(default_factory=lambda: _LOCAL_ONLY.copy(), min_length=1)
     rounds: int = Field(15, ge=1)
     # Per task: run-config overrides (kebab-case keys of fedaiot.config.run.RunConfig).
     run_config: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # Per task: overrides for distributed points only, on top of run_config; num-rounds here
+    # is those points' rounds.
+    distributed: dict[str, dict[str, Any]] = Field(default_factory=dict)
     central: dict[str, CentralSettings] = Field(default_factory=dict)
     membership: bool = True
     scenarios: list[Scenario] = Field(default_factory=list)
@@ -147,8 +172,50 @@ class SweepSpec(BaseModel):
             Partition(label=value)
         return values
 
+    @field_validator("run_config", "distributed")
+    @classmethod
+    def _no_axis_keys(cls, values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for task, overrides in values.items():
+            taken = sorted(_AXIS_KEYS & set(overrides))
+            if taken:
+                raise ValueError(
+                    f"{task}: {', '.join(taken)} is set by the sweep (dp_modes, and epsilon inf "
+                    "for non-private points), not per task"
+                )
+        return values
+
+    @field_validator("distributed")
+    @classmethod
+    def _rounds(cls, values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for task, overrides in values.items():
+            rounds = overrides.get("num-rounds", 1)
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                raise ValueError(f"{task}: num-rounds must be a whole number >= 1")
+        return values
+
+    @model_validator(mode="after")
+    def _distributed_is_possible(self) -> SweepSpec:
+        unknown = sorted(set(self.distributed) - set(self.tasks))
+        if unknown:  # a misspelt task would run its distributed points with local settings
+            raise ValueError(f"[distributed.{unknown[0]}] names a task not in tasks")
+        if "distributed" in self.dp_modes and True not in self.secure_aggregation:
+            raise ValueError(
+                "dp_modes has distributed but secure_aggregation has no true: distributed DP "
+                "adds its noise inside secure aggregation"
+            )
+        return self
+
     def central_settings(self, task: str) -> CentralSettings:
         return self.central.get(task, CentralSettings())
+
+    def mode_settings(self, task: str, mode: SweepDpMode) -> tuple[int, dict[str, Any]]:
+        """A federated point's rounds and run-config overrides in ``mode``."""
+        overrides = dict(self.run_config.get(task, {}))
+        if mode == "local":
+            return self.rounds, overrides
+        extra = dict(self.distributed.get(task, {}))
+        rounds = int(extra.pop("num-rounds", self.rounds))
+        return rounds, {**overrides, **extra}
 
 
 class Point(BaseModel):
@@ -168,6 +235,8 @@ class Point(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
     exhaust_node: int | None = None
     exhaust_after_round: int = 0
+    # Meaningful for private federated points only (a non-private run is dp-mode off).
+    dp_mode: SweepDpMode = "local"
 
     @property
     def private(self) -> bool:
@@ -175,7 +244,11 @@ class Point(BaseModel):
 
     @property
     def id(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True, default=str)
+        fields = self.model_dump(mode="json")
+        if fields["dp_mode"] == "local":
+            # ids from before the dp_modes axis: recorded local points are still recognised
+            del fields["dp_mode"]
+        blob = json.dumps(fields, sort_keys=True, default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     def run_config(self, output_dir: Path) -> RunConfig:
@@ -190,6 +263,7 @@ class Point(BaseModel):
             "min-available-nodes": self.nodes,
             **Partition(label=self.partition).run_config(),
             **self.overrides,
+            "dp-mode": self.dp_mode if self.private else "off",
             "output-dir": str(output_dir),
         }
         if self.private:
@@ -215,13 +289,17 @@ def expand(spec: SweepSpec) -> list[Point]:
                 for seed in spec.seeds
             ]
     for task in spec.tasks:
-        overrides = spec.run_config.get(task, {})
         for nodes in spec.nodes:
             for partition in spec.partitions:
                 for secure in spec.secure_aggregation:
-                    for epsilon in spec.epsilons:
-                        for seed in spec.seeds:
-                            points.append(
+                    for mode in spec.dp_modes:
+                        if mode == "distributed" and not secure:
+                            continue  # no distributed DP without secure aggregation
+                        rounds, overrides = spec.mode_settings(task, mode)
+                        for epsilon in spec.epsilons:
+                            if mode != "local" and not math.isfinite(epsilon):
+                                continue  # a non-private run has no mode: measured once
+                            points += [
                                 Point(
                                     kind="federated",
                                     task=task,
@@ -230,10 +308,12 @@ def expand(spec: SweepSpec) -> list[Point]:
                                     nodes=nodes,
                                     partition=partition,
                                     secure_aggregation=secure,
-                                    rounds=spec.rounds,
+                                    rounds=rounds,
                                     overrides=overrides,
+                                    dp_mode=mode,
                                 )
-                            )
+                                for seed in spec.seeds
+                            ]
     if spec.scenarios:
         base = spec.scenario_base
         control = Scenario(name="none")
@@ -271,10 +351,7 @@ def load_spec(path: Path) -> SweepSpec:
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e["loc"], str(e["msg"])) for e in exc.errors())
         raise SweepError(f"sweep file {path}: {problems}") from None
     for point in expand(spec):  # refuse a bad task or run-config key now, not an hour in
         if point.kind == "federated":
@@ -283,3 +360,9 @@ def load_spec(path: Path) -> SweepSpec:
             except ConfigError as exc:
                 raise SweepError(f"sweep file {path}: {exc}") from None
     return spec
+
+
+def _problem(location: tuple[int | str, ...], message: str) -> str:
+    message = message.removeprefix("Value error, ")
+    # a check across fields has no location
+    return f"{'.'.join(str(p) for p in location)}: {message}" if location else message

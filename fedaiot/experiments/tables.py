@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from fedaiot.errors import BadInputError
-from fedaiot.experiments.results import NODE_ROUNDS, RESULTS, ROUNDS
+from fedaiot.experiments.results import NODE_ROUNDS, RESULTS, ROUNDS, dp_mode
 
-SETTING = ["task", "kind", "nodes", "partition", "secure_aggregation", "scenario"]
+SETTING = ["task", "kind", "nodes", "partition", "secure_aggregation", "dp_mode", "scenario"]
 
 
 class ReportError(BadInputError):
@@ -34,6 +34,11 @@ def load(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     results = results.drop_duplicates("point_id", keep="last").copy()
     results["epsilon"] = results["epsilon"].astype(float)
     results["secure_aggregation"] = results["secure_aggregation"].astype(str) == "True"
+    recorded = results["dp_mode"] if "dp_mode" in results else pd.Series(None, results.index)
+    results["dp_mode"] = [  # files from before the column: see fedaiot.experiments.results
+        dp_mode(kind, math.isfinite(epsilon), None if pd.isna(mode) else str(mode))
+        for kind, epsilon, mode in zip(results["kind"], results["epsilon"], recorded, strict=True)
+    ]
     results["setting"] = results.apply(setting_label, axis=1)
     rounds = _read(Path(folder) / ROUNDS)
     nodes = _read(Path(folder) / NODE_ROUNDS)
@@ -49,6 +54,8 @@ def setting_label(row: pd.Series) -> str:
         return "central DP-SGD" if math.isfinite(row["epsilon"]) else "central"
     secure = "secagg" if row["secure_aggregation"] else "plain"
     label = f"{int(row['nodes'])} nodes, {row['partition']}, {secure}"
+    if row["dp_mode"] == "distributed":  # local DP stays unnamed: labels of older reports
+        label += ", distributed DP"
     return label if row["scenario"] == "none" else f"{label}, {row['scenario']}"
 
 
@@ -82,6 +89,7 @@ def utility_table(results: pd.DataFrame, task: str) -> pd.DataFrame:
         lambda r: f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f} ({int(r['count'])})", axis=1
     )
     table = stats.pivot(index="setting", columns="epsilon", values="cell").fillna("")
+    # a setting's distributed row sorts right after its local row; central baselines last
     order = sorted(table.index, key=lambda s: (s.startswith("central"), s))
     table = table.loc[order, sorted(table.columns)]
     table.columns = [epsilon_label(e) for e in table.columns]
@@ -111,6 +119,30 @@ def gap_table(results: pd.DataFrame, task: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def trust_table(results: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Distributed settings: the epsilon under the run's trust assumption and without it."""
+    done = grid(results)
+    done = done[(done["task"] == task) & (done["dp_mode"] == "distributed")]
+    if done.empty:
+        return pd.DataFrame()
+    if "epsilon_local_max" not in done:
+        done = done.assign(epsilon_local_max=math.nan)
+    table = done.groupby(["setting", "epsilon"])[["epsilon_spent_max", "epsilon_local_max"]]
+    table = table.max().reset_index()
+    return pd.DataFrame(
+        {
+            "setting": table["setting"],
+            "budget": table["epsilon"].map(epsilon_label),
+            "epsilon spent (trust assumption)": table["epsilon_spent_max"].map(_epsilon),
+            "epsilon of a node's own share alone": table["epsilon_local_max"].map(_epsilon),
+        }
+    )
+
+
+def _epsilon(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:.3g}"
+
+
 def _points(value: float, reference: float | None) -> str:
     return "" if reference is None else f"{100 * (value - reference):+.1f}"
 
@@ -119,7 +151,7 @@ def membership_table(results: pd.DataFrame) -> pd.DataFrame:
     done = grid(results).dropna(subset=["mia_loss_auc"])
     if done.empty:
         return pd.DataFrame()
-    grouped = done.groupby(["task", "kind", "epsilon"])
+    grouped = done.groupby(["task", "kind", "dp_mode", "epsilon"])
     table = grouped[["mia_loss_auc", "mia_calibrated_auc", "accuracy"]].mean().reset_index()
     table["epsilon"] = table["epsilon"].map(epsilon_label)
     return table
@@ -153,7 +185,16 @@ def scenario_points(results: pd.DataFrame) -> set[str]:
     scenarios = results[results["scenario"] != "none"]
     if scenarios.empty:
         return set()
-    keys = ["task", "epsilon", "nodes", "partition", "secure_aggregation", "seed", "rounds"]
+    keys = [
+        "task",
+        "epsilon",
+        "nodes",
+        "partition",
+        "secure_aggregation",
+        "dp_mode",
+        "seed",
+        "rounds",
+    ]
     controls = results.merge(scenarios[keys].drop_duplicates(), on=keys)
     controls = controls[controls["scenario"] == "none"]
     return set(scenarios["point_id"]) | set(controls["point_id"])

@@ -110,3 +110,16 @@ def test_a_study_model_is_served_by_its_feature_names(tmp_path: Path, pbc_table:
     card = model_card(model.manifest)
     assert card.input_schema["study"]["study"]["id"] == "pbc"
     assert card.study is not None and card.study.startswith("pbc@1: ")
+
+
+def test_a_distributed_study_plans_its_noise_for_the_statistics_it_releases_first(
+    tmp_path: Path, pbc_table: Path
+) -> None:
+    # the statistics are charged before round 1: a plan that ignored them would leave the
+    # last rounds unpaid, and every node would refuse them
+    cfg = _cfg(tmp_path, pbc_table, dp_mode="distributed", num_rounds=6, epsilon=1.0)
+    summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 3))
+    assert summary["status"] == "completed" and summary["aggregated_rounds"] == 6
+    for node in summary["nodes"]:
+        assert 0.97 * cfg.epsilon < node["epsilon"] <= cfg.epsilon
+        assert node["epsilon_local"] > node["epsilon"]

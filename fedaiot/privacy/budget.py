@@ -39,7 +39,7 @@ from fedaiot.privacy.accounting import (
     plan_noise,
 )
 from fedaiot.privacy.distributed import ACCOUNTANT as DISTRIBUTED_ACCOUNTANT
-from fedaiot.privacy.distributed import ShareGeometry, plan_sigma
+from fedaiot.privacy.distributed import ShareGeometry, plan_sigma, releases_before_training
 from fedaiot.privacy.ledger import (
     CountRelease,
     LedgerRecord,
@@ -64,6 +64,7 @@ class BudgetTerms:
     count_noise: float
     run_epsilon: float = math.nan  # the run's own target, before the node's cap: what a
     # distributed run's shared noise is planned for (every node must add the same)
+    before_training: tuple[HistoryEntry, ...] = ()  # what every node releases first
 
     @classmethod
     def for_run(cls, cfg: RunConfig, cap: float | None = None) -> BudgetTerms:
@@ -78,6 +79,7 @@ class BudgetTerms:
             rounds=cfg.num_rounds,
             count_noise=cfg.count_noise,
             run_epsilon=cfg.epsilon,
+            before_training=releases_before_training(cfg),
         )
 
 
@@ -233,7 +235,7 @@ def _plan_distributed(terms: BudgetTerms, geometry: ShareGeometry) -> NoisePlan:
         sample_rate=terms.sample_rate,
         rounds=terms.rounds,
         geometry=geometry,
-        count_noise=terms.count_noise,
+        before=terms.before_training or ((terms.count_noise, 1.0, 1),),
     )
     return NoisePlan(
         noise_multiplier=sigma,

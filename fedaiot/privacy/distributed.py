@@ -31,11 +31,14 @@ inside secure aggregation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from fedaiot.config.run import RunConfig
+from fedaiot.privacy.accounting import HistoryEntry
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.privacy.rdp import SkellamEntry, plan_skellam_noise
 from fedaiot.privacy.skellam import sample_skellam
@@ -99,10 +102,11 @@ def plan_sigma(
     sample_rate: float,
     rounds: int,
     geometry: ShareGeometry,
-    count_noise: float,
+    before: Sequence[HistoryEntry],
 ) -> float:
-    """The run's noise multiplier: ``rounds`` one-step rounds after the noisy count's release,
-    within ``epsilon``. Only the run's terms enter, so every node plans the same."""
+    """The run's noise multiplier: ``rounds`` one-step rounds after the Gaussian releases
+    every node makes ``before`` training, within ``epsilon``. Only the run's terms enter, so
+    every node plans the same."""
     return plan_skellam_noise(
         target_epsilon=epsilon,
         delta=delta,
@@ -110,8 +114,15 @@ def plan_sigma(
         steps=rounds,
         l2=geometry.l2,
         l1=geometry.l1,
-        spent_gaussian=[(count_noise, 1.0, 1)],
+        spent_gaussian=before,
     )
+
+
+def releases_before_training(cfg: RunConfig) -> tuple[HistoryEntry, ...]:
+    """What every node of a run releases before its first round: its noisy count (once per
+    data set) and, in a study, its contribution to the feature statistics."""
+    study = ((cfg.statistics_noise, 1.0, 1),) if cfg.study and cfg.private else ()
+    return ((cfg.count_noise, 1.0, 1), *study)
 
 
 def encode_share(

@@ -162,7 +162,7 @@ class SecureAggregation:
         return self.cfg.secagg_threshold or self.parameters(n).threshold
 
     def _share_variance(self, geometry: Any) -> float:
-        from fedaiot.privacy.distributed import plan_sigma
+        from fedaiot.privacy.distributed import plan_sigma, releases_before_training
 
         sigma = plan_sigma(
             epsilon=self.cfg.epsilon,
@@ -170,7 +170,7 @@ class SecureAggregation:
             sample_rate=self.cfg.sample_rate,
             rounds=self.cfg.num_rounds,
             geometry=geometry,
-            count_noise=self.cfg.count_noise,
+            before=releases_before_training(self.cfg),
         )
         floor = survivor_floor(
             len(self.names), self.cfg.secagg_dropout, int(self.setup_notes["threshold"] or 0)

@@ -86,7 +86,7 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
     assert not (cfg.output_path / "registry" / "versions").exists()  # nothing was learned
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedprox", "fedadam"])
 def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy: str) -> None:
     cfg = _cfg(tmp_path, num_rounds=2, epsilon=2.0, strategy=strategy, secure_aggregation=True)
     assert cfg.secure_aggregation  # the default path
@@ -106,16 +106,24 @@ def test_each_strategy_trains_and_registers_every_round(tmp_path: Path, strategy
     assert statuses == ["trained"] * 6  # round 2's updates matched round 1's global model
 
 
-def test_a_resumed_fedadam_run_equals_an_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("fedadam", {}), ("fedavgm", {"server_momentum": 0.9, "dp_mode": "distributed"})],
+)
+def test_a_resumed_run_with_a_server_optimizer_equals_an_uninterrupted_one(
+    tmp_path: Path, strategy: str, extra: dict[str, Any]
+) -> None:
     def cfg(name: str, stop: int = 0) -> RunConfig:
         return _cfg(
             tmp_path,
             name,
             num_rounds=3,
             epsilon=2.0,
-            strategy="fedadam",
+            strategy=strategy,
             seeded_noise=True,
             stop_after_round=stop,
+            **({"secure_aggregation": True} if extra else {}),
+            **extra,
         )
 
     whole = RoundLoop(cfg("run"))

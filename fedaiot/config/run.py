@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedaiot.errors import BadInputError
 from fedaiot.tasks.names import PartitionerName, check_task_name
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+StrategyName = Literal["fedavg", "fedavgm", "fedprox", "fedadam"]
 DpMode = Literal["local", "distributed", "off"]
 _FALSE = {"false", "0", "no", "off"}
 
@@ -93,6 +93,9 @@ class RunConfig(BaseModel):
     strategy: StrategyName = "fedavg"
     proximal_mu: float = Field(0.01, ge=0)
     server_learning_rate: float = Field(0.05, gt=0)
+    # FedAvgM's heavy-ball momentum on the coordinator's step (with dp-mode distributed: momentum
+    # SGD on the noisy gradient, post-processing of the DP releases)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.privacy.disclosure import disclosure
@@ -40,6 +40,8 @@ def build_strategy(cfg: RunConfig) -> FedAvg:
     }
     if cfg.strategy == "fedprox":
         return FedProx(proximal_mu=cfg.proximal_mu, **common)
+    if cfg.strategy == "fedavgm":
+        return FedAvgM(server_learning_rate=1.0, server_momentum=cfg.server_momentum, **common)
     if cfg.strategy == "fedadam":
         return FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, **common)
     return FedAvg(**common)

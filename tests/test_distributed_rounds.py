@@ -147,3 +147,32 @@ def test_nodes_refuse_to_unmask_a_small_sum_even_if_the_coordinator_asks(
     assert "0 survivors sent their shares" in secure["error"]  # every honest node refused
     refused = [n for n, why in secure["dropped"].items() if "failed (protocol-error)" in why]
     assert sorted(refused) == ["node-0", "node-1", "node-2", "node-3"], secure["dropped"]
+
+
+def test_the_gradient_sum_clips_every_record_to_the_norm() -> None:
+    import torch
+
+    from fedaiot.node.gradient_share import clipped_gradient_sum
+    from fedaiot.tasks import ArrayData, get_task
+
+    task = get_task("breast-cancer")
+    torch.manual_seed(0)
+    model = task.build_model()
+    rng = np.random.default_rng(0)
+    data = ArrayData(rng.normal(size=(40, 30)).astype(np.float32) * 3, rng.integers(0, 2, 40))
+    clip = 0.05  # far below every record's gradient norm: every record is clipped
+    got = clipped_gradient_sum(model, data, sample_rate=1.0, clip=clip, randomness=SecureRandom())
+    expected = np.zeros_like(got)
+    for x, y in zip(data.x, data.y, strict=True):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(
+            model(torch.from_numpy(x[None])), torch.tensor([y])
+        )
+        loss.backward()
+        grad = np.concatenate(
+            [dict(model.named_parameters())[k].grad.flatten().numpy() for k in model.state_dict()]
+        ).astype(np.float64)
+        assert np.linalg.norm(grad) > clip
+        expected += grad * clip / np.linalg.norm(grad)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
+    assert np.linalg.norm(got) <= 40 * clip  # the sum of forty clipped records

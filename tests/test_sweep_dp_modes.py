@@ -201,3 +201,25 @@ def test_the_report_shows_local_distributed_and_central_side_by_side(tmp_path: P
     assert "| 3 nodes, iid, secagg, distributed DP | 86.5 ± 0.7 (2) |  |" in report
     assert "| 3 nodes, iid, secagg, distributed DP | 1 | 1 | 7.5 |" in report  # own share alone
     assert "distributed epsilon" in report
+
+
+def test_a_budget_table_refines_the_distributed_settings_at_its_epsilon() -> None:
+    from fedaiot.experiments.spec import SweepSpec, expand
+
+    spec = SweepSpec(
+        tasks=["digits"],
+        epsilons=[1.0, 3.0],
+        dp_modes=["distributed"],
+        seeds=[1],
+        distributed={
+            "digits": {"num-rounds": 90, "learning-rate": 1.0, "epsilon-1": {"learning-rate": 0.5}}
+        },
+    )
+    steps = {
+        p.epsilon: (p.rounds, p.overrides["learning-rate"])
+        for p in expand(spec)
+        if p.kind == "federated"
+    }
+    assert steps == {1.0: (90, 0.5), 3.0: (90, 1.0)}
+    with pytest.raises(ValueError, match=r"epsilon-2.*not one of the sweep's epsilons"):
+        SweepSpec(tasks=["digits"], epsilons=[1.0], distributed={"digits": {"epsilon-2": {}}})

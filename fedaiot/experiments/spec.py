@@ -40,6 +40,7 @@ from fedaiot.errors import BadInputError
 NON_PRIVATE = math.inf  # the epsilon of a non-private point, written `inf` in TOML and CSV
 
 SweepDpMode = Literal["local", "distributed"]
+BUDGET_PREFIX = "epsilon-"  # [distributed.<task>.epsilon-<e>]: overrides at one budget
 # The dp_modes axis decides these for each point; an override could relabel a point's mode.
 _AXIS_KEYS = frozenset({"dp-mode", "private"})
 _LOCAL_ONLY: list[SweepDpMode] = ["local"]
@@ -188,9 +189,17 @@ class SweepSpec(BaseModel):
     @classmethod
     def _rounds(cls, values: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         for task, overrides in values.items():
-            rounds = overrides.get("num-rounds", 1)
-            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-                raise ValueError(f"{task}: num-rounds must be a whole number >= 1")
+            budgets = {k: v for k, v in overrides.items() if k.startswith(BUDGET_PREFIX)}
+            for key, table in budgets.items():
+                if not isinstance(table, dict):
+                    raise ValueError(f"{task}.{key} must be a table of run-config keys")
+                taken = sorted(_AXIS_KEYS & set(table))
+                if taken:
+                    raise ValueError(f"{task}.{key}: {', '.join(taken)} is set by the sweep")
+            for table in [overrides, *budgets.values()]:
+                rounds = table.get("num-rounds", 1)
+                if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                    raise ValueError(f"{task}: num-rounds must be a whole number >= 1")
         return values
 
     @model_validator(mode="after")
@@ -198,6 +207,14 @@ class SweepSpec(BaseModel):
         unknown = sorted(set(self.distributed) - set(self.tasks))
         if unknown:  # a misspelt task would run its distributed points with local settings
             raise ValueError(f"[distributed.{unknown[0]}] names a task not in tasks")
+        budgets = {f"{BUDGET_PREFIX}{e:g}" for e in self.epsilons}
+        for task, table in self.distributed.items():
+            stray = sorted(k for k in table if k.startswith(BUDGET_PREFIX) and k not in budgets)
+            if stray:  # a misspelt budget would silently fall back to the task's settings
+                raise ValueError(
+                    f"[distributed.{task}.{stray[0]}] is not one of the sweep's epsilons "
+                    f"({', '.join(sorted(budgets))})"
+                )
         if "distributed" in self.dp_modes and True not in self.secure_aggregation:
             raise ValueError(
                 "dp_modes has distributed but secure_aggregation has no true: distributed DP "
@@ -208,12 +225,18 @@ class SweepSpec(BaseModel):
     def central_settings(self, task: str) -> CentralSettings:
         return self.central.get(task, CentralSettings())
 
-    def mode_settings(self, task: str, mode: SweepDpMode) -> tuple[int, dict[str, Any]]:
-        """A federated point's rounds and run-config overrides in ``mode``."""
+    def mode_settings(
+        self, task: str, mode: SweepDpMode, epsilon: float = math.inf
+    ) -> tuple[int, dict[str, Any]]:
+        """A federated point's rounds and run-config overrides in ``mode`` at ``epsilon``: a
+        ``[distributed.<task>.epsilon-<e>]`` table (``epsilon-1``, ``epsilon-3``) refines its
+        task's for that budget (a smaller budget often wants a smaller step)."""
         overrides = dict(self.run_config.get(task, {}))
         if mode == "local":
             return self.rounds, overrides
-        extra = dict(self.distributed.get(task, {}))
+        table = self.distributed.get(task, {})
+        extra = {k: v for k, v in table.items() if not k.startswith(BUDGET_PREFIX)}
+        extra.update(table.get(f"{BUDGET_PREFIX}{epsilon:g}", {}))
         rounds = int(extra.pop("num-rounds", self.rounds))
         return rounds, {**overrides, **extra}
 
@@ -295,10 +318,10 @@ def expand(spec: SweepSpec) -> list[Point]:
                     for mode in spec.dp_modes:
                         if mode == "distributed" and not secure:
                             continue  # no distributed DP without secure aggregation
-                        rounds, overrides = spec.mode_settings(task, mode)
                         for epsilon in spec.epsilons:
                             if mode != "local" and not math.isfinite(epsilon):
                                 continue  # a non-private run has no mode: measured once
+                            rounds, overrides = spec.mode_settings(task, mode, epsilon)
                             points += [
                                 Point(
                                     kind="federated",

@@ -214,6 +214,16 @@ class RunConfig(BaseModel):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# What a mode needs when the caller does not say: a distributed round is one DP-SGD step, so it
+# takes many more rounds and a larger step (picked on validation for digits, 10 nodes: see the
+# README's Results and simulations/sweeps/distributed.toml).
+MODE_DEFAULTS: dict[str, dict[str, float | int]] = {
+    "local": {"learning-rate": 0.2, "num-rounds": 30, "sample-rate": 0.2},
+    "distributed": {"learning-rate": 2.0, "num-rounds": 90, "sample-rate": 0.2},
+    "off": {"learning-rate": 0.2, "num-rounds": 30, "sample-rate": 0.2},
+}
+
+
 def node_counts(nodes: int, fraction_train: float = 1.0) -> dict[str, int]:
     """The one rule for a federation of ``nodes``: every node must be available before a round
     starts, and a round waits for as many as the strategy samples (all, at fraction 1)."""

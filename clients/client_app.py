@@ -8,6 +8,7 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from fedaiot.node.guard import guarded
+from fedaiot.node.memory import returns_freed_heap
 from fedaiot.secure_rounds import handlers
 from fedaiot.secure_rounds.wire import survivor_floor, unpack
 
@@ -21,6 +22,8 @@ app = ClientApp()
 # Flower starts a fresh ClientApp process for every message of a deployment. Training needs
 # torch, Opacus and the tasks (seconds of imports); the three later SecAgg+ stages need none of
 # them, so those imports wait until a message asks for training or a release.
+# In a simulation one Ray worker serves many nodes for the whole run: every handler hands the
+# heap it freed back to the system when it ends (fedaiot.node.memory says why).
 
 
 def _config(context: Context) -> RunConfig:
@@ -68,6 +71,7 @@ def _release(msg: Message, context: Context) -> NodeReply:
 
 
 @app.train()
+@returns_freed_heap
 @guarded
 def train(msg: Message, context: Context) -> Message:
     from fedaiot.wire.records import reply_content
@@ -77,6 +81,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.query("vector")
+@returns_freed_heap
 @guarded
 def vector(msg: Message, context: Context) -> Message:
     from fedaiot.wire.records import reply_content
@@ -86,6 +91,7 @@ def vector(msg: Message, context: Context) -> Message:
 
 
 @app.train("secagg")
+@returns_freed_heap
 @guarded
 def train_and_advertise(msg: Message, context: Context) -> Message:
     handlers.forget_round(context)  # an abandoned round's update must never leave later
@@ -104,6 +110,7 @@ def train_and_advertise(msg: Message, context: Context) -> Message:
 
 
 @app.query("secagg_vector")
+@returns_freed_heap
 @guarded
 def vector_and_advertise(msg: Message, context: Context) -> Message:
     handlers.forget_round(context)
@@ -114,18 +121,21 @@ def vector_and_advertise(msg: Message, context: Context) -> Message:
 
 
 @app.query("secagg_share")
+@returns_freed_heap
 @guarded
 def share_keys(msg: Message, context: Context) -> Message:
     return Message(content=handlers.share_keys(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_mask")
+@returns_freed_heap
 @guarded
 def masked_input(msg: Message, context: Context) -> Message:
     return Message(content=handlers.masked_input(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_unmask")
+@returns_freed_heap
 @guarded
 def unmask(msg: Message, context: Context) -> Message:
     return Message(content=handlers.unmask(msg.content, context), reply_to=msg)

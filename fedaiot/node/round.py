@@ -6,15 +6,10 @@ Flower-free on purpose: ``clients/client_app.py`` turns messages into calls of
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import math
 import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -26,9 +21,6 @@ from fedaiot.privacy.cohorts import Cohort, decide_cohorts, open_cohorts
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import ArrayData, FederatedData, Task, federate, get_task
 from fedaiot.wire.replies import REFUSED, TRAINED, NodeReply
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def simulated_federation(cfg: RunConfig, num_partitions: int) -> FederatedData:
@@ -64,25 +56,6 @@ def schedule_of(cfg: RunConfig, proximal_mu: float = 0.0) -> LocalSchedule:
     )
 
 
-def _returns_freed_memory(function: Callable[P, R]) -> Callable[P, R]:
-    """Hand freed heap back to the system after each call.
-
-    glibc otherwise keeps the fragments of every round's per-sample gradients: a simulated
-    node's worker grew to 7.7 GB over 9 Fashion-MNIST rounds and was killed by Ray's
-    out-of-memory guard. With the trim it stays near its first round's size.
-    """
-
-    @functools.wraps(function)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return function(*args, **kwargs)
-        finally:
-            with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-                ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-    return wrapper
-
-
 def round_randomness(cfg: RunConfig, node: str, server_round: int) -> SecureRandom:
     """A fresh key from the OS for every round; from the seed only in a research run that
     asked for it (``seeded-noise``), whose manifests say it is not private."""
@@ -101,7 +74,6 @@ def bound_update(global_state: StateDict, state: StateDict, bound: float) -> Sta
     return {k: (global_state[k].double() + scale * change[k]).to(state[k].dtype) for k in state}
 
 
-@_returns_freed_memory
 def train_round(
     cfg: RunConfig,
     *,

@@ -220,3 +220,27 @@ def test_results_columns_match_what_measure_writes(tmp_path: Path) -> None:
         row = next(csv.DictReader(handle))
     assert float(row["accuracy"]) > 0.8
     assert row["epsilon_spent_max"] == "inf"
+
+
+def test_a_retried_point_starts_afresh_and_its_failed_run_is_kept(tmp_path: Path) -> None:
+    # a failed run's journal would be resumed after its last round, and fail again at once
+    spec = _spec(epsilons=[1.0])
+    seen: list[bool] = []
+
+    def fails_once(point: Point, folder: Path, tick: object) -> Measured:
+        if point.kind == "central":
+            return _fake(point)
+        run_dir = folder / "runs" / point.id
+        seen.append(run_dir.exists())
+        if len(seen) == 1:
+            run_dir.mkdir(parents=True)
+            (run_dir / "journal.jsonl").write_text('{"event": "end"}\n')
+            raise RuntimeError("no round aggregated any update")
+        return _fake(point)
+
+    assert run_sweep(spec, tmp_path, runner=fails_once).failed == 1
+    assert run_sweep(spec, tmp_path, runner=fails_once, retry_failed=True).failed == 0
+    assert seen == [False, False]
+    (point_id,) = [k for k, r in ResultsStore(tmp_path).finished().items() if r["nodes"] != "0"]
+    kept = tmp_path / "runs" / f"{point_id}.failed-1" / "journal.jsonl"
+    assert kept.read_text() == '{"event": "end"}\n'

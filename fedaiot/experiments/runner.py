@@ -73,6 +73,11 @@ def run_sweep(
     points = expand(spec)
     recorded = store.finished(include_failed=not retry_failed)
     todo = [p for p in points if p.id not in recorded]
+    if retry_failed:
+        failed_before = set(store.finished()) - set(recorded)
+        for point in todo:
+            if point.id in failed_before:
+                _set_aside(folder / "runs" / point.id)
     use_membership = spec.membership if membership is None else membership
 
     def default_runner(point: Point, folder: Path, tick: Callable[[int], None]) -> Measured:
@@ -116,6 +121,17 @@ def run_sweep(
             progress.remove_task(rounds)
             progress.advance(overall)
     return SweepOutcome(len(points), len(todo), failed, len(points) - len(todo))
+
+
+def _set_aside(run_dir: Path) -> None:
+    """A failed point's run folder, renamed so that its retry starts afresh (a failed run's
+    journal would otherwise be resumed after its last round) and the failure stays readable."""
+    if not run_dir.exists():
+        return
+    attempt = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.failed-{attempt}")).exists():
+        attempt += 1
+    run_dir.rename(aside)
 
 
 def _rows(point: Point, measured: Measured) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

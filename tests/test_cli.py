@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 import time
@@ -184,3 +185,42 @@ def test_run_config_file_then_options_then_set(tmp_path: Path) -> None:
     broken = tmp_path / "broken.toml"
     broken.write_text("epsilon = ")
     assert "run config" in runner.invoke(app, ["simulate", "--run-config", str(broken)]).output
+
+
+class _Context:
+    """What simulate's option reader asks of click's context: the values, and which were given."""
+
+    def __init__(self, given: dict[str, object]) -> None:
+        from fedaiot.cli.simulate import simulate
+
+        defaults = {
+            name: param.default
+            for name, param in inspect.signature(simulate).parameters.items()
+            if name != "ctx"
+        }
+        self.params = {k: getattr(v, "default", v) for k, v in defaults.items()} | given
+        self.given = set(given)
+
+    def get_parameter_source(self, name: str) -> object:
+        from click.core import ParameterSource
+
+        return ParameterSource.COMMANDLINE if name in self.given else ParameterSource.DEFAULT
+
+
+@pytest.mark.parametrize(
+    ("given", "mode", "rounds", "lr"),
+    [
+        ({}, "distributed", 90, 2.0),  # the main job
+        ({"secure_aggregation": "off"}, "local", 30, 0.2),  # no distributed DP without it
+        ({"dp": "local"}, "local", 30, 0.2),
+        ({"dp": "distributed", "rounds": 12, "lr": 0.5}, "distributed", 12, 0.5),
+        ({"no_dp": True}, "off", 30, 0.2),
+    ],
+)
+def test_each_dp_mode_takes_its_own_defaults(
+    given: dict[str, object], mode: str, rounds: int, lr: float
+) -> None:
+    from fedaiot.cli.simulate import _values
+
+    values = _values(_Context(given), None, None, [])  # type: ignore[arg-type]
+    assert (values["dp-mode"], values["num-rounds"], values["learning-rate"]) == (mode, rounds, lr)

@@ -20,7 +20,10 @@ from fedaiot.simulation.engine import simulate
 
 pytestmark = pytest.mark.slow
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
-RUN = ["simulate", "--task", "breast-cancer", "--nodes", "3", "--rounds", "2", "--epsilon", "1"]
+RUN = [
+    "simulate", "--task", "breast-cancer", "--nodes", "3", "--rounds", "2", "--epsilon", "1",
+    "--dp", "local",
+]  # fmt: skip
 
 
 def _fedaiot(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -73,14 +73,15 @@ def simulate(
         ),
     ] = False,
     dp: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--dp",
             help="local: each node noises its own update; distributed: noise shares inside "
             "secure aggregation (central-DP accuracy, trusts that at most --dp-collusion nodes "
-            "collude with the coordinator); off: no DP",
+            "collude with the coordinator); off: no DP [default: distributed with secure "
+            "aggregation, local without]",
         ),
-    ] = _DEFAULT.dp_mode,
+    ] = None,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="the same as --dp off")] = False,
     dp_collusion: Annotated[
         int, typer.Option(help="distributed DP: nodes assumed to collude with the coordinator")
@@ -160,14 +161,19 @@ def _values(
         if not sep or not key.strip():
             raise BadInputError(f"--set takes key=value, got {item!r}")
         values[key.strip()] = value.strip()
-    private = str(values.get("private", True)).strip().lower() not in ("false", "0", "no", "off")
-    mode = str(values.get("dp-mode", "local")) if private else "off"
+    if "dp-mode" not in values:  # the main job's choice: see the README's Decisions
+        values["dp-mode"] = "distributed" if _truthy(values["secure-aggregation"]) else "local"
+    mode = str(values["dp-mode"]) if _truthy(values.get("private", True)) else "off"
     for key, default in MODE_DEFAULTS.get(mode, {}).items():
         values.setdefault(key, default)  # what the mode needs, where nothing else said
     name = Path(str(values["study"])).stem if values.get("study") else values["task"]
     stamped = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     values["output-dir"] = str(Path(output or values.get("output-dir") or stamped).resolve())
     return values
+
+
+def _truthy(value: object) -> bool:
+    return str(value).strip().lower() not in ("false", "0", "no", "off")
 
 
 def _run_config(values: dict[str, Any], nodes: int) -> RunConfig:

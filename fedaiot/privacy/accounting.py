@@ -30,7 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedaiot.errors import PrivacyBudgetError
@@ -106,19 +106,36 @@ def plan_noise(
 
         return epsilon_composed(history, spent_skellam, delta)
 
-    already = composed(spent)
+    return smallest_noise(
+        lambda sigma: composed([*spent, (sigma, sample_rate, steps)]),
+        already=composed(spent),
+        target_epsilon=target_epsilon,
+        what=f"{steps} steps at sample rate {sample_rate:.3g}",
+        tolerance=tolerance,
+        max_noise=max_noise,
+    )
+
+
+def smallest_noise(
+    total: Callable[[float], float],
+    *,
+    already: float,
+    target_epsilon: float,
+    what: str,
+    tolerance: float,
+    max_noise: float,
+) -> float:
+    """Bisection over a noise multiplier: the smallest sigma (within ``tolerance``, relative)
+    whose composed epsilon ``total(sigma)`` stays within ``target_epsilon``, never above it;
+    :class:`BudgetExhaustedError` when ``already`` is spent or ``max_noise`` does not fit."""
     if already >= target_epsilon:
         raise BudgetExhaustedError(
             f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}"
         )
-
-    def total(sigma: float) -> float:
-        return composed([*spent, (sigma, sample_rate, steps)])
-
     if total(max_noise) > target_epsilon:
         raise BudgetExhaustedError(
             f"budget too small: with epsilon {already:.3f} of {target_epsilon:.3f} spent, the rest "
-            f"cannot pay for {steps} steps at sample rate {sample_rate:.3g} below noise "
+            f"cannot pay for {what} below noise "
             f"{max_noise:g} (fewer rounds, larger batches or a larger budget would)"
         )
     low, high = 0.0, 1.0

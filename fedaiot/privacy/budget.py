@@ -113,13 +113,9 @@ def decide(
     imposed = plan
     with ledger.update() as record:
         _refund_abandoned(record, run, server_round)
-        pending = [
-            e
-            for e in record.rounds
-            if e.run == run and e.round == server_round and not e.released and not e.refunded
-        ]
-        if pending and run in record.plans and record.count is not None:
-            return Decision(True, pending[-1].epsilon, record.plans[run], record.count.value)
+        pending = _pending_charge(record, run, server_round)
+        if pending and record.count is not None:
+            return Decision(True, pending.epsilon, record.plans[run], record.count.value)
         count_step: list[HistoryEntry] = []
         if record.count is None:
             count_step = [(terms.count_noise, 1.0, 1)]
@@ -179,16 +175,11 @@ def decide_distributed(
     distributed epsilon (which the budget is held to) and its share-alone (local) epsilon."""
     with ledger.update() as record:
         _refund_abandoned(record, run, server_round)
-        pending = [
-            e
-            for e in record.rounds
-            if e.run == run and e.round == server_round and not e.released and not e.refunded
-        ]
-        if pending and run in record.plans and record.count is not None:
-            entry = pending[-1]
+        pending = _pending_charge(record, run, server_round)
+        if pending and record.count is not None:
             return Decision(
-                True, entry.epsilon, record.plans[run], record.count.value,
-                local_epsilon=entry.local_epsilon or math.nan,
+                True, pending.epsilon, record.plans[run], record.count.value,
+                local_epsilon=pending.local_epsilon or math.nan,
             )  # fmt: skip
         count_step: list[HistoryEntry] = [] if record.count else [(terms.count_noise, 1.0, 1)]
         try:
@@ -328,6 +319,19 @@ def _plan(
         delta=terms.delta,
         accountant=ACCOUNTANT,
     )
+
+
+def _pending_charge(record: LedgerRecord, run: str, server_round: int) -> RoundEntry | None:
+    """This round's charge under this run's plan, taken but not yet released: a round asked for
+    again (a crashed handler, a retried message) trains under it instead of paying twice."""
+    if run not in record.plans:
+        return None
+    pending = [
+        e
+        for e in record.rounds
+        if e.run == run and e.round == server_round and not e.released and not e.refunded
+    ]
+    return pending[-1] if pending else None
 
 
 def _refund_abandoned(record: LedgerRecord, run: str, server_round: int) -> None:

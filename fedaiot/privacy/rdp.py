@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special
 
-from fedaiot.privacy.accounting import BudgetExhaustedError
+from fedaiot.privacy.accounting import smallest_noise
 
 # (noise multiplier, sample rate, steps): the format of accounting.HistoryEntry.
 GaussianEntry = tuple[float, float, int]
@@ -254,29 +254,16 @@ def plan_skellam_noise(
     if l2 <= 0 or l1 < 0:
         raise ValueError(f"need l2 > 0 and l1 >= 0, got {l2}, {l1}")
     gaussian, skellam = _keys(spent_gaussian, spent_skellam)
-    already = _epsilon_composed(gaussian, skellam, float(delta))
-    if already >= target_epsilon:
-        raise BudgetExhaustedError(
-            f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}"
-        )
 
     def total(sigma: float) -> float:
         entry = (float(sigma), float(sample_rate), int(steps), float(l2), float(l1))
         return _epsilon_composed(gaussian, (*skellam, entry), float(delta))
 
-    if total(max_noise) > target_epsilon:
-        raise BudgetExhaustedError(
-            f"budget too small: with epsilon {already:.3f} of {target_epsilon:.3f} spent, the rest "
-            f"cannot pay for {steps} steps at sample rate {sample_rate:.3g} below noise "
-            f"{max_noise:g} (fewer rounds, larger batches or a larger budget would)"
-        )
-    low, high = 0.0, 1.0
-    while total(high) > target_epsilon:
-        low, high = high, high * 2
-    while high - low > tolerance * high:
-        mid = (low + high) / 2
-        if total(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
+    return smallest_noise(
+        total,
+        already=_epsilon_composed(gaussian, skellam, float(delta)),
+        target_epsilon=target_epsilon,
+        what=f"{steps} steps at sample rate {sample_rate:.3g}",
+        tolerance=tolerance,
+        max_noise=max_noise,
+    )

@@ -1,9 +1,9 @@
 """Flat records for the protocol's messages, and the typed reader that checks them.
 
 A record maps field names to ``int``, ``bytes``, ``list[int]``, ``list[bytes]``, ``list[str]``
-or ``numpy`` arrays, the types a Flower ``ConfigRecord`` / ``ArrayRecord`` carries. Reading one back checks
-every field's presence, type and length and raises :class:`~fedaiot.secagg.errors.SecAggError`
-naming the message and the field.
+or ``numpy`` arrays, the types a Flower ``ConfigRecord`` / ``ArrayRecord`` carries. Reading one
+back checks every field's presence, type and length and raises
+:class:`~fedaiot.secagg.errors.SecAggError` naming the message and the field.
 """
 
 from __future__ import annotations

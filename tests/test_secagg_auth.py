@@ -28,8 +28,13 @@ from fedaiot.secagg import (
     UnmaskRequest,
     crypto,
     run_round_in_memory,
+    shamir,
 )
-from fedaiot.secagg.authentication import confirmations_needed, openssh_line
+from fedaiot.secagg.authentication import (
+    confirmation_message,
+    confirmations_needed,
+    openssh_line,
+)
 
 NAMES = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
 
@@ -265,3 +270,92 @@ def test_signed_messages_round_trip_and_unsigned_ones_carry_no_signature_field()
     plain = SecAggClient(1, RoundSetup.create([1, 2, 3], vector_length=2)).advertise()
     assert set(plain.to_record()) == {"node_id", "round_id", "enc_public", "mask_public"}
     assert KeyAdvert.from_record(plain.to_record()).signature == b""
+
+
+def _recover_one_input(
+    setup: RoundSetup,
+    masked: np.ndarray,
+    target: int,
+    b_shares: dict[int, bytes],
+    sk_shares: dict[int, bytes],
+    mask_publics: dict[int, bytes],
+) -> np.ndarray:
+    """What a server holding shares of both of the target's secrets does: unmask it alone."""
+    t, ctx, m = setup.threshold, setup.context, setup.modulus_bits
+    b = shamir.combine(b_shares, t, 32)
+    key = crypto.load_private_key(shamir.combine(sk_shares, t, 32))
+    y = masked - crypto.expand(b, setup.masked_length, m)
+    for j in setup.graph[target]:
+        seed = crypto.agree(key, mask_publics[j], crypto.MASK_INFO, ctx)
+        pair = crypto.expand(seed, setup.masked_length, m)
+        y = (y + pair) if target > j else (y - pair)  # undo the target's own sign
+    return setup.quantizer.decode(y)[: setup.vector_length]
+
+
+@pytest.mark.parametrize("assumed", [None, 2, 0])
+def test_a_split_view_with_two_colluders_reveals_an_input_unless_confirmed(
+    assumed: int | None,
+) -> None:
+    """Six nodes, complete graph, threshold 4; nodes 4 and 5 collude with the server and
+    answer both views. Unauthenticated (None), the server recovers node 6's input exactly.
+    With confirmations sized for the two colluders, nobody honest unmasks. Assuming fewer
+    colluders than there are (0) leaves the attack open: the assumption is the run's."""
+    ids, target, colluders = [1, 2, 3, 4, 5, 6], 6, {4, 5}
+    _, identity = _federation()
+    names = dict(zip(ids, NAMES, strict=True))
+    authenticated = assumed is not None
+    setup = RoundSetup.create(
+        ids, vector_length=4, max_abs=1e4, identities=NAMES if authenticated else ()
+    )
+    who = {i: identity[names[i]] if authenticated else None for i in ids}
+    clients = {i: SecAggClient(i, setup, who[i], assumed or 0) for i in ids}
+    server = SecAggServer(setup)
+    adverts = [c.advertise() for c in clients.values()]
+    keys = server.collect_adverts(adverts)
+    forwarded = server.collect_shares([clients[i].share_keys(k) for i, k in keys.items()])
+    secret = np.array([0.25, -1.5, 3.0, 0.125])
+    masked = clients[target].masked_input(forwarded[target], secret, 1.0)
+    for i in ids[:-1]:
+        clients[i].masked_input(forwarded[i], np.zeros(4), 1.0)
+    alive: tuple[list[int], list[int]] = (ids, [])  # shown to 1 and 6: they would reveal node 6's self-mask seed
+    gone: tuple[list[int], list[int]] = (ids[:-1], [target])  # shown to 2 and 3: they would reveal node 6's mask key
+    honest_view = {1: alive, 6: alive, 2: gone, 3: gone}
+    states = {i: clients[i].export_state() for i in colluders}  # a colluder answers twice
+    signed: dict[int, dict[int, bytes]] = {}  # by view: id(alive), id(gone)
+    for view in (alive, gone):
+        confirmations = {}
+        if authenticated:
+            for i in ids:
+                if i in colluders:  # the server holds its key and signs whatever it likes
+                    message = confirmation_message(setup, i, *view)
+                    confirmations[i] = identity[names[i]].sign(message)
+                elif honest_view[i] == view:
+                    confirmations[i] = (
+                        clients[i].confirm(ConfirmRequest(setup.round_id, *view)).signature
+                    )
+        signed[id(view)] = confirmations
+    b_shares: dict[int, bytes] = {}
+    sk_shares: dict[int, bytes] = {}
+    for i in ids:
+        for view in [alive, gone] if i in colluders else [honest_view[i]]:
+            client = clients[i]
+            if i in colluders:
+                client = SecAggClient.restore(setup, states[i], who[i])
+                if authenticated:
+                    client.confirm(ConfirmRequest(setup.round_id, *view))
+            request = UnmaskRequest(setup.round_id, view[0], view[1], signed[id(view)])
+            try:
+                shares = client.unmask(request)
+            except SecAggError:
+                continue
+            if target in shares.self_mask_shares:
+                b_shares[setup.share_id(i)] = shares.self_mask_shares[target]
+            if target in shares.key_shares:
+                sk_shares[setup.share_id(i)] = shares.key_shares[target]
+    t = setup.threshold
+    exposed = len(b_shares) >= t and len(sk_shares) >= t
+    assert exposed == (assumed != 2), (len(b_shares), len(sk_shares), t)
+    if exposed:
+        publics = {a.node_id: a.mask_public for a in adverts}
+        got = _recover_one_input(setup, masked.vector, target, b_shares, sk_shares, publics)
+        assert np.allclose(got, secret, atol=1e-6)

@@ -317,8 +317,9 @@ def test_a_split_view_with_two_colluders_reveals_an_input_unless_confirmed(
     masked = clients[target].masked_input(forwarded[target], secret, 1.0)
     for i in ids[:-1]:
         clients[i].masked_input(forwarded[i], np.zeros(4), 1.0)
-    alive: tuple[list[int], list[int]] = (ids, [])  # shown to 1 and 6: they would reveal node 6's self-mask seed
-    gone: tuple[list[int], list[int]] = (ids[:-1], [target])  # shown to 2 and 3: they would reveal node 6's mask key
+    View = tuple[list[int], list[int]]
+    alive: View = (ids, [])  # shown to 1 and 6: they would reveal node 6's self-mask seed
+    gone: View = (ids[:-1], [target])  # shown to 2 and 3: they would reveal node 6's mask key
     honest_view = {1: alive, 6: alive, 2: gone, 3: gone}
     states = {i: clients[i].export_state() for i in colluders}  # a colluder answers twice
     signed: dict[int, dict[int, bytes]] = {}  # by view: id(alive), id(gone)

@@ -18,7 +18,7 @@ from fedaiot.errors import BadInputError
 from fedaiot.node.local_data import load_local
 from fedaiot.node.round import train_round
 from fedaiot.node.training import StateDict
-from fedaiot.privacy.ledger import dataset_fingerprint
+from fedaiot.privacy.cohorts import open_cohorts
 from fedaiot.tasks import get_task
 from fedaiot.tasks.partition import standardize
 from fedaiot.wire.replies import NodeReply, describe
@@ -153,7 +153,8 @@ def deployed_round(
         "server_round": int(config["server-round"]),
         "run_key": str(config["run-key"]),
         "ledger_dir": settings.ledger_dir,
-        "dataset_id": dataset_fingerprint(raw),
+        # the ledgers know the institution's records as they are in its files
+        "cohorts": open_cohorts(settings.ledger_dir, raw),
         "epsilon_cap": settings.max_epsilon,
     }
     if cfg.dp_mode == "distributed" and survivors is not None:

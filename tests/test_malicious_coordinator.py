@@ -2,14 +2,12 @@
 that runs the real protocol (``SecureAggregation``, the round loop) and tampers with what it
 relays, over the in-process grid to the real ClientApp handlers. Every node is set up as
 deployment sets it up: its own kit (``node init``, ``node pin``), the node config ``fedaiot node
-start`` writes, its own data file and ledger. Only the transport differs from a deployment
-(tests/test_deploy_e2e.py plays the bundle attack over real processes).
+start`` writes, its own data file and ledger. Only the transport differs from a deployment.
 
-Why in-process: over real processes the double would have to run inside the coordinator's
-SuperLink or ServerApp, whose code the institutions' signatures do not cover (only the nodes
-check them), so a modified coordinator is just as possible there; but injecting it would mean
-patching Flower's processes from a test. Here the double subclasses the real driver and
-changes only the messages it relays, and the nodes run exactly the deployed node's code.
+tests/test_deploy_e2e.py plays the same doubles (tests/coordinator_doubles.py) over real
+processes, in a deployed coordinator's ServerApp; here, where a round takes a second, the
+assertions go further: what the coordinator got from each node, the 5-node split view with
+colluders, the refusal of an unauthenticated round before any budget is touched.
 """
 
 from __future__ import annotations
@@ -17,9 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import tomllib
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -29,10 +26,9 @@ from fedaiot.deploy.node_console import RefusalWatcher
 from fedaiot.deploy.supernode import NodeKit, prepare
 from fedaiot.rounds import loop
 from fedaiot.rounds.loop import RoundLoop
-from fedaiot.secagg import ConfirmRequest, NeighbourKeys, UnmaskRequest, crypto
-from fedaiot.secure_rounds.driver import SecureAggregation
 from fedaiot.secure_rounds.wire import CONFIRM, SHARE_KEYS, UNMASK
 from fedaiot.simulation.inprocess import FIRST_ID, InProcessGrid
+from tests.coordinator_doubles import Double, SplitsTheSurvivors, SwapsKeys
 from tests.deploy_support import federation
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -72,29 +68,9 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "refuses" in r.getMessage()]
 
 
-class Double(SecureAggregation):
-    """The real driver; subclasses alter what it relays. Keeps what the nodes sent back."""
-
-    made: ClassVar[list[Double]] = []
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.received: dict[str, list[Any]] = {}
-        Double.made.append(self)
-
-    def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-        return outbox
-
-    def _exchange(self, message_type: str, outbox: dict[int, Any], kind: Any, setup: Any) -> Any:
-        replies = super()._exchange(message_type, self.tamper(message_type, outbox), kind, setup)
-        self.received[message_type] = replies
-        return replies
-
-
-@pytest.fixture
-def double(monkeypatch: pytest.MonkeyPatch) -> type[Double]:
+@pytest.fixture(autouse=True)
+def _fresh_doubles() -> None:
     Double.made.clear()
-    return Double
 
 
 def test_deployed_nodes_run_an_authenticated_round_with_confirmations(tmp_path: Path) -> None:
@@ -112,19 +88,7 @@ def test_deployed_nodes_run_an_authenticated_round_with_confirmations(tmp_path: 
 def test_a_coordinator_that_swaps_a_public_key_is_refused_by_the_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mine = crypto.generate_private_key()  # the coordinator's own pair, in gamma's place
-
-    class SwapsGammasKeys(Double):
-        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-            if message_type != SHARE_KEYS:
-                return outbox
-            node = {name: i for i, name in self.names.items()}  # protocol ids, drawn per round
-            alpha, gamma = node["alpha"], node["gamma"]
-            to_alpha: NeighbourKeys = outbox[alpha]
-            swapped = (crypto.public_bytes(mine), crypto.public_bytes(mine))
-            return {**outbox, alpha: replace(to_alpha, keys={**to_alpha.keys, gamma: swapped})}
-
-    monkeypatch.setattr(loop, "SecureAggregation", SwapsGammasKeys)
+    monkeypatch.setattr(loop, "SecureAggregation", SwapsKeys)  # alpha gets gamma's swapped
     cfg, grid = _deployment(tmp_path, 3)
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         RoundLoop(cfg).run_rounds(grid)
@@ -149,52 +113,27 @@ def test_a_coordinator_that_swaps_a_public_key_is_refused_by_the_node(
     assert shown == [f"refused a secure round of run 7: {refusal[0]}"]
 
 
-@pytest.mark.parametrize("relays", ["matching", "all"])
+@pytest.mark.parametrize(("nodes", "relays"), [(5, "matching"), (5, "all"), (3, "all")])
 def test_a_coordinator_that_shows_nodes_different_survivor_sets_gets_no_share(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, relays: str
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    nodes: int,
+    relays: str,
 ) -> None:
-    class SplitsTheSurvivors(Double):
-        """Tells epsilon's neighbours at odd positions it survived (they would reveal its
-        self-mask seed) and the others that it dropped (they would reveal its mask key)."""
-
-        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-            if message_type == CONFIRM:
-                ids = sorted(outbox)
-                alive = ConfirmRequest(outbox[ids[0]].round_id, ids, [])
-                gone = ConfirmRequest(alive.round_id, ids[:-1], ids[-1:])
-                self.views = {
-                    i: gone if k % 2 == 0 and i != ids[-1] else alive for k, i in enumerate(ids)
-                }
-                return dict(self.views)
-            if message_type == UNMASK:
-                signed = {c.node_id: c.signature for c in self.received[CONFIRM]}
-                return {
-                    i: UnmaskRequest(
-                        view.round_id,
-                        view.survivors,
-                        view.dropped,
-                        {
-                            j: s
-                            for j, s in signed.items()
-                            if relays == "all" or self.views[j] == view
-                        },
-                    )
-                    for i, view in self.views.items()
-                }
-            return outbox
-
+    monkeypatch.setattr(SplitsTheSurvivors, "relays", relays)
     monkeypatch.setattr(loop, "SecureAggregation", SplitsTheSurvivors)
-    cfg, grid = _deployment(tmp_path, 5)  # secagg-collusion 0.2: 4 of 5 confirmations needed
+    cfg, grid = _deployment(tmp_path, nodes)  # secagg-collusion 0.2: 4 of 5 confirmations
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         summary = RoundLoop(cfg).run_rounds(grid)
     double = Double.made[-1]
-    assert len(double.received[CONFIRM]) == 5  # every node signed the sets it was shown ...
+    assert len(double.received[CONFIRM]) == nodes  # every node signed the sets it was shown ...
     assert double.received[UNMASK] == []  # ... and none revealed a share
     refusals = _refusals(caplog)
-    assert len(refusals) == 5
+    assert len(refusals) == nodes
     if relays == "matching":
         assert all("confirmed the survivor set it was shown, 4 are needed" in r for r in refusals)
-    else:
+    else:  # the 3-node split is the one tests/test_deploy_e2e.py plays on real processes
         assert all("did not sign the survivor set this node was shown" in r for r in refusals)
     assert summary["status"] == "no-aggregate"
     assert "fewer than the threshold" in _round(cfg)["secure_aggregation"]["error"]

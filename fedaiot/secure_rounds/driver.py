@@ -246,9 +246,7 @@ class SecureAggregation:
                 )
             if server.authenticated:
                 requests = server.confirm_request()
-                server.collect_confirmations(
-                    self._exchange(CONFIRM, requests, Confirmation, setup)
-                )
+                server.collect_confirmations(self._exchange(CONFIRM, requests, Confirmation, setup))
                 self._lap("confirm")
             shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
             weighted_sum, total = server.aggregate(shares)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.cli.supernode.register import try_load_public_key
 
-from fedaiot.deploy.institution_keys import init_node, pin
+from fedaiot.deploy.institution_keys import NodeRequest, init_node, pin
 from fedaiot.deploy.provision import ProvisionError, check_name, provision, registered_keys
 from fedaiot.deploy.superlink import KitError
 from fedaiot.registry.signing import load_private_key
@@ -53,6 +53,10 @@ def test_no_file_provision_writes_holds_an_institutions_private_key(
             args += ["--approve", str(kit / "request.json")]
         done = subprocess.run(args, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
+        for kit in fed.kits.values():  # to compare with what the institution reads out
+            request = NodeRequest.load(kit / "request.json")
+            said = f"approved {request.institution}: request fingerprint {request.fingerprint}"
+            assert said in done.stdout
     written = _files(pki)
     secrets = {
         f"{name}/{secret}": (kit / secret).read_bytes()

@@ -57,7 +57,12 @@ def provision(
             "institutions make their own keys: each runs `fedaiot node init --name NAME` and "
             "sends its request.json, which you register with --approve"
         )
+    from fedaiot.deploy.institution_keys import NodeRequest
+
     done = make(out, approve, hosts=host, force=force)
+    for path in approve:  # the institution reads its own to the coordinator, out of band
+        request = NodeRequest.load(path)
+        print(f"approved {request.institution}: request fingerprint {request.fingerprint}")
     for path in done.created:
         secret = path.stat().st_mode & 0o077 == 0
         print(f"created {path}{'  (secret, 0600)' if secret else ''}")

@@ -9,16 +9,18 @@ institutions train two rounds of DP-SGD under authenticated secure aggregation; 
 stopped after the first round and started again, and the run ends with both rounds in the
 registry, each once, and in each node's ledger.
 
-Then the coordinator turns malicious, on the same SuperLink and nodes: its ServerApp process
-(``flwr-serverapp``, on the coordinator's machine, whose code no node can check) runs
-the real secure-aggregation driver altered in what it relays (tests/deploy_attacks.py). One run
-swaps gamma's public keys for its own in what alpha receives: alpha refuses the round and the
-others finish it without alpha. One shows the nodes different survivor sets: every node refuses
-to unmask, and the coordinator gets no share. Each refusal is one line on the institution's
-console. The SuperLink, SuperNodes and ClientApps are Flower's and fedaiot's, untouched; the
-double is installed through ``sitecustomize`` (tests/coordinator_double/), which reaches a
-process Flower spawns without patching Flower. tests/test_malicious_coordinator.py plays the
-same doubles in-process, with more detail (5-node split views, an unauthenticated round).
+Then the coordinator turns malicious, on the same SuperLink and nodes. It submits the approved
+bundle with only a signature by a key no institution trusts: every node refuses it. Its
+ServerApp process (``flwr-serverapp``, on the coordinator's machine, whose code no node can
+check) runs the real secure-aggregation driver altered in what it relays
+(tests/deploy_attacks.py). One run swaps gamma's public keys for its own in what alpha
+receives: alpha refuses the round and the others finish it without alpha. One shows the nodes
+different survivor sets: every node refuses to unmask, and the coordinator gets no share. Each
+refusal is one line on the institution's console. The SuperLink, SuperNodes and ClientApps
+are Flower's and fedaiot's, untouched; the double is installed through ``sitecustomize``
+(tests/coordinator_double/), which reaches a process Flower spawns without patching Flower.
+tests/test_malicious_coordinator.py plays the same doubles in-process, with more detail (5-node
+split views, an unauthenticated round).
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import psutil
 import pytest
 
 from fedaiot.config.run import RunConfig
+from fedaiot.deploy.bundle import approve, read_bundle
 from fedaiot.deploy.demo_data import export
-from fedaiot.deploy.institution_keys import init_node, pin
+from fedaiot.deploy.institution_keys import REVIEW_KEY, init_node, pin
 from fedaiot.launch.processes import free_port, stop_tree
 from fedaiot.node.local_data import load_local
 from fedaiot.privacy.accounting import epsilon_prv
@@ -293,22 +296,43 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
         assert shown.returncode == 0
         assert json.loads(shown.stdout)["epsilon"] == pytest.approx(spent)
 
-    # 6. A malicious coordinator: its ServerApp runs the approved bundle over the real driver,
-    # altered in what it relays (tests/deploy_attacks.py). One single-round run each, on the
-    # same SuperLink and nodes; each institution's console says each refusal once.
+    # 6. One-round runs of a coordinator gone bad, on the same SuperLink and nodes; each
+    # institution's console says each refusal once.
     honest_end = time.perf_counter()
-    for attack in ATTACKS:
-        config = tmp_path / f"{attack.kind}.toml"
+
+    def one_round(kind: str, approvals: Path, env: dict[str, str]) -> tuple[str, Path]:
+        config = tmp_path / f"{kind}.toml"
         config.write_text(
-            f'task = "breast-cancer"\nnum-rounds = 1\nepsilon = 8.0\noutput-dir = "{attack.kind}"\n'
+            f'task = "breast-cancer"\nnum-rounds = 1\nepsilon = 8.0\noutput-dir = "{kind}"\n'
         )
         args = [str(config) if a == str(run_config) else a for a in coordinator]
-        report, log = tmp_path / f"{attack.kind}.json", tmp_path / f"coordinator-{attack.kind}.log"
-        double = processes.start(args, log, env=double_env(attack.kind, report))
-        double.wait(timeout=TIMEOUT)  # the run ends, one way or another
+        args = [str(approvals) if a == str(fed.approvals) else a for a in args]
+        log = tmp_path / f"coordinator-{kind}.log"
+        processes.start(args, log, env=env).wait(timeout=TIMEOUT)  # it ends, one way or another
         found = re.search(r"submitted run (\d+)", log.read_text())
         assert found, log.read_text()[-3000:]
-        said = f"refused a secure round of run {found.group(1)}: "
+        return found.group(1), log
+
+    # 6a. The approved bundle, but signed only by a key no institution trusts: every node
+    # refuses to run it (an approval under another name is not an institution's approval).
+    assert fed.bundle
+    init_node(tmp_path / "mallory", "mallory")
+    signed = approve(read_bundle(fed.bundle), tmp_path / "mallory" / REVIEW_KEY, "mallory")
+    (tmp_path / "mallory-approvals").mkdir()
+    (tmp_path / "mallory-approvals" / "mallory.json").write_text(signed.to_json())
+    run_id, log = one_round("untrusted", tmp_path / "mallory-approvals", {})
+    said = f"refused run {run_id}: its app bundle is signed by no key this institution trusts"
+    for node_log in node_logs:
+        _wait_for("the refusal", lambda n=node_log: said in n.read_text(), logs=[log])
+        assert sum(said in line for line in node_log.read_text().splitlines()) == 1
+    assert ModelRegistry(state / "untrusted" / "registry").versions() == []  # no model came of it
+
+    # 6b. Its ServerApp runs the approved bundle over the real driver, altered in what it
+    # relays (tests/deploy_attacks.py): the nodes' signatures and confirmations stand.
+    for attack in ATTACKS:
+        report = tmp_path / f"{attack.kind}.json"
+        run_id, log = one_round(attack.kind, fed.approvals, double_env(attack.kind, report))
+        said = f"refused a secure round of run {run_id}: "
         for name, node_log in zip(INSTITUTIONS, node_logs, strict=True):
             if name not in attack.refused_by:
                 continue

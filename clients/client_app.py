@@ -97,6 +97,7 @@ def train_and_advertise(msg: Message, context: Context) -> Message:
     handlers.forget_round(context)  # an abandoned round's update must never leave later
     arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
     setup = unpack(msg.content)
+    handlers.new_client(setup, context)  # a round this node would refuse costs no budget
     cfg = _config(context)
     # A distributed-DP noise share is sized for the fewest survivors this node will let the
     # round unmask (it checks that itself at the unmask stage), never a number merely claimed.
@@ -114,6 +115,7 @@ def train_and_advertise(msg: Message, context: Context) -> Message:
 @guarded
 def vector_and_advertise(msg: Message, context: Context) -> Message:
     handlers.forget_round(context)
+    handlers.new_client(unpack(msg.content), context)
     reply = _release(msg, context)
     private = _config(context).private
     content = handlers.advertise(reply, None, unpack(msg.content), context, private=private)
@@ -132,6 +134,12 @@ def share_keys(msg: Message, context: Context) -> Message:
 @guarded
 def masked_input(msg: Message, context: Context) -> Message:
     return Message(content=handlers.masked_input(msg.content, context), reply_to=msg)
+
+
+@app.query("secagg_confirm")
+@guarded
+def confirm(msg: Message, context: Context) -> Message:
+    return Message(content=handlers.confirm(msg.content, context), reply_to=msg)
 
 
 @app.query("secagg_unmask")

@@ -1,10 +1,26 @@
 """Real deployment on 127.0.0.1: a SuperLink and three SuperNodes, TLS and node authentication.
 
-One flow, to pay Flower's start-up once: a node with an off-schema file is refused before it
-starts; the coordinator starts the SuperLink and registers the institutions; a node whose key
-is not registered is refused; three institutions train two rounds of DP-SGD under secure
-aggregation; the SuperLink is stopped after the first round and started again, and the run
-ends with both rounds in the registry, each once, and in each node's ledger.
+One flow, to pay Flower's start-up once: each institution makes its own keys and approves the
+app bundle; a node with an off-schema file is refused before it starts; the coordinator starts
+the SuperLink, registers the institutions and submits the approved bundle; a node whose key is
+not registered is refused; a run of an unsigned bundle that would copy each node's data is
+refused by every node, with one line on its console, before any of its code runs; three
+institutions train two rounds of DP-SGD under authenticated secure aggregation; the SuperLink is
+stopped after the first round and started again, and the run ends with both rounds in the
+registry, each once, and in each node's ledger.
+
+Then the coordinator turns malicious, on the same SuperLink and nodes. It submits the approved
+bundle with only a signature by a key no institution trusts: every node refuses it. Its
+ServerApp process (``flwr-serverapp``, on the coordinator's machine, whose code no node can
+check) runs the real secure-aggregation driver altered in what it relays
+(tests/deploy_attacks.py). One run swaps gamma's public keys for its own in what alpha
+receives: alpha refuses the round and the others finish it without alpha. One shows the nodes
+different survivor sets: every node refuses to unmask, and the coordinator gets no share. Each
+refusal is one line on the institution's console. The SuperLink, SuperNodes and ClientApps
+are Flower's and fedaiot's, untouched; the double is installed through ``sitecustomize``
+(tests/coordinator_double/), which reaches a process Flower spawns without patching Flower.
+tests/test_malicious_coordinator.py plays the same doubles in-process, with more detail (5-node
+split views, an unauthenticated round).
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,15 +41,19 @@ import psutil
 import pytest
 
 from fedaiot.config.run import RunConfig
+from fedaiot.deploy.bundle import approve, read_bundle
 from fedaiot.deploy.demo_data import export
-from fedaiot.deploy.provision import provision
+from fedaiot.deploy.institution_keys import REVIEW_KEY, init_node, pin
 from fedaiot.launch.processes import free_port, stop_tree
 from fedaiot.node.local_data import load_local
 from fedaiot.privacy.accounting import epsilon_prv
 from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
 from fedaiot.registry.signing import load_public_key
 from fedaiot.registry.store import ModelRegistry
+from fedaiot.secagg import Roster
 from fedaiot.tasks import get_task
+from tests.deploy_attacks import ATTACKS, double_env, submit_unsigned
+from tests.deploy_support import federation
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -48,14 +69,16 @@ class Processes:
     def __init__(self) -> None:
         self.started: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, args: list[str], log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         with open(log, "ab") as handle:
             process = subprocess.Popen(
                 [*FEDAIOT, *args],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         self.started.append(process)
         return process
@@ -103,6 +126,12 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return []
 
 
+def registered(log: Path) -> bool:
+    """Whether the coordinator has registered every key: it submits the run only after. (Its
+    first lines, "institution NAME: approved ...", come before the SuperLink is even up.)"""
+    return "submitted run " in log.read_text()
+
+
 def _rounds(run: Path) -> list[int]:
     journal = run / "journal.jsonl"
     if not journal.exists():
@@ -113,12 +142,17 @@ def _rounds(run: Path) -> list[int]:
 
 def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: Processes) -> None:
     started = time.perf_counter()
-    pki = tmp_path / "pki"
-    provision(pki, INSTITUTIONS)
+    # Each institution makes its keys, the coordinator approves the requests, every
+    # institution pins the roster and approves the bundle (tests/deploy_support.py).
+    fed = federation(tmp_path, INSTITUTIONS, bundle=True)
+    pki, kits = fed.pki, fed.kits
     # An institution the coordinator never registered: it has the CA, so TLS succeeds.
-    provision(tmp_path / "other", ["rogue"])
-    rogue = tmp_path / "other" / "institutions" / "rogue"
-    shutil.copy(pki / "ca.crt", rogue / "ca.crt")
+    rogue = tmp_path / "other" / "rogue"
+    init_node(rogue, "rogue")
+    shutil.copy(pki / "ca.crt", tmp_path / "other" / "ca.crt")
+    rogues = Roster.from_lines({"rogue": (rogue / "identity.pub").read_text()})
+    (tmp_path / "other" / "roster.json").write_text(rogues.to_json())
+    pin(rogue, tmp_path / "other" / "roster.json", tmp_path / "other" / "ca.crt")
 
     cfg = RunConfig(task="breast-cancer", num_rounds=2, epsilon=EPSILON, output_dir="unused")
     files = dict(zip(INSTITUTIONS, export(cfg, 3, tmp_path / "data", INSTITUTIONS), strict=True))
@@ -134,7 +168,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     bad.write_text("\n".join([header.replace("mean radius", "radius"), *rows]) + "\n")
     node = ["node", "start", "--task", "breast-cancer", "--superlink", superlink]
     refused = subprocess.run(
-        [*FEDAIOT, *node, "--data", str(bad), "--kit", str(pki / "institutions" / "alpha")],
+        [*FEDAIOT, *node, "--data", str(bad), "--kit", str(kits["alpha"])],
         capture_output=True,
         text=True,
         timeout=120,
@@ -149,12 +183,13 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     coordinator = [
         "coordinator", "start", "--run-config", str(run_config), "--pki", str(pki),
         "--state", str(state), "--port", str(port), "--json",
+        "--bundle", str(fed.bundle), "--approval", str(fed.approvals),
     ]  # fmt: skip
     first_log = tmp_path / "coordinator-1.log"
     first = processes.start(coordinator, first_log)
     _wait_for(
         "the institutions' registration",
-        lambda: "institution gamma:" in first_log.read_text(),
+        lambda: registered(first_log),
         timeout=300,
         logs=[first_log, state / "superlink.log"],
     )
@@ -173,11 +208,32 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     for name in INSTITUTIONS:
         log = tmp_path / f"node-{name}.log"
         node_logs.append(log)
-        kit = str(pki / "institutions" / name)
+        kit = str(kits[name])
         data = str(files[name])
         processes.start([*node, "--data", data, "--kit", kit, "--port", str(free_port())], log)
     run = state / "runs" / "breast-cancer"
     logs = [first_log, state / "superlink.log", *node_logs]
+    roster = Roster.load(pki / "roster.json").fingerprint
+    for name, log in zip(INSTITUTIONS, node_logs, strict=True):
+        _wait_for(f"{name}'s start", lambda log=log: "in roster" in log.read_text(), logs=logs)
+        assert f"{name} in roster {roster}" in log.read_text()
+        assert f"runs app bundles signed by {name}-review only" in log.read_text()
+
+    # 4b. A coordinator that skips the approval: every node refuses, none of its code runs.
+    loot = tmp_path / "loot"
+    loot.mkdir()
+    unsigned = submit_unsigned(tmp_path, state, loot)
+    said = f"refused run {unsigned}: its app bundle carries no signature (trusted: "
+    for log in node_logs:
+        _wait_for("the refusal", lambda log=log: said in log.read_text(), logs=logs)
+        assert sum(said in line for line in log.read_text().splitlines()) == 1
+    answers = _wait_for(
+        "the unsigned run's end", lambda: (loot / "server.json").exists(), logs=logs
+    )
+    assert answers
+    assert len(json.loads((loot / "server.json").read_text())) >= 3
+    assert "ran" not in json.loads((loot / "server.json").read_text())
+    assert sorted(p.name for p in loot.iterdir()) == ["server.json"]  # no data was copied
     _wait_for("round 1", lambda: 1 in _rounds(run), logs=logs, poll=0.1)
     round_one = time.perf_counter()
 
@@ -199,6 +255,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     rounds = [e for e in events if e["event"] == "round"]
     assert rounds[0]["secure_aggregation"]["error"] == ""
     assert rounds[0]["secure_aggregation"]["dropped"] == {}
+    assert "confirm" in rounds[0]["stage_seconds"]  # authenticated: survivor sets confirmed
     assert [r["status"] for r in rounds[0]["replies"]] == ["trained"] * 3
     # A node caught mid-round 2 by the crash is asked again. The crash came right after round 1
     # was registered, before any node's round-2 update (its masked vector) could leave it, so
@@ -238,7 +295,61 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
         )
         assert shown.returncode == 0
         assert json.loads(shown.stdout)["epsilon"] == pytest.approx(spent)
+
+    # 6. One-round runs of a coordinator gone bad, on the same SuperLink and nodes; each
+    # institution's console says each refusal once.
+    honest_end = time.perf_counter()
+
+    def one_round(kind: str, approvals: Path, env: dict[str, str]) -> tuple[str, Path]:
+        config = tmp_path / f"{kind}.toml"
+        config.write_text(
+            f'task = "breast-cancer"\nnum-rounds = 1\nepsilon = 8.0\noutput-dir = "{kind}"\n'
+        )
+        args = [str(config) if a == str(run_config) else a for a in coordinator]
+        args = [str(approvals) if a == str(fed.approvals) else a for a in args]
+        log = tmp_path / f"coordinator-{kind}.log"
+        processes.start(args, log, env=env).wait(timeout=TIMEOUT)  # it ends, one way or another
+        found = re.search(r"submitted run (\d+)", log.read_text())
+        assert found, log.read_text()[-3000:]
+        return found.group(1), log
+
+    # 6a. The approved bundle, but signed only by a key no institution trusts: every node
+    # refuses to run it (an approval under another name is not an institution's approval).
+    assert fed.bundle
+    init_node(tmp_path / "mallory", "mallory")
+    signed = approve(read_bundle(fed.bundle), tmp_path / "mallory" / REVIEW_KEY, "mallory")
+    (tmp_path / "mallory-approvals").mkdir()
+    (tmp_path / "mallory-approvals" / "mallory.json").write_text(signed.to_json())
+    run_id, log = one_round("untrusted", tmp_path / "mallory-approvals", {})
+    said = f"refused run {run_id}: its app bundle is signed by no key this institution trusts"
+    for node_log in node_logs:
+        _wait_for("the refusal", lambda n=node_log: said in n.read_text(), logs=[log])
+        assert sum(said in line for line in node_log.read_text().splitlines()) == 1
+    assert ModelRegistry(state / "untrusted" / "registry").versions() == []  # no model came of it
+
+    # 6b. Its ServerApp runs the approved bundle over the real driver, altered in what it
+    # relays (tests/deploy_attacks.py): the nodes' signatures and confirmations stand.
+    for attack in ATTACKS:
+        report = tmp_path / f"{attack.kind}.json"
+        run_id, log = one_round(attack.kind, fed.approvals, double_env(attack.kind, report))
+        said = f"refused a secure round of run {run_id}: "
+        for name, node_log in zip(INSTITUTIONS, node_logs, strict=True):
+            if name not in attack.refused_by:
+                continue
+            seen = lambda n=node_log, s=said: s in n.read_text()  # noqa: E731
+            _wait_for(f"{name}'s refusal", seen, logs=[log])
+            lines = [x for x in node_log.read_text().splitlines() if x.startswith(said)]
+            assert len(lines) == 1 and attack.says in lines[0], lines
+            assert f"({name}) refuses" in lines[0]
+        for name, node_log in zip(INSTITUTIONS, node_logs, strict=True):
+            refused = said in node_log.read_text()
+            assert refused == (name in attack.refused_by), (name, node_log.read_text())
+        answered = json.loads(report.read_text())
+        assert {stage: answered.get(stage) for stage in attack.received} == attack.received
+        assert json.loads(log.read_text().strip().splitlines()[-1])["status"] == attack.status
+
     print(
-        f"\ndeployment e2e: {wall:.0f} s in all, round 1 done after "
-        f"{round_one - started:.0f} s, restart to end {time.perf_counter() - round_one:.0f} s"
+        f"\ndeployment e2e: {wall:.0f} s to the honest run's end, round 1 done after "
+        f"{round_one - started:.0f} s, restart to end {honest_end - round_one:.0f} s, "
+        f"attacks {time.perf_counter() - honest_end:.0f} s"
     )

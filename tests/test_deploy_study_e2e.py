@@ -12,11 +12,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from fedaiot.deploy.provision import provision
 from fedaiot.launch.processes import free_port
 from fedaiot.studies.bundled import export
 from fedaiot.studies.spec import load_study
-from tests.test_deploy_e2e import FEDAIOT, TIMEOUT, Processes, _rounds, _wait_for, processes
+from tests.deploy_support import federation
+from tests.test_deploy_e2e import (
+    FEDAIOT,
+    TIMEOUT,
+    Processes,
+    _rounds,
+    _wait_for,
+    processes,
+    registered,
+)
 from tests.waiting import answers, wait_until
 
 pytestmark = pytest.mark.slow
@@ -43,8 +51,8 @@ def _site_files(tmp_path: Path) -> dict[str, Path]:
 def test_a_study_deployed_with_a_coordinator_that_holds_no_data(
     tmp_path: Path, processes: Processes
 ) -> None:
-    pki = tmp_path / "pki"
-    provision(pki, SITES)
+    fed = federation(tmp_path, SITES, bundle=True)
+    pki = fed.pki
     files = _site_files(tmp_path)
     assert "NA" in files["beta"].read_text()  # lab values the study imputes
     run_config = tmp_path / "run.toml"
@@ -56,11 +64,12 @@ def test_a_study_deployed_with_a_coordinator_that_holds_no_data(
     node = ["node", "start", "--superlink", f"127.0.0.1:{port}"]
     coordinator = ["coordinator", "start", "--run-config", str(run_config), "--pki", str(pki)]
     coordinator += ["--state", str(state), "--port", str(port), "--json"]
+    coordinator += ["--bundle", str(fed.bundle), "--approval", str(fed.approvals)]
     log = tmp_path / "coordinator.log"
     running = processes.start(coordinator, log)
-    _wait_for("registration", lambda: "institution gamma:" in log.read_text(), logs=[log])
+    _wait_for("registration", lambda: registered(log), timeout=300, logs=[log])
     for name in SITES:
-        kit = str(pki / "institutions" / name)
+        kit = str(fed.kits[name])
         args = [*node, "--study", str(STUDY), "--data", str(files[name]), "--kit", kit]
         processes.start([*args, "--port", str(free_port())], tmp_path / f"{name}.log")
     assert running.wait(timeout=TIMEOUT) == 0, log.read_text()[-3000:]

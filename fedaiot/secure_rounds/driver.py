@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.secagg import (
+    Confirmation,
     KeyAdvert,
     MaskedInput,
     RoundSetup,
@@ -33,6 +34,7 @@ from fedaiot.secagg import (
     choose,
 )
 from fedaiot.secure_rounds.wire import (
+    CONFIRM,
     MASKED_INPUT,
     SECAGG,
     SHARE_KEYS,
@@ -54,7 +56,7 @@ FRAC_BITS, MAX_ABS = 24, 1e8
 INTEGER_MAX_ABS = 2.0**52  # a distributed-DP share: exact in float64; 2^10 of them fit Z_2^64
 MIN_NODES = 3
 
-M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
+M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, Confirmation, UnmaskShares)
 
 
 @dataclass
@@ -205,9 +207,13 @@ class SecureAggregation:
         self.flower_of = {i: fid for fid, i in ids.items()}
         self.names = {i: self.roster.get(fid, f"node {fid}") for fid, i in ids.items()}
         params = self.parameters(len(ids))
+        # Every node registered under a name: the nodes check each other's signed keys and
+        # confirm the survivor sets against the roster they pinned (a deployment).
+        names = [self.roster.get(fid, "") for fid in flower_ids]
         try:
             setup = RoundSetup.create(
                 list(ids.values()),
+                identities=names if all(names) else (),
                 vector_length=length,
                 degree=params.degree,
                 threshold=self.cfg.secagg_threshold or params.threshold,
@@ -238,6 +244,10 @@ class SecureAggregation:
                     f"their noise shares were sized for a sum of at least {min_survivors}, so "
                     "the round is not unmasked"
                 )
+            if server.authenticated:
+                requests = server.confirm_request()
+                server.collect_confirmations(self._exchange(CONFIRM, requests, Confirmation, setup))
+                self._lap("confirm")
             shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
             weighted_sum, total = server.aggregate(shares)
             self._lap("unmask")

@@ -5,7 +5,9 @@ seed, received shares), the node's update and its pending privacy charge wait be
 ``Context.state``: memory or storage on the node itself, never sent. They are deleted when the
 round ends, and before the next round trains. What leaves the node: its privacy accounting
 (epsilon, delta, noise multiplier), public keys, encrypted shares, the masked vector, and at
-the end the shares the protocol asks for. Its update and its weight (the noisy count) travel
+the end the shares the protocol asks for. A deployed node also signs its public keys and the
+survivor sets it is shown with its identity key, and checks its neighbours' signatures against
+its pinned roster (``identity``). Its update and its weight (the noisy count) travel
 only inside the masked vector; the charge is marked released when the masked vector is built.
 """
 
@@ -16,6 +18,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedaiot.secagg import (
+    ConfirmRequest,
     ForwardedShares,
     NeighbourKeys,
     ProtocolViolation,
@@ -24,6 +27,7 @@ from fedaiot.secagg import (
     SecAggError,
     UnmaskRequest,
 )
+from fedaiot.secure_rounds.identity import colluders, node_identity
 from fedaiot.secure_rounds.wire import flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
@@ -47,6 +51,23 @@ def forget_round(context: Context) -> None:
     for name in (_SETUP, _CLIENT, _UPDATE, _PENDING, _FLOOR):
         if name in context.state:
             del context.state[name]
+
+
+def _setup(setup_record: dict[str, object]) -> RoundSetup:
+    return RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
+
+
+def new_client(setup_record: dict[str, object], context: Context) -> SecAggClient:
+    """This node's side of the round the coordinator set up. Called before training too, so
+    that a round this node would refuse (unauthenticated, naming it as another institution,
+    naming an institution its roster lacks) costs no budget."""
+    setup = _setup(setup_record)
+    return SecAggClient(
+        int(setup_record["node"]),  # type: ignore[call-overload]
+        setup,
+        node_identity(context.node_config),
+        colluders(context.run_config, len(setup.node_ids)),
+    )
 
 
 def advertise(
@@ -74,8 +95,8 @@ def advertise(
         weight = reply.weight
     else:
         return reply_content(reply, private=private, secure=True)  # joins no round
-    setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
-    client = SecAggClient(int(setup_record["node"]), setup)  # type: ignore[call-overload]
+    client = new_client(setup_record, context)
+    setup = client.setup
     advert = client.advertise()
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
@@ -96,9 +117,10 @@ def advertise(
 def _client(context: Context) -> SecAggClient:
     try:
         setup = RoundSetup.from_record(dict(context.state.config_records[_SETUP]))
-        return SecAggClient.restore(setup, dict(context.state.config_records[_CLIENT]))
+        state = dict(context.state.config_records[_CLIENT])
     except KeyError:
         raise SecAggError("no secure-aggregation round in progress on this node") from None
+    return SecAggClient.restore(setup, state, node_identity(context.node_config))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -131,6 +153,14 @@ def masked_input(content: RecordDict, context: Context) -> RecordDict:
         PendingRelease.from_record(dict(context.state.config_records[_PENDING])).release()
         del context.state[_PENDING]
     return pack(masked.to_record())
+
+
+def confirm(content: RecordDict, context: Context) -> RecordDict:
+    """Sign the survivor sets this node was shown (authenticated rounds), before unmasking."""
+    client = _client(context)
+    confirmation = client.confirm(ConfirmRequest.from_record(unpack(content)))
+    _save(context, client)
+    return pack(confirmation.to_record())
 
 
 def unmask(content: RecordDict, context: Context) -> RecordDict:

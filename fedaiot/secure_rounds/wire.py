@@ -14,11 +14,12 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-# Message types of the four stages: training comes with the key advertisement.
+# Message types of the stages: training comes with the key advertisement.
 TRAIN_AND_ADVERTISE = "train.secagg"
 VECTOR_AND_ADVERTISE = "query.secagg_vector"  # a vector (statistics, evaluation) instead
 SHARE_KEYS = "query.secagg_share"
 MASKED_INPUT = "query.secagg_mask"
+CONFIRM = "query.secagg_confirm"  # authenticated rounds: sign the survivor sets first
 UNMASK = "query.secagg_unmask"
 
 SECAGG = "secagg"  # the record names inside a message's RecordDict

@@ -95,3 +95,29 @@ def test_the_planners_slack_is_not_budget_left() -> None:
     assert 0.99 * 3.0 <= epsilon_spent(spent, 1e-5) <= 3.0
     with pytest.raises(BudgetExhaustedError, match="the planner's slack"):
         plan_noise(target_epsilon=3.0, steps=15, spent=spent, **steps)
+
+
+def test_ledger_show_lists_a_node_folders_cohorts(tmp_path: Path) -> None:
+    import numpy as np
+    from typer.testing import CliRunner
+
+    from fedaiot.cli.main import app
+    from fedaiot.privacy.cohorts import open_cohorts
+    from fedaiot.tasks import ArrayData
+
+    rng = np.random.default_rng(0)
+    old = ArrayData(rng.normal(size=(10, 3)).astype(np.float32), rng.integers(0, 2, 10))
+    new = ArrayData(rng.normal(size=(4, 3)).astype(np.float32), rng.integers(0, 2, 4))
+    open_cohorts(tmp_path, old)
+    open_cohorts(
+        tmp_path, ArrayData(np.concatenate([old.x, new.x]), np.concatenate([old.y, new.y]))
+    )
+    shown = CliRunner().invoke(app, ["ledger", "show", str(tmp_path)])
+    assert shown.exit_code == 0, shown.output
+    cohorts = json.loads(shown.output)["cohorts"]
+    assert [(c["records"], c["epsilon"], c["runs"]) for c in cohorts] == [
+        (10, 0.0, []),
+        (4, 0.0, []),
+    ]
+    refused = CliRunner().invoke(app, ["ledger", "show", str(tmp_path / "..")])
+    assert refused.exit_code == 1 and "not a node's ledger folder" in refused.output

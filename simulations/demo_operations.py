@@ -1,8 +1,8 @@
 """A model's life, on real processes: campaign -> gate -> serve -> alert, with its plots.
 
     .venv/bin/python simulations/demo_operations.py --task breast-cancer --out runs/ops-bc
-    .venv/bin/python simulations/demo_operations.py --task acsf1 --nodes 3 --epsilon 8 \
-        --rounds 6 --out runs/ops-acsf1
+    .venv/bin/python simulations/demo_operations.py --task basic-motions --nodes 3 --rounds 10 \
+        --set dp-mode=off --min-agreement 0.3 --out runs/ops-motions
 
 Simulated institutions keep their own files (``node-<i>/data.*``); each campaign is a
 ``fedaiot coordinator campaign`` process, the model is served by ``fedaiot serve`` with alert
@@ -48,7 +48,7 @@ RULES = """
 interval_seconds: 0.5
 webhook: {{url: "{hook}", timeout_seconds: 5}}
 rules:
-  - {{name: gate, kind: promotion_gate, margin: {margin}, min_agreement: 0.5,
+  - {{name: gate, kind: promotion_gate, margin: {margin}, min_agreement: {agreement},
      min_shadow_rows: 100}}
   - {{name: input-drift, kind: drift, threshold: {drift}, window_seconds: 20, for_seconds: 5,
      min_rows: 100, severity: critical}}
@@ -121,7 +121,12 @@ class Demo:
     def serve(self, hook: Hook) -> subprocess.Popen[str]:
         rules = self.out / "alerts.yml"
         rules.write_text(
-            RULES.format(hook=hook.url, margin=self.args.margin, drift=self.args.drift)
+            RULES.format(
+                hook=hook.url,
+                margin=self.args.margin,
+                drift=self.args.drift,
+                agreement=self.args.min_agreement,
+            )
         )
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
@@ -167,11 +172,14 @@ class Demo:
         return str(httpx.get(f"{self.url}/healthz", timeout=30).json()["model_version"])
 
     def predict(self, rows: np.ndarray) -> None:
+        flat = rows.reshape(len(rows), -1)  # the service takes a series flattened
         for start in range(0, len(rows), 50):
             answer = httpx.post(
-                f"{self.url}/v1/predict", json={"instances": rows[start : start + 50].tolist()},
-                headers=self.token("clinician"), timeout=60,
-            )  # fmt: skip
+                f"{self.url}/v1/predict",
+                json={"instances": flat[start : start + 50].tolist()},
+                headers=self.token("clinician"),
+                timeout=60,
+            )
             answer.raise_for_status()
 
     def shadow_and_decide(self, version: str, traffic: np.ndarray) -> dict[str, Any]:
@@ -255,6 +263,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds of campaigns 2 and 3")
     parser.add_argument("--first-rounds", type=int, default=1, help="campaign 1: a quick start")
     parser.add_argument("--margin", type=float, default=-0.05, help="the gate's margin")
+    parser.add_argument("--min-agreement", type=float, default=0.5, help="the gate's")
     parser.add_argument("--drift", type=float, default=1.0, help="the drift rule's PSI")
     parser.add_argument("--secagg-dropout", type=float, default=0.1)
     parser.add_argument("--set", action="append", help="a run-config key=value for campaign 1")

@@ -30,6 +30,7 @@ LAYERS = [
     "deploy",
     "monitoring",
     "serving",
+    "campaigns",
     "experiments",
     "cli",
 ]

@@ -27,6 +27,7 @@ from fedaiot.serving.settings import RateLimit
 from tests.serving_support import (
     Keys,
     LiveServer,
+    ServeProcess,
     auth,
     instance,
     make_keys,
@@ -225,3 +226,31 @@ def test_the_audit_command_does_not_load_torch() -> None:
         "assert 'torch' not in sys.modules and 'fastapi' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_another_process_writing_rows_leaves_the_services_log_whole(tmp_path: Path) -> None:
+    """A campaign writes its rows into the service's audit database from its own process; the
+    service went on failing every read ('disk I/O error') once that process closed it."""
+    keys = make_keys(tmp_path / "keys")
+    make_registry(tmp_path / "registry", keys.private)
+    server = ServeProcess(tmp_path / "registry", keys)
+    database = tmp_path / "registry" / "audit.sqlite3"
+    write = (
+        "import sys; from pathlib import Path; from fedaiot.serving.audit import AuditLog; "
+        "from fedaiot.serving.audit_record import make_record; log = AuditLog(Path(sys.argv[1])); "
+        "log.record(make_record(request_id='c', method='CLI', endpoint='(campaign)', status=201, "
+        "duration_ms=1.0, reason='campaign_candidate')); log.close()"
+    )
+    try:
+        clinician = auth(keys, "clinician")
+        body = {"instances": [instance()]}
+        assert httpx.post(f"{server.url}/v1/predict", json=body, headers=clinician).is_success
+        subprocess.run([sys.executable, "-c", write, str(database)], check=True, timeout=120)
+        assert httpx.post(f"{server.url}/v1/predict", json=body, headers=clinician).is_success
+        answer = httpx.get(f"{server.url}/v1/audit", headers=auth(keys, "auditor"))
+        assert answer.status_code == 200, answer.text
+        reasons = [(e["endpoint"], e["reason"]) for e in answer.json()["entries"]]
+        assert ("(campaign)", "campaign_candidate") in reasons
+        assert reasons.count(("/v1/predict", "ok")) == 2
+    finally:
+        server.stop()

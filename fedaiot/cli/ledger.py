@@ -17,10 +17,17 @@ registry_app = typer.Typer(no_args_is_help=True, help="Inspect and verify a mode
 
 @ledger_app.command("show")
 def ledger_show(path: Path) -> None:
-    """Print a data set's privacy ledger: rounds, history and epsilon spent."""
+    """Print a data set's privacy ledger (a ledger file): rounds, history and epsilon spent;
+    or, for a node's ledger folder, each cohort of its records and what it has spent."""
+    from fedaiot.privacy.cohorts import INDEX_FILE, cohort_spends
     from fedaiot.privacy.ledger import summarize
     from fedaiot.rounds.journal import jsonable
 
+    if path.is_dir():
+        if not (path / INDEX_FILE).exists():
+            raise FedaiotError(f"{path} is not a node's ledger folder (no {INDEX_FILE})")
+        print(json.dumps(jsonable({"folder": str(path), "cohorts": cohort_spends(path)}), indent=2))
+        return
     print(json.dumps(jsonable(summarize(path)), indent=2))
 
 

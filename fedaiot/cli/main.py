@@ -11,7 +11,18 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from fedaiot.cli import alerts, audit, deploy, export, ledger, serve, simulate, study, sweep
+from fedaiot.cli import (
+    alerts,
+    audit,
+    campaign,
+    deploy,
+    export,
+    ledger,
+    serve,
+    simulate,
+    study,
+    sweep,
+)
 from fedaiot.errors import FedaiotError
 
 
@@ -33,7 +44,7 @@ app = typer.Typer(
     help=__doc__,
     pretty_exceptions_enable=False,
 )
-for group in (simulate, study, ledger, serve, export, alerts, audit, deploy, sweep):
+for group in (simulate, study, ledger, serve, export, alerts, audit, deploy, sweep, campaign):
     group.register(app)
 
 

@@ -122,6 +122,18 @@ class RunConfig(BaseModel):
     simulation_poll: float = Field(0.005, gt=0, le=1)
 
     output_dir: str = "runs/flwr-run"
+    # Simulation only: a folder holding each simulated node's own file, node-<i>/data.csv (or
+    # .parquet, .npz, or a data/ folder of class folders), raw values as a deployed node keeps
+    # them. The node reads it at every round, so records added between two campaigns are new
+    # records to its ledger (fedaiot.privacy.cohorts); its ledger lives next to the file.
+    node_data: str = ""
+    # Simulation only: where the simulated nodes keep their ledgers (default <output>/ledgers).
+    # Campaigns share one folder, so that a node's spend carries from one campaign to the next.
+    ledger_root: str = ""
+    # Continue from a registered version (a campaign): its weights, hash-checked, are round 0's
+    # model instead of a fresh one. The registry folder and the version's name.
+    init_registry: str = ""
+    init_version: str = ""
     # Deployment: a JSON file of Flower node id -> institution name, written by the
     # coordinator's kit when it registers the keys. Identities come from it, never from nodes.
     node_roster: str = ""
@@ -168,6 +180,14 @@ class RunConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _campaign_complete(self) -> RunConfig:
+        if bool(self.init_registry) != bool(self.init_version):
+            raise ValueError("continuing from a model needs both init-registry and init-version")
+        if self.node_data and self.study:
+            raise ValueError("node-data is for built-in tasks: a study's sites come from its table")
+        return self
+
+    @model_validator(mode="after")
     def _nodes_consistent(self) -> RunConfig:
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
@@ -208,8 +228,12 @@ class RunConfig(BaseModel):
             "stop_after_round",
             "node_roster",
             "simulation_poll",
+            "ledger_root",
         }
         fields = self.model_dump(exclude=volatile)
+        for key in ("node_data", "init_registry", "init_version"):
+            if not fields[key]:  # unset: the fingerprint of runs made before these keys existed
+                del fields[key]
         blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

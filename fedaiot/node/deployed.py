@@ -89,6 +89,22 @@ class NodeSettings:
         return config
 
 
+DATA_NAMES = ("data.csv", "data.parquet", "data.npz", "data")
+
+
+def simulated_node_file(node_data: Path, partition_id: int) -> Path:
+    """Simulated node ``partition_id``'s own file in a ``node-data`` folder (the layout of
+    ``fedaiot node demo-data``: ``node-<i>/data.csv``, ``.parquet``, ``.npz`` or ``data/``)."""
+    folder = Path(node_data).expanduser() / f"node-{partition_id}"
+    for name in DATA_NAMES:
+        if (folder / name).exists():
+            return folder / name
+    raise NodeConfigError(
+        f"node-data: simulated node {partition_id} has no file: expected one of "
+        f"{', '.join(str(folder / n) for n in DATA_NAMES)}"
+    )
+
+
 def normalization_from(config: Mapping[str, Any], size: int) -> dict[str, list[float]] | None:
     """The coordinator's standardization statistics from a round's config, checked."""
     if "normalization-mean" not in config:
@@ -127,11 +143,13 @@ def deployed_round(
     *,
     released_on_return: bool = True,
     survivors: int | None = None,
+    node: str = "",
 ) -> NodeReply:
     """One round on the institution's files (refused when the run is for another task).
 
-    The reply names no node: the coordinator knows the institution by the key the SuperLink
-    authenticated, and the name the kit was started under stays in the node's own log.
+    A deployed reply names no node (``node`` is ""): the coordinator knows the institution by
+    the key the SuperLink authenticated, and the name the kit was started under stays in the
+    node's own log. A simulated node reading its file (``node-data``) names its partition.
     """
     refuse_seeded_noise(cfg)
     if cfg.task != settings.task:
@@ -147,7 +165,7 @@ def deployed_round(
         )
     data = standardize(raw, stats) if stats is not None else raw
     common = {
-        "node": "",
+        "node": node,
         "data": data,
         "global_state": global_state,
         "server_round": int(config["server-round"]),

@@ -19,8 +19,10 @@ from fedaiot.node.deployed import (
     DATA_PATH,
     NodeConfigError,
     NodeSettings,
+    default_ledger_dir,
     deployed_round,
     refuse_seeded_noise,
+    simulated_node_file,
 )
 from fedaiot.node.round import simulated_ledger_dir, simulated_partition, train_round
 from fedaiot.node.study_round import (
@@ -58,6 +60,12 @@ class Source:
             settings = NodeSettings.from_node_config(node_config)
             return cls("", settings.ledger_dir, settings.max_epsilon, settings)
         pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
+        if cfg.node_data:  # a simulated institution reading its own file, as a deployed one
+            path = simulated_node_file(Path(cfg.node_data), pid)
+            ledgers = simulated_ledger_dir(cfg, pid) if cfg.ledger_root else None
+            ledger_dir = ledgers or default_ledger_dir(path)
+            settings = NodeSettings(path, f"node-{pid}", cfg.task, ledger_dir)
+            return cls(f"node-{pid}", ledger_dir, None, settings, (pid, count))
         return cls(f"node-{pid}", simulated_ledger_dir(cfg, pid), partition=(pid, count))
 
     def study(self, cfg: RunConfig) -> Study:
@@ -101,6 +109,7 @@ def train(
                 global_state,
                 released_on_return=released_on_return,
                 survivors=survivors,
+                node=source.node,
             )
         data, task = simulated_partition(cfg, *source.partition), None
         cohorts, max_weight = None, math.inf

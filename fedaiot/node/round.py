@@ -37,8 +37,10 @@ def simulated_federation(cfg: RunConfig, num_partitions: int) -> FederatedData:
 
 
 def simulated_ledger_dir(cfg: RunConfig, partition_id: int) -> Path:
-    """A simulated node's ledger folder: its own, as an institution's would be."""
-    return cfg.output_path / "ledgers" / f"node-{partition_id}"
+    """A simulated node's ledger folder: its own, as an institution's would be (under
+    ``ledger-root`` when set, so that campaigns share it)."""
+    root = Path(cfg.ledger_root).expanduser() if cfg.ledger_root else cfg.output_path / "ledgers"
+    return root / f"node-{partition_id}"
 
 
 def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:

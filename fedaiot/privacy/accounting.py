@@ -132,6 +132,15 @@ def smallest_noise(
         raise BudgetExhaustedError(
             f"budget exhausted: epsilon {already:.3f} already spent of {target_epsilon:.3f}"
         )
+    # A run planned for the whole budget stops up to ``tolerance`` short of it: that remainder
+    # is the planner's slack, not budget left. Spent on a later run it would only buy updates
+    # under noise near ``max_noise``, which carry nothing and drag the average down (a node
+    # whose data did not grow trained such rounds in the next campaign).
+    if already >= target_epsilon * (1 - 2 * tolerance):
+        raise BudgetExhaustedError(
+            f"budget too small: with epsilon {already:.3f} of {target_epsilon:.3f} spent, the "
+            f"rest (the planner's slack) cannot pay for {what}"
+        )
     if total(max_noise) > target_epsilon:
         raise BudgetExhaustedError(
             f"budget too small: with epsilon {already:.3f} of {target_epsilon:.3f} spent, the rest "

@@ -107,6 +107,26 @@ def open_cohorts(folder: Path, data: ArrayData) -> list[Cohort]:
     ]
 
 
+def cohort_spends(folder: Path, delta: float | None = None) -> list[dict[str, Any]]:
+    """A node's cohorts, oldest first, each with its records and what its ledger has spent
+    (``delta``: the ledger's own); read-only, for reports and ``fedaiot ledger show``."""
+    from fedaiot.privacy.ledger import summarize
+
+    folder = Path(folder)
+    out = []
+    for entry in _read_index(folder):
+        path = ledger_path(folder, entry["id"])
+        spent: dict[str, Any] = {"epsilon": 0.0, "rounds": 0, "runs": []}
+        if path.exists():
+            summary = summarize(path)
+            record = PrivacyLedger(path, dataset=entry["id"]).read()
+            runs = sorted({r.run.split(":")[0] for r in record.rounds if not r.refunded})
+            at = summary["delta"] if delta is None else delta
+            spent = {"epsilon": record.epsilon(at), "rounds": summary["rounds"], "runs": runs}
+        out.append({"cohort": entry["id"][:12], "records": entry["records"], **spent})
+    return out
+
+
 def _ledger(folder: Path, cohort: str, data: ArrayData, position: int) -> PrivacyLedger:
     from fedaiot.privacy.ledger import legacy_fingerprint
 

@@ -78,6 +78,9 @@ class Manifest(BaseModel):
     privacy: dict[str, Any] = Field(default_factory=dict)
     weights_sha256: str
     created: float
+    # where the model came from when a campaign made it (fedaiot.campaigns): the campaign, the
+    # version it continued from, its run's own registry; empty for a run's own versions
+    lineage: dict[str, Any] = Field(default_factory=dict)
 
 
 def sha256_file(path: Path) -> str:

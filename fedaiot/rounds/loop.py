@@ -120,6 +120,8 @@ class RoundLoop:
         resumed = resume_point(self.cfg)
         played = rounds_done(self.cfg)
         if resumed is None:
+            if self.cfg.init_version:  # a campaign: on from a registered model
+                return self.as_model(ArrayRecord(self.initial_weights())), RunState(played)
             torch.manual_seed(self.cfg.seed)
             return ArrayRecord(self.task.build_model().state_dict()), RunState(played)
         weights, manifest = resumed
@@ -127,6 +129,18 @@ class RoundLoop:
         best = max(self.registry.manifest(v).metrics.get("accuracy", -math.inf) for v in versions)
         state = RunState(played, {n.id: n for n in manifest.nodes}, best, len(versions))
         return self.as_model(ArrayRecord(weights)), state  # the model's own key order
+
+    def initial_weights(self) -> dict[str, torch.Tensor]:
+        """The weights of ``init-version`` (hash-checked), refused for another architecture."""
+        registry = ModelRegistry(Path(self.cfg.init_registry).expanduser())
+        weights, manifest = registry.load(self.cfg.init_version)
+        if (manifest.task, manifest.architecture) != (self.task.name, self.task.architecture):
+            raise ConfigError(
+                f"init-version {manifest.version} is a {manifest.task} model "
+                f"({manifest.architecture}): this run trains {self.task.name} "
+                f"({self.task.architecture})"
+            )
+        return weights
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
         arrays, state = self.initial_state()

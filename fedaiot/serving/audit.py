@@ -52,7 +52,12 @@ class AuditError(FedaiotError, RuntimeError):
 def _private_file(path: Path) -> None:
     """Create ``path`` (and tighten it and its WAL files) as 0600 before SQLite opens it:
     SQLite gives the -wal and -shm files the database file's mode."""
-    os.close(os.open(path, os.O_CREAT | os.O_WRONLY, _PRIVATE))
+    # Only a file that does not exist yet is opened here: closing a descriptor of a database
+    # that SQLite has open in this process drops every POSIX lock the process holds on it, and
+    # another process (a campaign writing its rows) then took itself for the last connection
+    # and removed the WAL under the service's feet ("disk I/O error").
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, _PRIVATE))
     for suffix in ("", "-wal", "-shm"):
         sibling = path.with_name(path.name + suffix)
         if sibling.exists():

@@ -51,6 +51,8 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
         from fedaiot.node.round import simulated_federation
 
         simulated_federation(cfg, nodes)
+        if cfg.node_data:
+            check_node_files(cfg, nodes)
     per_round = max(int(nodes * cfg.fraction_train), cfg.min_train_nodes)
     if cfg.secure_aggregation and per_round < MIN_NODES:
         raise BadInputError(
@@ -67,6 +69,18 @@ def preflight(cfg: RunConfig, nodes: int) -> int:
     ):
         raise BadInputError(f"{out} exists and is not a fedaiot run folder")
     return rounds_done(cfg)
+
+
+def check_node_files(cfg: RunConfig, nodes: int) -> None:
+    """Every simulated node's own file (``node-data``) read and checked before anything trains,
+    with the message a deployed node would give."""
+    from fedaiot.node.deployed import simulated_node_file
+    from fedaiot.node.local_data import load_local
+    from fedaiot.tasks import get_task
+
+    task = get_task(cfg.task)
+    for index in range(nodes):
+        load_local(task, simulated_node_file(Path(cfg.node_data), index))
 
 
 def _check_study_sites(cfg: RunConfig, nodes: int) -> None:

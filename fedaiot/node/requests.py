@@ -73,8 +73,18 @@ class Source:
         check_study(study, config)
         if self.settings is not None:
             refuse_seeded_noise(cfg)
-            return StudyData.of(read_table(study, self.settings.data_path), cfg.holdout)
+            return study_records(study, self.settings.data_path, cfg.holdout)
         return StudyData.of(simulated_table(cfg, study, self.partition[0]), cfg.holdout)
+
+
+def study_records(study: Study, path: Path, holdout: str = "test") -> StudyData:
+    """The institution's study table and its splits, read once per version of its file in a
+    process (the kit's runner reads them before it forks a child per message)."""
+    from fedaiot.node.warm import once
+
+    return once(
+        f"study:{study.key}:{holdout}", path, lambda: StudyData.of(read_table(study, path), holdout)
+    )
 
 
 def train(

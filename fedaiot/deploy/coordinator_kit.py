@@ -16,6 +16,7 @@ from typing import Any
 
 import tomli_w
 
+from fedaiot.config.polling import Polling
 from fedaiot.config.run import RunConfig, node_counts
 from fedaiot.deploy import provision, superlink
 from fedaiot.deploy.superlink import KitError
@@ -75,8 +76,12 @@ def coordinate(
     port: int,
     say: Callable[[str], None] = print,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    polling: Polling | None = None,
 ) -> Outcome:
-    """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink."""
+    """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink.
+
+    ``polling`` reaches the ServerApp through the SuperLink's environment: its reply loop and
+    object pulls, and the SuperLink's SuperExec that starts it (stock: Flower's own waits)."""
     from fedaiot.rounds.loop import rounds_done
 
     paths.check()
@@ -95,7 +100,8 @@ def coordinate(
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
     started = time.perf_counter()
     with open(paths.log, "ab") as log:
-        process = start_superlink(paths.superlink(host, port), paths.env(), log)
+        env = {**paths.env(), **(polling or Polling()).to_env()}
+        process = start_superlink(paths.superlink(host, port), env, log)
         try:
             say(f"SuperLink up on {host}:{port} (TLS, node authentication, {paths.database})")
             superlink.write_connection(paths, host, port)

@@ -99,7 +99,7 @@ def test_a_distributed_run_trains_and_both_epsilons_hold_up(tmp_path: Path) -> N
     assert manifest.privacy["dp_mode"] == "distributed"
     assert "at most 0 node(s) collude" in manifest.privacy["trust"]
     assert "epsilon-local" in manifest.privacy["coordinator_saw_per_node"]
-    ledgers = sorted((cfg.output_path / "ledgers").glob("ledger-*.json"))
+    ledgers = sorted((cfg.output_path / "ledgers").rglob("ledger-*.json"))
     assert len(ledgers) == 5
     ledger = summarize(ledgers[0])
     assert ledger["skellam_history"][0][2] == 3  # three one-step rounds

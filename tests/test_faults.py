@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedaiot.config.run import RunConfig
-from fedaiot.node.round import simulated_partition
+from fedaiot.node.round import simulated_ledger_dir, simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
 from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation import faults
@@ -87,6 +87,6 @@ def test_a_straggler_past_the_deadline_spends_budget_but_its_update_does_not_cou
     for r, n in late:  # the node's own ledger charged the round it trained for nothing
         data = simulated_partition(cfg, n, 4)
         ledger = json.loads(
-            PrivacyLedger.for_data(cfg.output_path / "ledgers", data).path.read_text()
+            PrivacyLedger.for_data(simulated_ledger_dir(cfg, n), data).path.read_text()
         )
         assert r in [entry["round"] for entry in ledger["rounds"]]

@@ -272,7 +272,8 @@ def test_the_noise_multiplier_depends_on_the_budget_not_on_the_data_size(
     iid = RunConfig(task="breast-cancer", partitioner="iid")
     small, large = simulated_partition(iid, 0, 5), simulated_partition(iid, 0, 2)
     assert len(small) * 2 < len(large)
-    a, b = _round(cfg, small, tmp_path, 1), _round(cfg, large, tmp_path, 1)
+    # two institutions, each with its own ledger folder (the partitions share records)
+    a, b = _round(cfg, small, tmp_path / "a", 1), _round(cfg, large, tmp_path / "b", 1)
     assert a.metrics["noise-multiplier"] == b.metrics["noise-multiplier"]
     assert a.metrics["epsilon"] == b.metrics["epsilon"]
 

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, Context, Message
 
 from clients.client_app import train
 from fedaiot.config.run import RunConfig
-from fedaiot.node.round import simulated_partition
+from fedaiot.node.round import simulated_ledger_dir, simulated_partition
 from fedaiot.privacy.ledger import PrivacyLedger
 from fedaiot.rounds.loop import RoundLoop
 from fedaiot.simulation.inprocess import InProcessGrid
@@ -51,7 +51,7 @@ def _poisoned(message: Message, context: Context) -> Message:
 def test_refused_and_rejected_nodes_are_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, num_rounds=2)
     # node-1 arrives with its budget already spent on an earlier run over the same data
-    spent = PrivacyLedger.for_data(cfg.output_path / "ledgers", simulated_partition(cfg, 1, 3))
+    spent = PrivacyLedger.for_data(simulated_ledger_dir(cfg, 1), simulated_partition(cfg, 1, 3))
     with spent.update() as record:
         record.history = [(0.5, 0.5, 500)]
 
@@ -77,7 +77,7 @@ def test_every_node_out_of_budget_ends_the_run(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, num_rounds=3, epsilon=0.5, min_available_nodes=2)
     for partition in range(2):
         data = simulated_partition(cfg, partition, 2)
-        ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", data)
+        ledger = PrivacyLedger.for_data(simulated_ledger_dir(cfg, partition), data)
         with ledger.update() as record:
             record.history = [(0.5, 0.5, 500)]
     summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, [train, train]))

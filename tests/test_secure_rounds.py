@@ -98,7 +98,9 @@ def test_a_run_none_of_whose_rounds_aggregated_fails_and_registers_nothing(
     # left them were charged too, and each got round 1's charge back when round 2 came
     assert len(summary["nodes"]) == 2  # the three never answered: nothing reached the journal
     assert all(n["epsilon"] > 0 and n["rounds"] == 0 for n in summary["nodes"])
-    ledgers = [json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").glob("*.json")]
+    ledgers = [
+        json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").rglob("ledger-*.json")
+    ]
     fates = sorted(
         (e["round"], e["released"], e["refunded"]) for ledger in ledgers for e in ledger["rounds"]
     )
@@ -228,11 +230,11 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
 
 def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> None:
     from clients import client_app
-    from fedaiot.node.round import simulated_partition
+    from fedaiot.node.round import simulated_ledger_dir, simulated_partition
     from fedaiot.privacy.ledger import PrivacyLedger
 
     cfg = _cfg(tmp_path, "refusal")
-    ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", simulated_partition(cfg, 4, 5))
+    ledger = PrivacyLedger.for_data(simulated_ledger_dir(cfg, 4), simulated_partition(cfg, 4, 5))
     with ledger.update() as record:
         record.history = [(0.5, 0.5, 500)]  # node-4's data was spent by another study
     seen = {}

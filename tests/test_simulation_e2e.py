@@ -69,14 +69,18 @@ def test_three_nodes_two_rounds_paused_then_resumed(tmp_path: Path) -> None:
     cfg = RunConfig(task="breast-cancer", num_rounds=2, epsilon=1.0)
     for index, node in enumerate(summary["nodes"]):
         data = simulated_partition(cfg, index, 3)
-        ledger = json.loads(PrivacyLedger.for_data(run / "ledgers", data).path.read_text())
+        ledger = json.loads(
+            PrivacyLedger.for_data(run / "ledgers" / f"node-{index}", data).path.read_text()
+        )
         assert [entry["round"] for entry in ledger["rounds"]] == [1, 2]
         assert node["epsilon"] <= 1.0
         assert node["epsilon"] == pytest.approx(ledger["rounds"][-1]["epsilon"])
         independent = epsilon_prv([tuple(h) for h in ledger["history"]], node["delta"])
         assert abs(independent - node["epsilon"]) / node["epsilon"] < 0.01
     assert summary["privacy"]["private"] and summary["privacy"]["secure_aggregation"]
-    verify = _fedaiot("ledger", "verify", *map(str, sorted((run / "ledgers").glob("*.json"))))
+    verify = _fedaiot(
+        "ledger", "verify", *map(str, sorted((run / "ledgers").rglob("ledger-*.json")))
+    )
     assert verify.returncode == 0, verify.stderr
     assert verify.stdout.count("prv") == 3
 

@@ -11,7 +11,7 @@ import typer
 from click.core import ParameterSource
 from rich.console import Console
 
-from fedaiot.config.run import RunConfig
+from fedaiot.config.run import MODE_DEFAULTS, RunConfig
 from fedaiot.errors import (
     BadInputError,
     FlowerRuntimeError,
@@ -57,12 +57,15 @@ def simulate(
     nodes: Annotated[
         int | None, typer.Option(help="simulated institutions (a study: one per site)")
     ] = None,
-    rounds: Annotated[int, typer.Option(help="federated rounds")] = _DEFAULT.num_rounds,
+    rounds: Annotated[
+        int | None, typer.Option(help="federated rounds [default: 30; distributed: 90]")
+    ] = None,
     epsilon: Annotated[float, typer.Option(help="privacy budget per node")] = _DEFAULT.epsilon,
     delta: Annotated[float, typer.Option()] = _DEFAULT.delta,
     sample_rate: Annotated[
-        float, typer.Option(help="DP-SGD's Poisson sampling rate, the same for every node")
-    ] = _DEFAULT.sample_rate,
+        float | None,
+        typer.Option(help="DP-SGD's Poisson sampling rate, the same for every node [0.2]"),
+    ] = None,
     seeded_noise: Annotated[
         bool,
         typer.Option(
@@ -94,7 +97,10 @@ def simulate(
     strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = _DEFAULT.strategy,
     local_epochs: Annotated[int, typer.Option()] = _DEFAULT.local_epochs,
     batch_size: Annotated[int, typer.Option(help="batch size without DP")] = _DEFAULT.batch_size,
-    lr: Annotated[float, typer.Option(help="local learning rate")] = _DEFAULT.learning_rate,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="local learning rate [0.2]; distributed: the coordinator's step [2.0]"),
+    ] = None,
     max_grad_norm: Annotated[
         float, typer.Option(help="per-record clipping norm")
     ] = _DEFAULT.max_grad_norm,
@@ -139,7 +145,8 @@ def _values(
 
     values: dict[str, Any] = read_run_config(file) if file else {}
     for option, key in KEYS.items():
-        if key not in values or ctx.get_parameter_source(option) != ParameterSource.DEFAULT:
+        given = ctx.get_parameter_source(option) != ParameterSource.DEFAULT
+        if ctx.params[option] is not None and (key not in values or given):
             values[key] = ctx.params[option]
     if ctx.params["no_dp"]:
         values["dp-mode"] = "off"
@@ -153,6 +160,10 @@ def _values(
         if not sep or not key.strip():
             raise BadInputError(f"--set takes key=value, got {item!r}")
         values[key.strip()] = value.strip()
+    private = str(values.get("private", True)).strip().lower() not in ("false", "0", "no", "off")
+    mode = str(values.get("dp-mode", "local")) if private else "off"
+    for key, default in MODE_DEFAULTS.get(mode, {}).items():
+        values.setdefault(key, default)  # what the mode needs, where nothing else said
     name = Path(str(values["study"])).stem if values.get("study") else values["task"]
     stamped = Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     values["output-dir"] = str(Path(output or values.get("output-dir") or stamped).resolve())

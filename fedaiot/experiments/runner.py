@@ -215,11 +215,12 @@ def _federated(
         tick(int(event["round"]))
         if point.exhaust_node is not None and event["round"] == point.exhaust_after_round:
             from fedaiot.experiments.scenarios import spend_elsewhere
-            from fedaiot.node.round import simulated_partition
+            from fedaiot.node.round import simulated_ledger_dir, simulated_partition
             from fedaiot.privacy.ledger import PrivacyLedger
 
             data = simulated_partition(cfg, point.exhaust_node, point.nodes)
-            ledger = PrivacyLedger.for_data(cfg.output_path / "ledgers", data).path
+            folder = simulated_ledger_dir(cfg, point.exhaust_node)
+            ledger = PrivacyLedger.for_data(folder, data).path
             spend_elsewhere(ledger, budget=cfg.epsilon, delta=cfg.delta)
 
     outcome = simulate(cfg, point.nodes, on_event=on_event)

@@ -18,7 +18,7 @@ from fedaiot.errors import BadInputError
 from fedaiot.node.local_data import load_local
 from fedaiot.node.round import train_round
 from fedaiot.node.training import StateDict
-from fedaiot.privacy.ledger import dataset_fingerprint
+from fedaiot.privacy.cohorts import open_cohorts
 from fedaiot.tasks import ArrayData, Task, get_task
 from fedaiot.tasks.partition import standardize
 from fedaiot.wire.replies import NodeReply, describe
@@ -119,16 +119,12 @@ def refuse_seeded_noise(cfg: RunConfig) -> None:
         )
 
 
-def local_records(task: Task, path: Path) -> tuple[ArrayData, str]:
-    """The institution's raw records and their fingerprint, read once per version of the file
-    in a process (the kit's runner reads them before it forks a child per message)."""
+def local_records(task: Task, path: Path) -> ArrayData:
+    """The institution's raw records, read once per version of the file in a process (the
+    kit's runner reads them before it forks a child per message)."""
     from fedaiot.node.warm import once
 
-    def read() -> tuple[ArrayData, str]:
-        raw = load_local(task, path)
-        return raw, dataset_fingerprint(raw)
-
-    return once(f"records:{task.name}", path, read)
+    return once(f"records:{task.name}", path, lambda: load_local(task, path))
 
 
 def deployed_round(
@@ -151,7 +147,7 @@ def deployed_round(
             f"{settings.node_name} holds {settings.task} data, the run is for task {cfg.task}"
         )
     task = get_task(settings.task)
-    raw, fingerprint = local_records(task, settings.data_path)
+    raw = local_records(task, settings.data_path)
     stats = normalization_from(config, task.input_shape[0])
     if task.normalize and stats is None:
         raise NodeConfigError(
@@ -165,7 +161,8 @@ def deployed_round(
         "server_round": int(config["server-round"]),
         "run_key": str(config["run-key"]),
         "ledger_dir": settings.ledger_dir,
-        "dataset_id": fingerprint,
+        # the ledgers know the institution's records as they are in its files
+        "cohorts": open_cohorts(settings.ledger_dir, raw),
         "epsilon_cap": settings.max_epsilon,
     }
     if cfg.dp_mode == "distributed" and survivors is not None:

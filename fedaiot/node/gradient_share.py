@@ -26,8 +26,8 @@ from fedaiot.node.round import round_randomness
 from fedaiot.node.training import StateDict
 from fedaiot.privacy import budget
 from fedaiot.privacy.budget import BudgetTerms
+from fedaiot.privacy.cohorts import Cohort, decide_cohorts, open_cohorts
 from fedaiot.privacy.distributed import ShareGeometry, encode_share, honest_shares
-from fedaiot.privacy.ledger import PrivacyLedger
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import ArrayData, Task
 from fedaiot.wire.replies import REFUSED, TRAINED, NodeReply
@@ -87,7 +87,7 @@ def gradient_share(
     ledger_dir: Path,
     survivors: int,
     task: Task,
-    dataset_id: str = "",
+    cohorts: list[Cohort] | None = None,
     epsilon_cap: float | None = None,
 ) -> NodeReply:
     """This node's noisy integer share of the round's gradient sum, or a refusal.
@@ -107,17 +107,15 @@ def gradient_share(
     model = task.build_model()
     model.load_state_dict(global_state)
     geometry = ShareGeometry.of(parameter_count(model), cfg.max_grad_norm)
-    ledger = PrivacyLedger.for_data(ledger_dir, data, dataset=dataset_id)
+    cohorts = open_cohorts(ledger_dir, data) if cohorts is None else cohorts
     randomness = round_randomness(cfg, node, server_round)
-    decision = budget.decide_distributed(
-        ledger,
+    decision = decide_cohorts(
+        cohorts,
         BudgetTerms.for_run(cfg, epsilon_cap),
         run=run_key,
         server_round=server_round,
-        examples=len(data),
         randomness=randomness,
-        geometry=geometry,
-        honest=honest,
+        distributed=(geometry, honest),
     )
     if not decision.granted:
         metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
@@ -126,8 +124,9 @@ def gradient_share(
         )
     assert decision.plan is not None
     sigma = decision.plan.noise_multiplier
+    usable = data.take(decision.rows) if len(decision.rows) < len(data) else data
     summed = clipped_gradient_sum(
-        model, data, sample_rate=decision.plan.sample_rate, clip=cfg.max_grad_norm,
+        model, usable, sample_rate=decision.plan.sample_rate, clip=cfg.max_grad_norm,
         randomness=randomness,
     )  # fmt: skip
     share = encode_share(summed, geometry, geometry.share_variance(sigma, honest), randomness)
@@ -138,10 +137,10 @@ def gradient_share(
         "delta": cfg.delta,
         "noise-multiplier": sigma,
         "honest-shares": float(honest),
-        "examples": float(len(data)),
+        "examples": float(len(usable)),
         "train-seconds": time.perf_counter() - started,
     }
-    pending = budget.PendingRelease(str(ledger.path), ledger.dataset, run_key, server_round)
+    pending = budget.PendingRelease.of([c.ledger for c in decision.charged], run_key, server_round)
     if not math.isfinite(decision.local_epsilon):
         metrics.pop("epsilon-local")
     return NodeReply(TRAINED, node, 1.0, metrics, vector=vector, pending=pending)

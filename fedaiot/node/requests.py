@@ -23,7 +23,7 @@ from fedaiot.node.deployed import (
     deployed_round,
     refuse_seeded_noise,
 )
-from fedaiot.node.round import simulated_partition, train_round
+from fedaiot.node.round import simulated_ledger_dir, simulated_partition, train_round
 from fedaiot.node.study_round import (
     StudyData,
     check_study,
@@ -59,7 +59,7 @@ class Source:
             settings = NodeSettings.from_node_config(node_config)
             return cls("", settings.ledger_dir, settings.max_epsilon, settings)
         pid, count = int(node_config["partition-id"]), int(node_config["num-partitions"])
-        return cls(f"node-{pid}", cfg.output_path / "ledgers", partition=(pid, count))
+        return cls(f"node-{pid}", simulated_ledger_dir(cfg, pid), partition=(pid, count))
 
     def study(self, cfg: RunConfig) -> Study:
         """The study this node holds: a deployed institution's own copy of the file."""
@@ -154,12 +154,13 @@ def _train(
                 released_on_return=released_on_return,
                 survivors=survivors,
             )
-        data, dataset, task = simulated_partition(cfg, *source.partition), "", None
-        max_weight = math.inf
+        data, task = simulated_partition(cfg, *source.partition), None
+        cohorts, max_weight = None, math.inf
     else:
         study_data = source.study_data(cfg, config)
         statistics = Statistics.from_record(study_data.study, dict(config))
-        data, dataset = study_data.encoded(study_data.train, statistics), study_data.dataset
+        data = study_data.encoded(study_data.train, statistics)
+        cohorts, _ = study_data.cohorts(source.ledger_dir)
         task = study_task(study_data.study)
         max_weight = float(study_data.study.quality.max_examples)
     if cfg.dp_mode == "distributed":
@@ -176,7 +177,7 @@ def _train(
             ledger_dir=source.ledger_dir,
             survivors=survivors,
             task=task or get_task(cfg.task),
-            dataset_id=dataset,
+            cohorts=cohorts,
             epsilon_cap=source.epsilon_cap,
         )
     return train_round(
@@ -188,7 +189,7 @@ def _train(
         run_key=run_key,
         ledger_dir=source.ledger_dir,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
-        dataset_id=dataset,
+        cohorts=cohorts,
         released_on_return=released_on_return,
         epsilon_cap=source.epsilon_cap,
         task=task,

@@ -22,7 +22,7 @@ from fedaiot.config.run import RunConfig
 from fedaiot.node.training import LocalSchedule, PrivateSteps, StateDict, train_plain, train_private
 from fedaiot.privacy import budget
 from fedaiot.privacy.budget import BudgetTerms
-from fedaiot.privacy.ledger import PrivacyLedger
+from fedaiot.privacy.cohorts import Cohort, decide_cohorts, open_cohorts
 from fedaiot.privacy.randomness import SecureRandom
 from fedaiot.tasks import ArrayData, FederatedData, Task, federate, get_task
 from fedaiot.wire.replies import REFUSED, TRAINED, NodeReply
@@ -42,6 +42,11 @@ def simulated_federation(cfg: RunConfig, num_partitions: int) -> FederatedData:
         seed=cfg.seed,
         validation=cfg.holdout == "validation",
     )
+
+
+def simulated_ledger_dir(cfg: RunConfig, partition_id: int) -> Path:
+    """A simulated node's ledger folder: its own, as an institution's would be."""
+    return cfg.output_path / "ledgers" / f"node-{partition_id}"
 
 
 def simulated_partition(cfg: RunConfig, partition_id: int, num_partitions: int) -> ArrayData:
@@ -107,7 +112,7 @@ def train_round(
     run_key: str,
     ledger_dir: Path,
     proximal_mu: float = 0.0,
-    dataset_id: str = "",
+    cohorts: list[Cohort] | None = None,
     released_on_return: bool = True,
     epsilon_cap: float | None = None,
     task: Task | None = None,
@@ -115,8 +120,10 @@ def train_round(
 ) -> NodeReply:
     """One round of local training, or a refusal when it would overrun the privacy budget.
 
-    The ledger in ``ledger_dir`` is the one of ``data``'s records (``dataset_id`` overrides
-    their fingerprint: a deployed node passes its raw files'). With ``released_on_return`` the
+    The round trains on the records of every cohort whose ledger (in ``ledger_dir``) can pay
+    for it (``fedaiot.privacy.cohorts``); ``cohorts`` says which rows of ``data`` are in which
+    (default: ``data``'s own; a deployed node identifies its raw records, a study its table's
+    rows). With ``released_on_return`` the
     round's charge is marked released before the reply is returned, as the reply carries the
     update; otherwise the caller marks it (:func:`fedaiot.privacy.budget.mark_released`) when
     the update leaves in another form (a masked vector). ``max_weight`` caps the node's
@@ -142,14 +149,13 @@ def train_round(
         }
         return NodeReply(TRAINED, node, float(len(data)), metrics, outcome.state)
 
-    ledger = PrivacyLedger.for_data(ledger_dir, data, dataset=dataset_id)
+    cohorts = open_cohorts(ledger_dir, data) if cohorts is None else cohorts
     randomness = round_randomness(cfg, node, server_round)
-    decision = budget.decide(
-        ledger,
+    decision = decide_cohorts(
+        cohorts,
         BudgetTerms.for_run(cfg, epsilon_cap),
         run=run_key,
         server_round=server_round,
-        examples=len(data),
         randomness=randomness,
     )
     if not decision.granted:
@@ -164,10 +170,12 @@ def train_round(
         noise_multiplier=decision.plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
     )
-    outcome = train_private(model, data, schedule, mechanism, randomness=randomness)
+    usable = data.take(decision.rows) if len(decision.rows) < len(data) else data
+    outcome = train_private(model, usable, schedule, mechanism, randomness=randomness)
     bounded = bound_update(global_state, outcome.state, cfg.max_update_norm)
     weight = min(decision.weight, max_weight)
-    pending = budget.PendingRelease(str(ledger.path), ledger.dataset, run_key, server_round)
+    ledgers = [c.ledger for c in decision.charged]
+    pending = budget.PendingRelease.of(ledgers, run_key, server_round)
     if released_on_return:
         pending.release()
     metrics = {
@@ -177,7 +185,7 @@ def train_round(
         "noise-multiplier": mechanism.noise_multiplier,
         # for the node's own console only: never in the clear (replies.CLEAR_METRICS)
         "train-loss": outcome.loss,
-        "examples": float(len(data)),
+        "examples": float(len(usable)),
         "train-seconds": time.perf_counter() - started,
         "update-clipped": float(bounded is not outcome.state),
     }

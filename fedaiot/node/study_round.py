@@ -27,8 +27,8 @@ from fedaiot.errors import BadInputError
 from fedaiot.node.round import round_randomness
 from fedaiot.privacy.accounting import BudgetExhaustedError
 from fedaiot.privacy.budget import BudgetTerms
-from fedaiot.privacy.ledger import PrivacyLedger, dataset_fingerprint, ledger_path
-from fedaiot.privacy.releases import Release, charge_release, evaluation_noise
+from fedaiot.privacy.cohorts import Cohort, open_cohorts, restrict
+from fedaiot.privacy.releases import Release, charge_cohorts, cohort_evaluation_noise
 from fedaiot.studies.encoding import Encoder, Statistics, contributions, sensitivity
 from fedaiot.studies.spec import Study, StudyError
 from fedaiot.studies.table import StudyTable, open_table, read_table
@@ -50,25 +50,27 @@ class StudyData:
     study: Study
     train: StudyTable
     test: StudyTable
-    dataset: str  # the fingerprint of every record: the one ledger of this data set
+    train_rows: np.ndarray  # the splits' rows in the whole table
+    test_rows: np.ndarray
+    records: ArrayData  # the whole table, as the ledgers identify its records
 
     @classmethod
     def of(cls, table: StudyTable, holdout: str = "test") -> StudyData:
         """``holdout = "validation"`` (tuning) sets the test split aside, unused, and holds
         out a validation split of the training rows in its place."""
         held_out = table.test_rows()
-        raw = ArrayData(table.raw().astype(np.float32), table.labels)
-        train, test = table.take(np.flatnonzero(~held_out)), table.take(np.flatnonzero(held_out))
+        train_rows, test_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
         if holdout == "validation":
-            validation = train.test_rows("validation")
-            train, test = (
-                train.take(np.flatnonzero(~validation)),
-                train.take(np.flatnonzero(validation)),
-            )
-        return cls(table.study, train, test, dataset_fingerprint(raw))
+            validation = table.take(train_rows).test_rows("validation")
+            train_rows, test_rows = train_rows[~validation], train_rows[validation]
+        records = ArrayData(table.raw().astype(np.float32), table.labels)
+        train, test = table.take(train_rows), table.take(test_rows)
+        return cls(table.study, train, test, train_rows, test_rows, records)
 
-    def ledger(self, folder: Path) -> PrivacyLedger:
-        return PrivacyLedger(ledger_path(folder, self.dataset), dataset=self.dataset)
+    def cohorts(self, folder: Path) -> tuple[list[Cohort], list[Cohort]]:
+        """The table's cohorts seen from the training split and from the test split."""
+        every = open_cohorts(folder, self.records)
+        return restrict(every, self.train_rows), restrict(every, self.test_rows)
 
     def encoded(self, split: StudyTable, statistics: Statistics) -> ArrayData:
         return ArrayData(Encoder(self.study, statistics).encode(split), split.labels)
@@ -110,15 +112,16 @@ def statistics_release(
     epsilon_cap: float | None = None,
 ) -> NodeReply:
     """The node's noisy contribution to the run's feature statistics (training records)."""
-    vector = contributions(data.train)
     if not cfg.private:
-        return NodeReply(CONTRIBUTED, node, 1.0, {}, vector=vector)
+        return NodeReply(CONTRIBUTED, node, 1.0, {}, vector=contributions(data.train))
     release = Release("statistics", "train", cfg.statistics_noise)
     terms = BudgetTerms.for_run(cfg, epsilon_cap)
-    decision = charge_release(data.ledger(ledger_dir), terms, run=run_key, release=release)
+    train_cohorts, _ = data.cohorts(ledger_dir)
+    decision = charge_cohorts(train_cohorts, terms, run=run_key, release=release)
     if not decision.granted:
         metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
         return _refused(node, metrics, decision.reason)
+    vector = contributions(data.train.take(decision.rows()))  # the cohorts that could pay
     scale = cfg.statistics_noise * sensitivity(data.study)
     noise = round_randomness(cfg, f"{node}:statistics", 0).normal(len(vector), scale)
     metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
@@ -146,23 +149,26 @@ def evaluation_release(
     model = task.build_model()
     model.load_state_dict(global_state)
     test = data.encoded(data.test, statistics)
-    counts = evaluation_counts(model, test, positive_class=task.positive_class)
     if len(test):
         local = evaluate(model, test, positive_class=task.positive_class)
         LOG.info("node %s, round %s, its own test split: %s", node, server_round, local)
     if not cfg.private:
+        counts = evaluation_counts(model, test, positive_class=task.positive_class)
         return NodeReply(CONTRIBUTED, node, 1.0, {}, vector=counts)
-    ledger, terms = data.ledger(ledger_dir), BudgetTerms.for_run(cfg, epsilon_cap)
+    terms = BudgetTerms.for_run(cfg, epsilon_cap)
+    _, test_cohorts = data.cohorts(ledger_dir)
     try:
-        sigma = evaluation_noise(ledger, terms, run=run_key, releases=evaluations)
+        sigma = cohort_evaluation_noise(test_cohorts, terms, run=run_key, releases=evaluations)
     except BudgetExhaustedError as exc:
-        metrics = {"epsilon": ledger.epsilon(cfg.delta), "delta": cfg.delta}
-        return _refused(node, metrics, str(exc))
+        epsilon = max((c.ledger.epsilon(cfg.delta) for c in test_cohorts), default=0.0)
+        return _refused(node, {"epsilon": epsilon, "delta": cfg.delta}, str(exc))
     release = Release("evaluation", "test", sigma)
-    decision = charge_release(ledger, terms, run=run_key, release=release)
+    decision = charge_cohorts(test_cohorts, terms, run=run_key, release=release)
     metrics = {"epsilon": decision.epsilon, "delta": cfg.delta}
     if not decision.granted:
         return _refused(node, metrics, decision.reason)
+    counted = test.take(decision.rows())  # the cohorts that could pay
+    counts = evaluation_counts(model, counted, positive_class=task.positive_class)
     noise = round_randomness(cfg, f"{node}:evaluation", server_round).normal(len(counts), sigma)
     return NodeReply(CONTRIBUTED, node, 1.0, metrics, vector=counts + noise)
 

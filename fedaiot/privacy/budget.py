@@ -103,8 +103,14 @@ def decide(
     server_round: int,
     examples: int,
     randomness: SecureRandom,
+    plan: NoisePlan | None = None,
 ) -> Decision:
-    """Refund the run's abandoned charges, then plan and charge this round, or refuse it."""
+    """Refund the run's abandoned charges, then plan and charge this round, or refuse it.
+
+    ``plan`` imposes the run's noise (a newer cohort's plan, ``fedaiot.privacy.cohorts``)
+    instead of planning it from this ledger's history; the round is charged as run.
+    """
+    imposed = plan
     with ledger.update() as record:
         _refund_abandoned(record, run, server_round)
         pending = [
@@ -119,7 +125,7 @@ def decide(
             count_step = [(terms.count_noise, 1.0, 1)]
         before = [*record.history, *count_step]
         try:
-            plan = record.plans.get(run) or _plan(terms, before, record.skellam_history)
+            plan = imposed or record.plans.get(run) or _plan(terms, before, record.skellam_history)
         except BudgetExhaustedError as exc:
             return Decision(False, record.epsilon(terms.delta), reason=str(exc))
         step = (plan.noise_multiplier, plan.sample_rate, plan.steps_per_round)
@@ -251,33 +257,47 @@ def _plan_distributed(terms: BudgetTerms, geometry: ShareGeometry) -> NoisePlan:
 @dataclass(frozen=True)
 class PendingRelease:
     """A charged round whose update has not left the node yet: kept with the update (in
-    Flower's ``Context.state`` between secure-aggregation stages) until it is sent."""
+    Flower's ``Context.state`` between secure-aggregation stages) until it is sent. A round
+    over several cohorts (``fedaiot.privacy.cohorts``) has one ledger per cohort."""
 
-    ledger: str
-    dataset: str
+    ledgers: tuple[str, ...]
+    datasets: tuple[str, ...]
     run: str
     round: int
 
-    def to_record(self) -> dict[str, str | int]:
+    @classmethod
+    def of(cls, ledgers: list[PrivacyLedger], run: str, server_round: int) -> PendingRelease:
+        return cls(
+            tuple(str(x.path) for x in ledgers),
+            tuple(x.dataset for x in ledgers),
+            run,
+            server_round,
+        )
+
+    def to_record(self) -> dict[str, str | int | list[str]]:
         return {
-            "ledger": self.ledger,
-            "dataset": self.dataset,
+            "ledgers": list(self.ledgers),
+            "datasets": list(self.datasets),
             "run": self.run,
             "round": self.round,
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> PendingRelease:
+        ledgers, datasets = record["ledgers"], record["datasets"]
+        if not isinstance(ledgers, list) or not isinstance(datasets, list):
+            raise ValueError("a pending release names its ledgers and data sets in lists")
         return cls(
-            str(record["ledger"]),
-            str(record["dataset"]),
+            tuple(str(x) for x in ledgers),
+            tuple(str(x) for x in datasets),
             str(record["run"]),
             int(record["round"]),  # type: ignore[call-overload]
         )
 
     def release(self) -> None:
-        ledger = PrivacyLedger(Path(self.ledger), dataset=self.dataset)
-        mark_released(ledger, run=self.run, server_round=self.round)
+        for path, dataset in zip(self.ledgers, self.datasets, strict=True):
+            ledger = PrivacyLedger(Path(path), dataset=dataset)
+            mark_released(ledger, run=self.run, server_round=self.round)
 
 
 def mark_released(ledger: PrivacyLedger, *, run: str, server_round: int) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedaiot.privacy.accounting import ACCOUNTANT, epsilon_spent, plan_noise
+import numpy as np
+
+from fedaiot.privacy.accounting import ACCOUNTANT, BudgetExhaustedError, epsilon_spent, plan_noise
 from fedaiot.privacy.budget import BudgetTerms, Decision, with_step
+from fedaiot.privacy.cohorts import Cohort
 from fedaiot.privacy.ledger import NoisePlan, PrivacyLedger, ReleaseEntry
 
 
@@ -86,3 +89,50 @@ def evaluation_noise(
                 accountant=ACCOUNTANT,
             )
         return record.plans[key].noise_multiplier
+
+
+@dataclass(frozen=True)
+class CohortRelease:
+    """A release charged over a node's cohorts: which could pay, and the largest epsilon."""
+
+    charged: list[Cohort]
+    epsilon: float
+    reason: str = ""
+
+    @property
+    def granted(self) -> bool:
+        return bool(self.charged)
+
+    def rows(self) -> np.ndarray:
+        if not self.charged:
+            return np.empty(0, np.int64)
+        return np.sort(np.concatenate([c.rows for c in self.charged]))
+
+
+def charge_cohorts(
+    cohorts: list[Cohort], terms: BudgetTerms, *, run: str, release: Release
+) -> CohortRelease:
+    """Charge ``release`` to every cohort that can pay for it; the release then covers only
+    those cohorts' records (the others sit it out)."""
+    decisions = [(c, charge_release(c.ledger, terms, run=run, release=release)) for c in cohorts]
+    charged = [c for c, d in decisions if d.granted]
+    epsilon = max((d.epsilon for _, d in decisions), default=0.0)
+    reasons = [d.reason for _, d in decisions if not d.granted]
+    return CohortRelease(charged, epsilon, "" if charged else (reasons[0] if reasons else ""))
+
+
+def cohort_evaluation_noise(
+    cohorts: list[Cohort], terms: BudgetTerms, *, run: str, releases: int
+) -> float:
+    """One noise for a run's evaluations over all cohorts: the largest any cohort planned (more
+    noise protects every cohort at least as well as its own plan). BudgetExhaustedError when
+    no cohort can plan one."""
+    sigmas = []
+    for cohort in cohorts:
+        try:
+            sigmas.append(evaluation_noise(cohort.ledger, terms, run=run, releases=releases))
+        except BudgetExhaustedError:
+            continue
+    if not sigmas:
+        raise BudgetExhaustedError("no cohort of this node's test records has budget left")
+    return max(sigmas)

@@ -41,6 +41,9 @@ class ArrayData:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    def take(self, rows: np.ndarray) -> ArrayData:
+        return ArrayData(self.x[rows], self.y[rows])
+
 
 @dataclass(frozen=True)
 class FederatedData:

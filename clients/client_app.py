@@ -133,6 +133,12 @@ def vector_and_mask(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
+@app.query("secagg_confirm")
+@guarded
+def confirm(msg: Message, context: Context) -> Message:
+    return Message(content=handlers.confirm(msg.content, context), reply_to=msg)
+
+
 @app.query("secagg_unmask")
 @guarded
 def unmask(msg: Message, context: Context) -> Message:

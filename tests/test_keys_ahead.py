@@ -130,7 +130,9 @@ def test_a_node_is_never_charged_for_a_round_it_could_not_mask(tmp_path: Path) -
     (event,) = _rounds(cfg)
     statuses = sorted((r["status"], r["problem"]) for r in event["replies"])
     assert statuses == [("failed", "protocol-error"), *[("trained", "")] * 4]
-    ledgers = [json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").glob("*.json")]
+    ledgers = [
+        json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").rglob("ledger-*.json")
+    ]
     assert sorted(len(ledger["rounds"]) for ledger in ledgers) == [1, 1, 1, 1]  # node-2: none
 
 

@@ -56,9 +56,12 @@ def _task_or_study(task: str, study: Path | None) -> None:
 
 def provision(
     out: Annotated[Path, typer.Option(help="where to write keys and certificates")] = Path("pki"),
-    institution: Annotated[
-        list[str], typer.Option(help="an institution's name (repeat for each)")
+    approve: Annotated[
+        list[Path], typer.Option(help="an institution's request.json (repeat for each)")
     ] = [],  # noqa: B006 - typer needs a literal default
+    institution: Annotated[
+        list[str], typer.Option(hidden=True, help="no longer made here: see `node init`")
+    ] = [],  # noqa: B006
     host: Annotated[
         list[str] | None,
         typer.Option(
@@ -67,20 +70,28 @@ def provision(
     ] = None,
     force: Annotated[bool, typer.Option(help="replace existing keys and certificates")] = False,
 ) -> None:
-    """Create the CA, the SuperLink's TLS certificate, node keys and the signing key."""
+    """Create the CA, the SuperLink's TLS certificate and the signing key; register the
+    institutions whose requests you approve and write the federation roster."""
     from fedaiot.deploy.provision import provision as make
+    from fedaiot.deploy.registration import roster_of
 
-    if not institution:
-        raise BadInputError("name at least one --institution")
-    done = make(out, institution, hosts=host, force=force)
+    if institution:
+        raise BadInputError(
+            "institutions make their own keys: each runs `fedaiot node init --name NAME` and "
+            "sends its request.json, which you register with --approve"
+        )
+    done = make(out, approve, hosts=host, force=force)
     for path in done.created:
         secret = path.stat().st_mode & 0o077 == 0
         print(f"created {path}{'  (secret, 0600)' if secret else ''}")
     for path in done.kept:
         print(f"kept    {path}  (exists; --force replaces it)")
-    print(
-        f"give each institution its folder {out / 'institutions' / '<name>'} (node.key is secret)"
-    )
+    roster = roster_of(out)
+    if roster is not None:
+        print(
+            f"roster {out / 'roster.json'}: {roster.fingerprint} ({len(roster.keys)} institutions)"
+        )
+        print("send every institution roster.json and ca.crt; they compare the fingerprint")
 
 
 coordinator_app.command("provision")(provision)  # the coordinator's kit has it all
@@ -89,6 +100,10 @@ coordinator_app.command("provision")(provision)  # the coordinator's kit has it 
 @coordinator_app.command("start")
 def coordinator_start(
     run_config: Annotated[Path, typer.Option(help="TOML file of run config keys (kebab-case)")],
+    bundle: Annotated[Path, typer.Option(help="the app bundle the institutions approved")],
+    approval: Annotated[
+        list[Path], typer.Option(help="an approval of the bundle (a file or a folder of them)")
+    ],
     pki: Pki = Path("pki"),
     state: State = Path("coordinator-state"),
     host: Annotated[str, typer.Option(help="address the SuperLink listens on")] = "127.0.0.1",
@@ -98,10 +113,11 @@ def coordinator_start(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
     stock_flower: StockFlower = False,
 ) -> None:
-    """Start the SuperLink, register the institutions, run the federated training to its end."""
+    """Start the SuperLink, register the institutions, run the approved bundle to its end."""
     from fedaiot.config.run import read_run_config
     from fedaiot.deploy import provision as prov
-    from fedaiot.deploy.coordinator_kit import coordinate
+    from fedaiot.deploy.bundle import Approval, read_bundle
+    from fedaiot.deploy.coordinator_kit import check_approvals, coordinate
     from fedaiot.deploy.coordinator_kit import run_config as make_config
     from fedaiot.deploy.superlink import CoordinatorPaths, KitError
     from fedaiot.launch.processes import port_free
@@ -113,9 +129,15 @@ def coordinator_start(
     cfg = make_config(paths, read_run_config(run_config), institutions)
     if not port_free(host, port):
         raise KitError(f"port {port} on {host} is already in use")
+    app = read_bundle(bundle)
+    files = [f for a in approval for f in (sorted(a.glob("*.json")) if a.is_dir() else [a])]
+    approvals = [Approval.load(f) for f in files]
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
+
+    for note in check_approvals(paths, app, approvals):
+        say(note)
 
     def progress(event: dict[str, object]) -> None:
         if event["event"] == "round":
@@ -127,9 +149,16 @@ def coordinator_start(
             pace += f", {event['exchanges']} exchanges" if "exchanges" in event else ""
             say(f"round {event['round']}/{cfg.num_rounds}: accuracy {shown}{pace}")
 
-    polling = _polling(None, stock_flower)
     outcome = coordinate(
-        paths, cfg, host=host, port=port, say=say, on_event=progress, polling=polling
+        paths,
+        cfg,
+        host=host,
+        port=port,
+        bundle=app,
+        approvals=approvals,
+        say=say,
+        on_event=progress,
+        polling=_polling(None, stock_flower),
     )
     summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     if outcome.status == "failed":
@@ -217,11 +246,13 @@ def node_demo_data(
 @node_app.command("start")
 def node_start(
     data: Annotated[Path, typer.Option(help="the institution's data file or folder")],
-    kit: Annotated[Path, typer.Option(help="this institution's folder: node.key and ca.crt")],
+    kit: Annotated[Path, typer.Option(help="this institution's kit (`node init`, `node pin`)")],
     superlink: Annotated[str, typer.Option(help="the coordinator's SuperLink, host:port")] = (
         f"127.0.0.1:{DEFAULT_PORT}"
     ),
-    name: Annotated[str | None, typer.Option(help="node name (default: the kit's folder)")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="node name in its files (default: its roster name)")
+    ] = None,
     ledger_dir: Annotated[
         Path | None, typer.Option(help="privacy ledger folder (default <data dir>/.fedaiot)")
     ] = None,
@@ -235,6 +266,8 @@ def node_start(
     stock_flower: StockFlower = False,
 ) -> None:
     """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
+    from fedaiot.deploy import node_console
+    from fedaiot.deploy.institution_keys import read_trusted
     from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode
     from fedaiot.launch.supernode import wait_supernode
     from fedaiot.node.round_log import Follower, line, log_path
@@ -244,14 +277,16 @@ def node_start(
     node_kit = NodeKit(kit.resolve())
     if max_epsilon is not None and not max_epsilon > 0:
         raise BadInputError(f"--max-epsilon must be > 0, got {max_epsilon}")
-    node_kit.check()
+    identity = node_kit.check()
+    trusted = sorted(read_trusted(node_kit.folder))
     prepared = prepare(
         task=task,
         data=data,
-        name=name or node_kit.folder.name,
+        name=name or identity.name,
         ledger_dir=ledger_dir,
         max_epsilon=max_epsilon,
         study=study,
+        kit=node_kit,
     )
     log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
     offset = log.stat().st_size if log.exists() else 0
@@ -267,18 +302,30 @@ def node_start(
         f"{runtime} ClientApp runtime (log {log})",
         flush=True,
     )
+    print(
+        f"node {settings.node_name}: {identity.name} in roster {identity.roster.fingerprint}; "
+        f"runs app bundles signed by {', '.join(trusted)} only",
+        flush=True,
+    )
 
     def show_rounds() -> None:
         for event in rounds.new_events():
             print(line(event), flush=True)
 
-    code = wait_supernode(processes, on_tick=show_rounds)
+    stop_watching = node_console.watch(log, offset, trusted, lambda s: print(s, flush=True))
+    try:
+        code = wait_supernode(processes, on_tick=show_rounds)
+    finally:
+        stop_watching()
     if code not in (0, -15, 143):
         raise FlowerRuntimeError(explain_exit(code, log, offset))
 
 
 def register(app: typer.Typer) -> None:
     """Add ``provision``, ``coordinator`` and ``node`` to the ``fedaiot`` command."""
+    from fedaiot.cli import trust
+
+    trust.register(node_app, coordinator_app)
     app.command("provision")(provision)
     app.add_typer(coordinator_app, name="coordinator")
     app.add_typer(node_app, name="node")

@@ -5,6 +5,10 @@ reports success even for a failed run). Stopping it (Ctrl-C, SIGTERM) stops the 
 the ServerApp. Starting it again resumes: the SuperLink reopens its state database, the
 institutions stay registered, a run left unfinished by the previous life is stopped, and the
 resubmitted run starts after the last round in the registry, so no finished round is lost.
+
+The run is the app bundle the institutions approved, not the code in this checkout: the kit
+serves the bundle and their signatures to its SuperLink (``deploy.app_index``) and submits it by
+name, so every node receives it with the signatures its SuperNode checks.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import tomli_w
 from fedaiot.config.polling import Polling
 from fedaiot.config.run import RunConfig, node_counts
 from fedaiot.deploy import provision, superlink
+from fedaiot.deploy.app_index import INDEX_ENV, serve_bundle
+from fedaiot.deploy.bundle import Approval, Bundle
+from fedaiot.deploy.institution_keys import REVIEW_PUB, review_key_id
 from fedaiot.deploy.superlink import KitError
-from fedaiot.launch.flwr import project_dir
 from fedaiot.launch.follow import Outcome, follow, outcome
 from fedaiot.launch.processes import stop_tree
 from fedaiot.launch.superlink import start_superlink
@@ -68,17 +74,56 @@ def run_config(
     return cfg
 
 
+def check_approvals(
+    paths: superlink.CoordinatorPaths, bundle: Bundle, approvals: list[Approval]
+) -> list[str]:
+    """What each institution's node will make of the bundle; KitError for an approval that
+    does not verify, or one under an institution's name but not by its registered key."""
+    if not approvals:
+        raise KitError(f"no approval of {bundle.path.name}: every node would refuse to run it")
+    by_id = {}
+    for approval in approvals:
+        if not approval.verifies(bundle.sha256):
+            raise KitError(
+                f"the approval by {approval.key_id} is not a valid signature of {bundle.path.name} "
+                f"(SHA-256 {bundle.sha256[:16]}...): ask for it again"
+            )
+        by_id[approval.key_id] = approval
+    notes = []
+    for name in provision.registered_keys(paths.pki):
+        registered = paths.pki / provision.INSTITUTIONS / name / REVIEW_PUB
+        own = by_id.get(review_key_id(name))
+        if own is None:
+            notes.append(
+                f"institution {name}: no approval of its own (its node runs the bundle only if "
+                f"it trusts one of: {', '.join(sorted(by_id))})"
+            )
+        elif (
+            not registered.exists()
+            or registered.read_text().split()[:2] != own.public_key.split()[:2]
+        ):
+            raise KitError(
+                f"the approval {own.key_id} is not signed by {name}'s registered review key"
+            )
+        else:
+            notes.append(f"institution {name}: approved {bundle.spec}")
+    return notes
+
+
 def coordinate(
     paths: superlink.CoordinatorPaths,
     cfg: RunConfig,
     *,
     host: str,
     port: int,
+    bundle: Bundle,
+    approvals: list[Approval],
     say: Callable[[str], None] = print,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     polling: Polling | None = None,
 ) -> Outcome:
-    """Start the SuperLink, register, submit, follow the run to its end, stop the SuperLink.
+    """Start the SuperLink, register, submit the approved bundle, follow the run to its end,
+    stop the SuperLink.
 
     ``polling`` reaches the ServerApp through the SuperLink's environment: its reply loop and
     object pulls, and the SuperLink's SuperExec that starts it (stock: Flower's own waits)."""
@@ -99,8 +144,9 @@ def coordinate(
     cfg = cfg.model_copy(update={"node_roster": str(paths.roster.resolve())})
     overrides.write_text(tomli_w.dumps(cfg.to_run_config()))
     started = time.perf_counter()
-    with open(paths.log, "ab") as log:
-        env = {**paths.env(), **(polling or Polling()).to_env()}
+    with open(paths.log, "ab") as log, serve_bundle(bundle, approvals) as index:
+        env = {**paths.env(), INDEX_ENV: index, "NO_PROXY": "127.0.0.1,localhost"}
+        env.update((polling or Polling()).to_env())
         process = start_superlink(paths.superlink(host, port), env, log)
         try:
             say(f"SuperLink up on {host}:{port} (TLS, node authentication, {paths.database})")
@@ -110,7 +156,7 @@ def coordinate(
             for stale in superlink.stop_unfinished(paths):
                 say(f"stopped run {stale}, left unfinished by the previous SuperLink")
             _, offset = journal.events()
-            run_id = superlink.submit(paths, project_dir(), overrides)
+            run_id = superlink.submit(paths, bundle.spec, overrides)
             say(f"submitted run {run_id}: {cfg.task}, rounds {done + 1}..{cfg.num_rounds}")
 
             def finished() -> str:

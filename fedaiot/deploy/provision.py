@@ -1,4 +1,5 @@
-"""``fedaiot provision``: the federation's keys and certificates, made with `cryptography` only.
+"""``fedaiot provision``: the coordinator's keys and certificates, and the institutions it
+admits, made with `cryptography` only.
 
 Layout of the provisioning folder (``secret`` files are written 0600 from the start)::
 
@@ -8,15 +9,18 @@ Layout of the provisioning folder (``secret`` files are written 0600 from the st
     superlink/server.key        secret  stays on the SuperLink's machine
     coordinator/coordinator.key secret  Ed25519: signs registered models and service tokens
     coordinator/coordinator.pub         verifies them
-    institutions/<name>/node.key secret ECDSA P-384, OpenSSH format: the SuperNode's identity
-    institutions/<name>/node.pub        OpenSSH public key, registered with the SuperLink
-    institutions/<name>/ca.crt          a copy of ca.crt, so the folder is the whole node kit
+    institutions/<name>/node.pub        the institution's node key, registered with the SuperLink
+    institutions/<name>/identity.pub    its identity key (secure aggregation), in the roster
+    institutions/<name>/review.pub      its review key: checks its approvals of app bundles
+    institutions/<name>/ca.crt          a copy of ca.crt, to send back with the roster
+    roster.json                         the federation roster: every institution's identity key
 
-Flower's SuperNode reads its key with ``load_ssh_private_key`` and ``flwr supernode register``
-reads the public key with ``load_ssh_public_key`` (a NIST curve), hence OpenSSH encodings.
+Institutions make their own keys (``fedaiot node init``) and send a request holding public keys
+only; ``--approve REQUEST`` registers it here. No private key of an institution is ever made,
+received or written by the coordinator.
 
 Nothing existing is overwritten unless ``force``: an existing file is kept and reported as
-kept, so re-running with a new institution adds only that institution's keys.
+kept, so re-running with a new request adds only that institution.
 """
 
 from __future__ import annotations
@@ -169,20 +173,6 @@ def make_server_cert(
     return key, cert
 
 
-def node_keypair(name: str) -> tuple[bytes, bytes]:
-    """An ECDSA P-384 key pair as Flower's node authentication reads it (OpenSSH encodings)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.OpenSSH,
-        serialization.NoEncryption(),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    return private, public + f" fedaiot-{name}\n".encode()
-
-
 def _load_ca(root: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     try:
         key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), password=None)
@@ -203,16 +193,16 @@ def _write_pair(
 
 def provision(
     root: Path,
-    institutions: list[str],
+    requests: list[Path] | None = None,
     *,
     hosts: list[str] | None = None,
     force: bool = False,
 ) -> Provisioned:
-    """Create what is missing under ``root`` (everything named, with ``force``)."""
+    """Create what is missing under ``root`` (everything named, with ``force``) and register
+    each institution's request (``fedaiot node init`` made it, with public keys only)."""
+    from fedaiot.deploy.registration import register_requests
+
     root = Path(root)
-    names = [check_name(n) for n in institutions]
-    if len(set(names)) != len(names):
-        raise ProvisionError("an institution is named twice")
     # The loopback names always: the coordinator's own flwr commands reach the SuperLink there.
     hosts = list(dict.fromkeys([*(hosts or []), *DEFAULT_HOSTS]))
     done = Provisioned()
@@ -249,16 +239,8 @@ def provision(
     if fresh(signing_dir / signing.PRIVATE_KEY_FILE):
         signing.generate_keypair(signing_dir, force=True)
         done.created.append(signing_dir / signing.PUBLIC_KEY_FILE)
-    for name in names:
-        folder = institution_dir(root, name)
-        if fresh(folder / NODE_KEY):
-            private, public = node_keypair(name)
-            write_file(folder / NODE_KEY, private, secret=True, force=True)
-            write_file(folder / NODE_PUB, public, secret=False, force=True)
-            done.created.append(folder / NODE_PUB)
-        ca_copy = ca_cert.public_bytes(serialization.Encoding.PEM)
-        if not (folder / CA_CERT).exists() or (folder / CA_CERT).read_bytes() != ca_copy:
-            write_file(folder / CA_CERT, ca_copy, secret=False, force=True)
+    ca_copy = ca_cert.public_bytes(serialization.Encoding.PEM)
+    register_requests(root, requests or [], ca_copy, done, force=force)
     return done
 
 

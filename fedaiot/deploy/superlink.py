@@ -170,8 +170,10 @@ def stop_unfinished(paths: CoordinatorPaths) -> list[str]:
     return stopped
 
 
-def submit(paths: CoordinatorPaths, project: Path, run_config: Path) -> int:
-    answer = flwr(paths, "run", str(project), CONNECTION, "--run-config", str(run_config))
+def submit(paths: CoordinatorPaths, app: str, run_config: Path) -> int:
+    """Start a run of ``app``: a published app's ``@publisher/name==version`` (the SuperLink
+    fetches it, signatures and all, from its app index) or a folder (unsigned)."""
+    answer = flwr(paths, "run", app, CONNECTION, "--run-config", str(run_config))
     if not answer.get("success"):
         raise LaunchError(f"submitting the run failed: {answer.get('error-message', '')}")
     return int(answer["run-id"])

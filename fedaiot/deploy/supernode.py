@@ -3,7 +3,9 @@
 The data is read and checked against the task's schema *before* the SuperNode starts, so a file
 the model cannot take is refused at once, naming the column or shape at fault. The node's
 state (its privacy ledger, its node config, Flower's app cache) lives in ``.fedaiot`` next to
-the data unless told otherwise.
+the data unless told otherwise. The SuperNode runs only app bundles signed by a key of the
+kit's ``trusted-entities.yaml``, and its ClientApp signs and checks secure-aggregation keys
+with the kit's identity key and pinned roster.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import tomli_w
 
 from fedaiot.config.polling import Polling
+from fedaiot.deploy import institution_keys as keys
 from fedaiot.deploy import provision
 from fedaiot.deploy.superlink import KitError
 from fedaiot.launch.processes import flower_env, port_free
@@ -21,6 +24,8 @@ from fedaiot.launch.supernode import NodeProcesses, SuperNode
 from fedaiot.launch.supernode import start_supernode as launch_supernode
 from fedaiot.node.deployed import NodeSettings, default_ledger_dir
 from fedaiot.node.local_data import load_local
+from fedaiot.secagg import NodeIdentity
+from fedaiot.secure_rounds.identity import IDENTITY_KEY, ROSTER, identity_from
 from fedaiot.tasks import get_task
 
 # flower-supernode's exit code when the SuperLink will not activate it (unknown key).
@@ -28,8 +33,21 @@ EXIT_NOT_REGISTERED = 305
 
 
 @dataclass(frozen=True)
+class TrustingSuperNode(SuperNode):
+    """A SuperNode that runs only app bundles signed by a key its trust file lists: Flower
+    refuses any other bundle before a line of it runs (``--trusted-entities``)."""
+
+    trusted_entities: Path = Path(keys.TRUSTED)
+
+    def flower_arguments(self) -> list[str]:  # the stock and the kit's fast SuperNode alike
+        trusted = str(self.trusted_entities.resolve())
+        return [*super().flower_arguments(), "--trusted-entities", trusted]
+
+
+@dataclass(frozen=True)
 class NodeKit:
-    """The folder ``fedaiot provision`` made for one institution (its node.key and ca.crt)."""
+    """The institution's own folder: its keys (``fedaiot node init``), the federation's CA and
+    roster (``fedaiot node pin``), and the keys its SuperNode trusts to sign app bundles."""
 
     folder: Path
 
@@ -41,12 +59,35 @@ class NodeKit:
     def key(self) -> Path:
         return self.folder / provision.NODE_KEY
 
-    def check(self) -> None:
-        for path in (self.ca, self.key):
+    @property
+    def identity_key(self) -> Path:
+        return self.folder / keys.IDENTITY_KEY
+
+    @property
+    def roster(self) -> Path:
+        return self.folder / keys.ROSTER
+
+    @property
+    def trusted(self) -> Path:
+        return self.folder / keys.TRUSTED
+
+    def check(self) -> NodeIdentity:
+        """The kit's identity once every file is there, secrets 0600 and its key pinned."""
+        for path, made_by in (
+            (self.key, "fedaiot node init"),
+            (self.identity_key, "fedaiot node init"),
+            (self.trusted, "fedaiot node init"),
+            (self.ca, "fedaiot node pin"),
+            (self.roster, "fedaiot node pin"),
+        ):
             if not path.is_file():
-                raise KitError(f"{path} not found: the institution's kit needs ca.crt, node.key")
-        if self.key.stat().st_mode & 0o077:
-            raise KitError(f"{self.key} is readable by others: chmod 600 {self.key}")
+                raise KitError(f"{path} not found: make it with `{made_by}`")
+        for name in keys.SECRETS:
+            path = self.folder / name
+            if path.exists() and path.stat().st_mode & 0o077:
+                raise KitError(f"{path} is readable by others: chmod 600 {path}")
+        keys.read_trusted(self.folder)
+        return identity_from(self.identity_key, self.roster)
 
 
 @dataclass(frozen=True)
@@ -64,6 +105,7 @@ def prepare(
     ledger_dir: Path | None = None,
     max_epsilon: float | None = None,
     study: Path | None = None,
+    kit: NodeKit | None = None,
 ) -> PreparedNode:
     """Check the data against the task's schema (or the study) and write the SuperNode's node
     config; a file that does not fit is refused here, before the node ever connects."""
@@ -89,7 +131,11 @@ def prepare(
     )
     settings.ledger_dir.mkdir(parents=True, exist_ok=True)
     config = settings.ledger_dir / f"node-config-{settings.node_name}.toml"
-    config.write_text(tomli_w.dumps(settings.to_node_config()))
+    node_config: dict[str, str | float] = settings.to_node_config()
+    if kit is not None:  # read by the ClientApp, for secure aggregation's signatures
+        node_config[IDENTITY_KEY] = str(kit.identity_key.resolve())
+        node_config[ROSTER] = str(kit.roster.resolve())
+    config.write_text(tomli_w.dumps(node_config))
     return PreparedNode(settings, config, examples)
 
 
@@ -108,7 +154,7 @@ def start_supernode(
         raise KitError(f"port {port} (the node's local app port) is in use: choose --port")
     home = prepared.settings.ledger_dir / "flower"
     home.mkdir(parents=True, exist_ok=True)
-    node = SuperNode(superlink, kit.ca, kit.key, prepared.node_config, port)
+    node = TrustingSuperNode(superlink, kit.ca, kit.key, prepared.node_config, port, kit.trusted)
     with open(log_path, "ab") as log:
         return launch_supernode(node, flower_env(home), log, polling or Polling())
 

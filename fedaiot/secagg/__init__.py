@@ -7,12 +7,17 @@ the server and the conditions checked by :class:`SecAggClient` hold. Secure aggr
 *which* node sent what; it is not differential privacy: the sum itself may still reveal
 information, which DP noise added on each node addresses.
 
+Against a *malicious* server, each node also holds an identity key and a pinned roster of the
+federation's identity keys (:mod:`fedaiot.secagg.authentication`): advertisements are signed and
+checked, and nodes confirm the survivor sets before unmasking.
+
 What the caller must do: create one :class:`RoundSetup` per round (fresh round id and nonce),
 one :class:`SecAggClient` per node and one :class:`SecAggServer`, carry the messages
 (``to_record`` / ``from_record``) between them stage by stage, and abandon the round on any
 :class:`SecAggError`. Bound every encoded value by ``max_abs`` (clip before masking).
 """
 
+from fedaiot.secagg.authentication import NodeIdentity, Roster
 from fedaiot.secagg.client import SecAggClient
 from fedaiot.secagg.errors import (
     AuthenticationError,
@@ -23,6 +28,8 @@ from fedaiot.secagg.errors import (
 )
 from fedaiot.secagg.graph import default_degree, default_threshold
 from fedaiot.secagg.messages import (
+    Confirmation,
+    ConfirmRequest,
     ForwardedShares,
     KeyAdvert,
     MaskedInput,
@@ -40,14 +47,18 @@ from fedaiot.secagg.setup import RoundSetup
 
 __all__ = [
     "AuthenticationError",
+    "ConfirmRequest",
+    "Confirmation",
     "DisconnectedSurvivorsError",
     "ForwardedShares",
     "KeyAdvert",
     "MaskedInput",
     "NeighbourKeys",
+    "NodeIdentity",
     "ProtocolViolation",
     "Quantizer",
     "Record",
+    "Roster",
     "RoundSetup",
     "RoundTrace",
     "SecAggClient",

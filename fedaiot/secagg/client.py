@@ -12,14 +12,20 @@ and dropped, names this node as dropped, lists fewer than ``threshold`` survivor
 survivors that are not connected in the round's graph; in each case unmasking could reveal
 less than a sum over all survivors.
 
+Against a *malicious* server, give the client the node's :class:`NodeIdentity` (its identity
+key and pinned roster): the round must then name an institution for every node id; the client
+signs its advertisement, refuses the round if any neighbour's relayed keys are not signed by
+that neighbour's roster key, signs the survivor sets it is shown (:meth:`confirm`), and unmasks
+only when more than ``(n + colluders) / 2`` nodes signed exactly those sets
+(:mod:`fedaiot.secagg.authentication`). Without an identity it trusts the server to relay
+faithfully, as the honest-but-curious model assumes.
+
 What the caller must do: create one :class:`SecAggClient` per round from the server's
-:class:`~fedaiot.secagg.setup.RoundSetup`, call the four stages in order, send each result to the
+:class:`~fedaiot.secagg.setup.RoundSetup`, call the stages in order, send each result to the
 server, and drop the object when the round ends or fails (never reuse it, nor retry a stage; a
-retried ``masked_input`` with another vector would leak the difference of the two). The server
-is not authenticated here: a *malicious* server that substitutes public keys or sends different
-nodes different survivor lists is outside this guarantee (SecAgg's consistency check and a PKI
-would be needed). Secrets live in this object's memory only and are dropped after ``unmask``;
-Python cannot guarantee that freed memory is wiped.
+retried ``masked_input`` with another vector would leak the difference of the two). Secrets
+live in this object's memory only and are dropped after ``unmask``; Python cannot guarantee
+that freed memory is wiped.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from fedaiot.secagg import crypto, shamir
+from fedaiot.secagg.authentication import Authenticator, NodeIdentity, confirmations_needed
 from fedaiot.secagg.errors import (
     AuthenticationError,
     ProtocolViolation,
@@ -43,6 +50,8 @@ from fedaiot.secagg.errors import (
 from fedaiot.secagg.graph import check_unmask_safe
 from fedaiot.secagg.messages import (
     SHARE_PLAINTEXT_BYTES,
+    Confirmation,
+    ConfirmRequest,
     ForwardedShares,
     KeyAdvert,
     MaskedInput,
@@ -67,6 +76,7 @@ _STATE_FIELDS = (
     "held_b",
     "held_sk",
 )
+_AUTH_STATE = ("colluders", "confirmed_survivors", "confirmed_dropped")
 
 SEED_BYTES = 32
 _SHARE_AD_LABEL = b"fedaiot-secagg-share"
@@ -82,13 +92,31 @@ def share_associated_data(setup: RoundSetup, sender: int, recipient: int) -> byt
 
 class SecAggClient:
     """One node in one round: :meth:`advertise`, :meth:`share_keys`, :meth:`masked_input`,
-    :meth:`unmask`, in this order, each exactly once."""
+    (with an identity) :meth:`confirm`, and :meth:`unmask`, in this order, each exactly once.
 
-    def __init__(self, node_id: int, setup: RoundSetup) -> None:
+    ``colluders``: how many nodes of the round may side with the server; with an identity,
+    unmasking needs confirmations from more than ``(n + colluders) / 2`` nodes.
+    """
+
+    def __init__(
+        self,
+        node_id: int,
+        setup: RoundSetup,
+        identity: NodeIdentity | None = None,
+        colluders: int = 0,
+    ) -> None:
         if node_id not in setup.node_ids:
             raise ProtocolViolation(f"node {node_id} is not among the round's node ids")
+        if identity is None and setup.identities:
+            raise ProtocolViolation(
+                f"node {node_id}: the round asks for signed key advertisements and this node "
+                "has no identity key"
+            )
         self.node_id = node_id
         self.setup = setup
+        self.auth = Authenticator(identity, setup, node_id) if identity is not None else None
+        self.colluders = colluders
+        self._confirmed: tuple[list[int], list[int]] | None = None
         self.neighbours = setup.graph[node_id]
         self._stage = 0
         self._enc_sk: X25519PrivateKey | None = None
@@ -115,12 +143,9 @@ class SecAggClient:
         """Stage 1: two fresh X25519 key pairs, one to encrypt shares, one to agree masks."""
         self._enter(0, self.setup.round_id, "advertise")
         self._enc_sk, self._mask_sk = crypto.generate_private_key(), crypto.generate_private_key()
-        return KeyAdvert(
-            self.node_id,
-            self.setup.round_id,
-            crypto.public_bytes(self._enc_sk),
-            crypto.public_bytes(self._mask_sk),
-        )
+        enc, mask = crypto.public_bytes(self._enc_sk), crypto.public_bytes(self._mask_sk)
+        signature = self.auth.sign_advert(enc, mask) if self.auth else b""
+        return KeyAdvert(self.node_id, self.setup.round_id, enc, mask, signature)
 
     def share_keys(self, neighbour_keys: NeighbourKeys) -> ShareBundle:
         """Stage 3: Shamir-share a fresh self-mask seed and the mask private key among the
@@ -133,6 +158,8 @@ class SecAggClient:
             raise ProtocolViolation(
                 f"node {self.node_id}: keys of {strangers}, which are not its neighbours"
             )
+        if self.auth is not None:
+            self.auth.check_adverts(peers, neighbour_keys.signatures)
         t = self.setup.threshold
         if len(peers) + 1 < t:
             raise TooFewSurvivorsError(
@@ -241,6 +268,17 @@ class SecAggClient:
             np.bitwise_and(y, setup.quantizer.mask, out=y)
         return MaskedInput(self.node_id, setup.round_id, y)
 
+    def confirm(self, request: ConfirmRequest) -> Confirmation:
+        """Stage 6b (authenticated rounds): sign the survivor and dropped sets, once, after
+        the checks :meth:`unmask` makes; the node will unmask only for these same sets."""
+        if self.auth is None:
+            raise ProtocolViolation(f"node {self.node_id}: confirmations need an identity key")
+        self._enter(3, request.round_id, "confirm")
+        self._check_request(set(request.survivors), set(request.dropped))
+        self._confirmed = (sorted(request.survivors), sorted(request.dropped))
+        signature = self.auth.confirm(request.survivors, request.dropped)
+        return Confirmation(self.node_id, self.setup.round_id, signature)
+
     def unmask(self, request: UnmaskRequest) -> UnmaskShares:
         """Stage 7: shares of ``b`` for survivors and of the mask key for dropped nodes.
 
@@ -248,9 +286,27 @@ class SecAggClient:
         is listed as dropped or not as survivor, or an id is unknown;
         :class:`TooFewSurvivorsError` if fewer than ``threshold`` survived;
         :class:`DisconnectedSurvivorsError` if the survivors are not connected in the graph.
+        With an identity: :class:`AuthenticationError` unless the sets are the ones it
+        confirmed and enough nodes confirmed them (none with a failing signature).
         """
-        self._enter(3, request.round_id, "unmask")
+        self._enter(4 if self.auth else 3, request.round_id, "unmask")
         survivors, dropped = set(request.survivors), set(request.dropped)
+        self._check_request(survivors, dropped)
+        if self.auth is not None:
+            if self._confirmed != (sorted(survivors), sorted(dropped)):
+                raise ProtocolViolation(
+                    f"{self.auth.who} refuses to unmask: the survivor sets differ from those "
+                    "it confirmed"
+                )
+            needed = confirmations_needed(len(self.setup.node_ids), self.colluders)
+            self.auth.check_confirmations(survivors, dropped, request.confirmations, needed)
+        b_shares = {o: s[0] for o, s in self._held.items() if o in survivors}
+        sk_shares = {o: s[1] for o, s in self._held.items() if o in dropped}
+        self._enc_sk = self._mask_sk = self._b = None
+        self._held, self._peers = {}, {}
+        return UnmaskShares(self.node_id, self.setup.round_id, b_shares, sk_shares)
+
+    def _check_request(self, survivors: set[int], dropped: set[int]) -> None:
         setup, me = self.setup, self.node_id
         both = sorted(survivors & dropped)
         if both:
@@ -265,11 +321,6 @@ class SecAggClient:
             )
         who = f"node {me} refuses to unmask"
         check_unmask_safe(setup.graph, survivors, setup.threshold, who, len(setup.node_ids))
-        b_shares = {o: s[0] for o, s in self._held.items() if o in survivors}
-        sk_shares = {o: s[1] for o, s in self._held.items() if o in dropped}
-        self._enc_sk = self._mask_sk = self._b = None
-        self._held, self._peers = {}, {}
-        return UnmaskShares(me, setup.round_id, b_shares, sk_shares)
 
     def export_state(self) -> Record:
         """The node's round secrets as a flat record, for a node whose stages run in separate
@@ -280,7 +331,11 @@ class SecAggClient:
         """
         held = sorted(self._held)
         peers = sorted(self._peers)
+        survivors, dropped = self._confirmed or ([], [])
         return {
+            "colluders": self.colluders,
+            "confirmed_survivors": survivors,
+            "confirmed_dropped": dropped,
             "node_id": self.node_id,
             "stage": self._stage,
             "enc_sk": crypto.private_bytes(self._enc_sk) if self._enc_sk else b"",
@@ -295,11 +350,16 @@ class SecAggClient:
         }
 
     @classmethod
-    def restore(cls, setup: RoundSetup, state: Mapping[str, Any]) -> SecAggClient:
-        """The client :meth:`export_state` saved, for the same round's ``setup``."""
-        r = RecordReader(state, "SecAggClient state", _STATE_FIELDS)
-        client = cls(r.int_("node_id"), setup)
-        client._stage = r.int_("stage", 0, 4)
+    def restore(
+        cls, setup: RoundSetup, state: Mapping[str, Any], identity: NodeIdentity | None = None
+    ) -> SecAggClient:
+        """The client :meth:`export_state` saved, for the same round's ``setup``; the identity
+        is the node's own, loaded afresh (the long-term key is never part of the state)."""
+        r = RecordReader(state, "SecAggClient state", (*_STATE_FIELDS, *_AUTH_STATE))
+        client = cls(r.int_("node_id"), setup, identity, r.int_("colluders"))
+        client._stage = r.int_("stage", 0, 5)
+        if client.auth is not None and client._stage >= 4:
+            client._confirmed = (r.ints("confirmed_survivors"), r.ints("confirmed_dropped"))
         for name in ("enc_sk", "mask_sk"):
             raw = r.bytes_(name)
             key = crypto.load_private_key(raw) if raw else None

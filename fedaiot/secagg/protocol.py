@@ -17,6 +17,7 @@ from typing import Any, Protocol, Self, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from fedaiot.secagg.authentication import NodeIdentity
 from fedaiot.secagg.client import SecAggClient
 from fedaiot.secagg.errors import SecAggError
 from fedaiot.secagg.records import Record, record_size
@@ -70,6 +71,8 @@ def run_round_in_memory(
     round_id: int | None = None,
     trace: RoundTrace | None = None,
     restart_between_stages: bool = False,
+    identities: Mapping[int, NodeIdentity] | None = None,
+    colluders: int = 0,
 ) -> tuple[npt.NDArray[np.float64], float]:
     """One full round over ``vectors`` (node id -> 1-D array, all of one length) and ``weights``.
 
@@ -78,8 +81,10 @@ def run_round_in_memory(
     in ``drop_after_masked`` are summed but do not help unmask. ``threshold`` and ``degree``
     default to :func:`~fedaiot.secagg.graph.default_threshold` and
     :func:`~fedaiot.secagg.graph.default_degree`. With ``restart_between_stages`` every client
-    is rebuilt from its exported state before each stage, as a Flower node is. Raises what the
-    stages raise.
+    is rebuilt from its exported state before each stage, as a Flower node is. With
+    ``identities`` (node id -> its :class:`NodeIdentity`) the round is authenticated: signed
+    advertisements and the survivor-set confirmations, needing more than ``(n + colluders) /
+    2`` of them; nodes in ``drop_after_masked`` confirm nothing. Raises what the stages raise.
     """
     if set(vectors) != set(weights):
         raise SecAggError("vectors and weights must have the same node ids")
@@ -95,8 +100,10 @@ def run_round_in_memory(
         modulus_bits=modulus_bits,
         max_abs=max_abs,
         round_id=round_id,
+        identities=[identities[i].name for i in vectors] if identities else (),
     )
     setup = _wire(setup, None, 0, False)
+    who = dict(identities or {})
     if trace is not None:
         trace.setup = setup
     server = SecAggServer(setup)
@@ -109,7 +116,8 @@ def run_round_in_memory(
             if node in gone:
                 continue
             if restart_between_stages:
-                clients[node] = SecAggClient.restore(setup, clients[node].export_state())
+                state = clients[node].export_state()
+                clients[node] = SecAggClient.restore(setup, state, who.get(node))
             got = step(clients[node], _wire(msg, trace, node, False))
             out.append(_wire(got, trace, node, True))
         if trace is not None:
@@ -124,7 +132,7 @@ def run_round_in_memory(
         return result
 
     start = clock()
-    clients = {i: SecAggClient(i, setup) for i in setup.node_ids}
+    clients = {i: SecAggClient(i, setup, who.get(i), colluders) for i in setup.node_ids}
     adverts = [_wire(clients[i].advertise(), trace, i, True) for i in clients if i not in gone]
     if trace is not None:
         trace.client_seconds += clock() - start
@@ -137,8 +145,11 @@ def run_round_in_memory(
         lambda c, f: c.masked_input(f, vectors[c.node_id], weights[c.node_id]), forwarded
     )
     server_does(server.collect_masked, masked)
-    requests = server_does(server.unmask_request)
     gone |= set(drop_after_masked)
+    if server.authenticated:
+        confirmations = clients_do(SecAggClient.confirm, server_does(server.confirm_request))
+        server_does(server.collect_confirmations, confirmations)
+    requests = server_does(server.unmask_request)
     responses = clients_do(SecAggClient.unmask, requests)
     result: tuple[npt.NDArray[np.float64], float] = server_does(server.aggregate, responses)
     return result

@@ -1,13 +1,14 @@
 """Flat records for the protocol's messages, and the typed reader that checks them.
 
-A record maps field names to ``int``, ``bytes``, ``list[int]``, ``list[bytes]`` or ``numpy``
-arrays, the types a Flower ``ConfigRecord`` / ``ArrayRecord`` carries. Reading one back checks
-every field's presence, type and length and raises :class:`~fedaiot.secagg.errors.SecAggError`
-naming the message and the field.
+A record maps field names to ``int``, ``bytes``, ``list[int]``, ``list[bytes]``, ``list[str]``
+or ``numpy`` arrays, the types a Flower ``ConfigRecord`` / ``ArrayRecord`` carries. Reading one
+back checks every field's presence, type and length and raises
+:class:`~fedaiot.secagg.errors.SecAggError` naming the message and the field.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy.typing as npt
 
 from fedaiot.secagg.errors import SecAggError
 
-RecordValue = int | bytes | list[int] | list[bytes] | npt.NDArray[Any]
+RecordValue = int | bytes | list[int] | list[bytes] | list[str] | npt.NDArray[Any]
 Record = dict[str, RecordValue]
 MAX_NODE_ID = 2**64 - 1
 MAX_ROUND_ID = 2**63 - 1
@@ -40,11 +41,19 @@ def record_size(record: Record) -> int:
 class RecordReader:
     """Typed, length-checked access to a record's fields; errors name message and field."""
 
-    def __init__(self, record: Mapping[str, Any], message: str, fields: Sequence[str]) -> None:
+    def __init__(
+        self,
+        record: Mapping[str, Any],
+        message: str,
+        fields: Sequence[str],
+        optional: Sequence[str] = (),
+    ) -> None:
+        """``optional`` fields may be absent: an unauthenticated round leaves its signature
+        fields out, so its messages are exactly what they were before signatures existed."""
         if not isinstance(record, Mapping):
             raise SecAggError(f"{message}: a record must be a mapping, got {type(record)}")
         missing = [f for f in fields if f not in record]
-        extra = sorted(set(record) - set(fields))
+        extra = sorted(set(record) - set(fields) - set(optional))
         if missing or extra:
             raise SecAggError(f"{message}: missing fields {missing}, unknown fields {extra}")
         self.d, self.message = record, message
@@ -59,6 +68,9 @@ class RecordReader:
         if not lo <= int(v) <= hi:
             raise self.fail(name, f"{int(v)} is outside [{lo}, {hi}]")
         return int(v)
+
+    def has(self, name: str) -> bool:
+        return name in self.d
 
     def bytes_(self, name: str, length: int | None = None) -> bytes:
         v = self.d[name]
@@ -78,6 +90,14 @@ class RecordReader:
         if len(set(v)) != len(v):
             raise self.fail(name, "ids must be distinct")
         return [int(x) for x in v]
+
+    def strs(self, name: str, pattern: str = r"[a-z0-9][a-z0-9_-]{0,62}") -> list[str]:
+        v = self.d[name]
+        if not isinstance(v, list | tuple) or not all(
+            isinstance(x, str) and re.fullmatch(pattern, x) for x in v
+        ):
+            raise self.fail(name, f"expected a list of names matching {pattern}")
+        return list(v)
 
     def bytes_list(self, name: str, length: int | None = None, count: int = -1) -> list[bytes]:
         v = self.d[name]

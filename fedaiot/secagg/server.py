@@ -8,6 +8,12 @@ along the way reveals nothing more about the individual ``x_i`` or ``w_i`` (see
 of the sum; the round still completes while at least ``threshold`` nodes survive each stage and
 every survivor and dropped node keeps ``threshold`` share holders among the responding nodes.
 
+In an authenticated round (the setup names an institution per node id) the server relays the
+advertisements' signatures with the keys, and between :meth:`collect_masked` and
+:meth:`unmask_request` asks the survivors to sign the survivor sets (:meth:`confirm_request`,
+:meth:`collect_confirmations`); the unmask request carries those signatures. The server checks
+none of them: the nodes do, against the roster they pinned.
+
 What the caller must do: build a fresh :class:`~fedaiot.secagg.setup.RoundSetup` per round
 (:meth:`RoundSetup.create`), send it to every node, then pass each stage the list of client
 messages that arrived before the stage's deadline (a missing message *is* a dropout) and send
@@ -34,6 +40,8 @@ from fedaiot.secagg.errors import (
 from fedaiot.secagg.graph import check_unmask_safe
 from fedaiot.secagg.messages import (
     SHARE_CIPHERTEXT_BYTES,
+    Confirmation,
+    ConfirmRequest,
     ForwardedShares,
     KeyAdvert,
     MaskedInput,
@@ -54,7 +62,8 @@ class _FromNode(Protocol):
 
 class SecAggServer:
     """The server in one round: :meth:`collect_adverts`, :meth:`collect_shares`,
-    :meth:`collect_masked`, :meth:`unmask_request`, :meth:`aggregate`, in this order.
+    :meth:`collect_masked`, (authenticated rounds) :meth:`confirm_request` and
+    :meth:`collect_confirmations`, :meth:`unmask_request`, :meth:`aggregate`, in this order.
 
     Attributes ``active``, ``sharers`` and ``survivors`` hold the nodes left after stages 1, 3
     and 5; ``excluded`` maps each node left out to the reason.
@@ -63,6 +72,16 @@ class SecAggServer:
     def __init__(self, setup: RoundSetup) -> None:
         self.setup = setup
         self.graph = setup.graph
+        self.authenticated = bool(setup.identities)
+        self._order = [
+            "collect_adverts",
+            "collect_shares",
+            "collect_masked",
+            *(["confirm_request", "collect_confirmations"] if self.authenticated else []),
+            "unmask_request",
+            "aggregate",
+        ]
+        self._confirmations: dict[int, bytes] = {}
         self._stage = 0
         self._adverts: dict[int, KeyAdvert] = {}
         self.active: frozenset[int] = frozenset()
@@ -71,12 +90,11 @@ class SecAggServer:
         self.excluded: dict[int, str] = {}
         self._sum = np.zeros(setup.masked_length, dtype=np.uint64)
 
-    def _enter(self, stage: int, what: str) -> None:
-        if self._stage != stage:
-            raise ProtocolViolation(
-                f"server: {what} out of order (server is at stage {self._stage})"
-            )
-        self._stage = stage + 1
+    def _enter(self, what: str) -> None:
+        expected = self._order[self._stage] if self._stage < len(self._order) else "nothing"
+        if expected != what:
+            raise ProtocolViolation(f"server: {what} out of order (expected {expected})")
+        self._stage += 1
 
     def _accept(self, messages: Sequence[_FromNode], allowed: Iterable[int], what: str) -> None:
         """Refuse replays, unknown or unexpected senders and duplicates."""
@@ -114,7 +132,7 @@ class SecAggServer:
 
     def collect_adverts(self, adverts: Sequence[KeyAdvert]) -> dict[int, NeighbourKeys]:
         """Stage 2: for each remaining node, its advertising neighbours' public keys."""
-        self._enter(0, "collect_adverts")
+        self._enter("collect_adverts")
         self._accept(adverts, self.setup.node_ids, "KeyAdvert")
         for a in adverts:
             if len(a.enc_public) != crypto.KEY_BYTES or len(a.mask_public) != crypto.KEY_BYTES:
@@ -126,13 +144,14 @@ class SecAggServer:
             i: NeighbourKeys(
                 rid,
                 {j: (adv[j].enc_public, adv[j].mask_public) for j in self.graph[i] & self.active},
+                {j: adv[j].signature for j in self.graph[i] & self.active if adv[j].signature},
             )
             for i in sorted(self.active)
         }
 
     def collect_shares(self, bundles: Sequence[ShareBundle]) -> dict[int, ForwardedShares]:
         """Stage 4: route the share ciphertexts; each node gets those addressed to it."""
-        self._enter(1, "collect_shares")
+        self._enter("collect_shares")
         self._accept(bundles, self.active, "ShareBundle")
         for b in bundles:
             expected = self.graph[b.node_id] & self.active
@@ -154,7 +173,7 @@ class SecAggServer:
 
     def collect_masked(self, inputs: Sequence[MaskedInput]) -> None:
         """Stage 5: check and add up the masked vectors (mod ``2^modulus_bits``)."""
-        self._enter(2, "collect_masked")
+        self._enter("collect_masked")
         self._accept(inputs, self.sharers, "MaskedInput")
         length, m = self.setup.masked_length, self.setup.modulus_bits
         for msg in inputs:
@@ -174,14 +193,31 @@ class SecAggServer:
         for node in sorted(self.sharers - self.survivors):
             self.excluded[node] = "no masked input"
 
+    def _sets(self) -> tuple[list[int], list[int]]:
+        s = self.survivors
+        check_unmask_safe(self.graph, s, self.setup.threshold, "server", len(self.setup.node_ids))
+        return sorted(s), sorted(self.sharers - s)
+
+    def confirm_request(self) -> dict[int, ConfirmRequest]:
+        """Stage 6a: ask every survivor to sign the survivor and dropped sets."""
+        self._enter("confirm_request")
+        survivors, dropped = self._sets()
+        return {i: ConfirmRequest(self.setup.round_id, survivors, dropped) for i in survivors}
+
+    def collect_confirmations(self, confirmations: Sequence[Confirmation]) -> None:
+        """Stage 6b: keep each survivor's signature, to relay with the unmask request."""
+        self._enter("collect_confirmations")
+        self._accept(confirmations, self.survivors, "Confirmation")
+        self._confirmations = {c.node_id: c.signature for c in confirmations}
+
     def unmask_request(self) -> dict[int, UnmaskRequest]:
         """Stage 6: ask every survivor for its shares; raise if unmasking would not be safe."""
-        self._enter(3, "unmask_request")
-        s = self.survivors
-        total = len(self.setup.node_ids)
-        check_unmask_safe(self.graph, s, self.setup.threshold, "server", total)
-        survivors, dropped = sorted(s), sorted(self.sharers - s)
-        return {i: UnmaskRequest(self.setup.round_id, survivors, dropped) for i in survivors}
+        self._enter("unmask_request")
+        survivors, dropped = self._sets()
+        signed = self._confirmations
+        return {
+            i: UnmaskRequest(self.setup.round_id, survivors, dropped, signed) for i in survivors
+        }
 
     def _recover(self, owner: int, what: str, shares: dict[int, bytes]) -> bytes:
         t = self.setup.threshold
@@ -203,7 +239,7 @@ class SecAggServer:
         key does not match the advertised one, :class:`ProtocolViolation` for shares a node
         may not give.
         """
-        self._enter(4, "aggregate")
+        self._enter("aggregate")
         setup, s, d = self.setup, self.survivors, self.sharers - self.survivors
         self._accept(responses, s, "UnmaskShares")
         for r in responses:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, Self
 
+from fedaiot.secagg.authentication import NAME
 from fedaiot.secagg.errors import SecAggError
 from fedaiot.secagg.graph import Graph, check_degree, default_degree, default_threshold
 from fedaiot.secagg.graph import neighbours as build_graph
@@ -52,6 +53,8 @@ class RoundSetup:
     frac_bits: int = 24
     modulus_bits: int = 64
     max_abs: float = 1e6
+    # the institution each node id stands for, in node id order; empty: an unauthenticated round
+    identities: Sequence[str] = ()
     FIELDS: ClassVar[tuple[str, ...]] = (
         "round_id",
         "round_nonce",
@@ -93,6 +96,29 @@ class RoundSetup:
         if not math.isfinite(self.max_abs) or self.max_abs <= 0:
             raise SecAggError(f"RoundSetup.max_abs: must be finite and > 0, got {self.max_abs}")
         self.quantizer.check_capacity(self.max_abs, n)
+        self._check_identities(ids)
+
+    def _check_identities(self, ids: Sequence[int]) -> None:
+        names = list(self.identities)
+        if not names:
+            object.__setattr__(self, "identities", ())
+            return
+        if len(names) != len(ids) or len(set(names)) != len(names):
+            raise SecAggError(
+                "RoundSetup.identities: one distinct institution per node id is needed (an "
+                "institution standing for two nodes would count twice among the honest)"
+            )
+        if not all(isinstance(x, str) and NAME.fullmatch(x) for x in names):
+            raise SecAggError("RoundSetup.identities: every entry must be an institution name")
+        # identities travel in node id order: sort them with the ids they belong to
+        order = sorted(range(len(ids)), key=lambda k: ids[k])
+        object.__setattr__(self, "identities", tuple(names[k] for k in order))
+
+    def identity_of(self, node_id: int) -> str:
+        """The institution the setup names for ``node_id`` ("" in an unauthenticated round)."""
+        if not self.identities:
+            return ""
+        return self.identities[self.share_id(node_id) - 1]
 
     @classmethod
     def create(
@@ -106,6 +132,7 @@ class RoundSetup:
         modulus_bits: int = 64,
         max_abs: float = 1e6,
         round_id: int | None = None,
+        identities: Sequence[str] = (),
     ) -> RoundSetup:
         """A setup with a fresh random nonce (and round id unless given) and default k and t."""
         k = default_degree(len(node_ids)) if degree is None else degree
@@ -119,6 +146,7 @@ class RoundSetup:
             frac_bits=frac_bits,
             modulus_bits=modulus_bits,
             max_abs=max_abs,
+            identities=identities,
         )
 
     @cached_property
@@ -143,6 +171,8 @@ class RoundSetup:
                 self.max_abs,
             )
         )
+        for name in self.identities:  # who is who is part of what every signature covers
+            h.update(len(name).to_bytes(1, "big") + name.encode())
         return h.digest()
 
     @cached_property
@@ -169,11 +199,13 @@ class RoundSetup:
         rec: Record = {name: getattr(self, name) for name in self.FIELDS}
         rec["node_ids"] = list(self.node_ids)
         rec["max_abs"] = struct.pack(">d", self.max_abs)
+        if self.identities:
+            rec["identities"] = list(self.identities)
         return rec
 
     @classmethod
     def from_record(cls, d: Mapping[str, Any]) -> Self:
-        r = RecordReader(d, "RoundSetup", cls.FIELDS)
+        r = RecordReader(d, "RoundSetup", cls.FIELDS, optional=("identities",))
         return cls(
             round_id=r.int_("round_id", 0, MAX_ROUND_ID),
             round_nonce=r.bytes_("round_nonce", ROUND_NONCE_BYTES),
@@ -184,4 +216,5 @@ class RoundSetup:
             frac_bits=r.int_("frac_bits", 0, 62),
             modulus_bits=r.int_("modulus_bits", 2, 64),
             max_abs=struct.unpack(">d", r.bytes_("max_abs", 8))[0],
+            identities=r.strs("identities") if r.has("identities") else (),
         )

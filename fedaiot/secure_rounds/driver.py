@@ -3,7 +3,10 @@
 The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as three exchanges with the sampled nodes
 when their keys were advertised ahead (with the previous round's unmask answers: see
 :mod:`fedaiot.secure_rounds.keys`), and four otherwise: advertise keys, share keys, compute the
-input (train, or a release's vector) and send it masked, answer the unmask request. The
+input (train, or a release's vector) and send it masked, answer the unmask request. An
+authenticated round (every node registered under a roster name: a deployment) has one more,
+before unmasking: the nodes sign the survivor sets they are shown and unmask only when enough
+of them signed the same sets. Keys advertised ahead are signed as any advertisement is. The
 coordinator learns the weighted sum of the surviving nodes' updates and their total weight,
 nothing about any one node's update or example count. A node that drops out at any stage is
 left out by the protocol. A round with fewer survivors than the threshold fails cleanly, and
@@ -23,6 +26,7 @@ from flwr.serverapp import Grid
 
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.secagg import (
+    Confirmation,
     RoundSetup,
     SecAggError,
     SecAggParameters,
@@ -33,6 +37,7 @@ from fedaiot.secagg import (
 from fedaiot.secure_rounds.keys import KeyChain, Upcoming
 from fedaiot.secure_rounds.stages import Stages
 from fedaiot.secure_rounds.wire import (
+    CONFIRM,
     SHARE_KEYS,
     TRAIN_AND_MASK,
     VECTOR_AND_MASK,
@@ -98,11 +103,18 @@ class SecureAggregation(Stages):
         except SecAggError as exc:
             raise ConfigError(f"secure aggregation: {exc}") from None
 
-    def _setup(self, n: int, upcoming: Upcoming) -> RoundSetup:
+    def _setup(self, flower_ids: Sequence[int], upcoming: Upcoming) -> RoundSetup:
+        """The setup of a round of ``flower_ids`` (protocol ids 1..n in this order). When every
+        node is registered under a name (a deployment), the setup names them: the nodes then
+        sign their keys, check each other's against the roster they pinned, and confirm the
+        survivor sets before unmasking."""
+        n = len(flower_ids)
         params = self.parameters(n)
+        names = [self.roster.get(fid, "") for fid in flower_ids]
         try:
             return RoundSetup.create(
                 list(range(1, n + 1)),
+                identities=names if all(names) else (),
                 vector_length=upcoming.length,
                 degree=params.degree,
                 threshold=self.cfg.secagg_threshold or params.threshold,
@@ -227,7 +239,7 @@ class SecureAggregation(Stages):
             ids, setup = ahead.ids, ahead.setup
         else:
             ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids 1..n
-            setup = self._setup(len(ids), upcoming)
+            setup = self._setup(flower_ids, upcoming)
         self.flower_of = {i: fid for fid, i in ids.items()}
         self.names = {
             i: self.roster.get(fid) or self.chain.names.get(fid) or f"node {fid}"
@@ -255,6 +267,11 @@ class SecureAggregation(Stages):
                     f"their noise shares were sized for a sum of at least {min_survivors}, so "
                     "the round is not unmasked"
                 )
+            if server.authenticated:  # the survivor sets confirmed before any unmasking
+                requests = server.confirm_request()
+                confirmations = self.exchange(CONFIRM, requests, Confirmation, setup)
+                server.collect_confirmations(confirmations)
+                self._lap("confirm")
             shares = self.unmask_and_prepare(server.unmask_request(), setup, flower_ids)
             weighted_sum, total = server.aggregate(shares)
             self._lap("unmask")

@@ -12,7 +12,10 @@ update never waits: it is computed, masked and sent by one handler, and its pend
 charge is marked released there, just before the masked vector leaves. A round's secrets are
 deleted when it ends, when it is refused, and whenever a new round's keys are made. What
 leaves the node: its privacy accounting (epsilon, delta, noise multiplier), public keys,
-encrypted shares, the masked vector, and at the end the shares the protocol asks for.
+encrypted shares, the masked vector, and at the end the shares the protocol asks for. A
+deployed node also signs its public keys (the ones it advertises ahead too) and the survivor
+sets it is shown (:func:`confirm`, before :func:`unmask`) with its identity key, and checks its
+neighbours' signatures against its pinned roster (``identity``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
 from fedaiot.secagg import (
+    ConfirmRequest,
     ForwardedShares,
     NeighbourKeys,
     ProtocolViolation,
@@ -31,6 +35,7 @@ from fedaiot.secagg import (
     SecAggError,
     UnmaskRequest,
 )
+from fedaiot.secure_rounds.identity import colluders, node_identity
 from fedaiot.secure_rounds.wire import NEXT, flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
@@ -53,13 +58,27 @@ def forget_round(context: Context) -> None:
             del context.state[name]
 
 
+def new_client(setup_record: Mapping[str, Any], context: Context) -> SecAggClient:
+    """This node's side of the round the coordinator set up, with its identity: a round this
+    node would refuse (unauthenticated, naming it as another institution, naming an
+    institution its roster lacks) is refused here, before it trains or spends anything."""
+    setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
+    return SecAggClient(
+        int(setup_record["node"]),
+        setup,
+        node_identity(context.node_config),
+        colluders(context.run_config, len(setup.node_ids)),
+    )
+
+
 def advertise(setup_record: Mapping[str, Any], context: Context) -> dict[str, Any]:
     """Start a round: fresh keys for the round ``setup_record`` describes (with this node's
-    protocol id in ``node``), kept on the node; returns the key advert to send. Whatever an
-    earlier round left is dropped first."""
+    protocol id in ``node``), kept on the node; returns the key advert to send, signed when
+    the node has an identity (in a message of its own or ahead, in an unmask answer alike).
+    Whatever an earlier round left is dropped first."""
     forget_round(context)
-    setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
-    client = SecAggClient(int(setup_record["node"]), setup)
+    client = new_client(setup_record, context)
+    setup = client.setup
     advert = client.advertise()
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
     _save(context, client)
@@ -69,9 +88,10 @@ def advertise(setup_record: Mapping[str, Any], context: Context) -> dict[str, An
 def _client(context: Context) -> SecAggClient:
     try:
         setup = RoundSetup.from_record(dict(context.state.config_records[_SETUP]))
-        return SecAggClient.restore(setup, dict(context.state.config_records[_CLIENT]))
+        state = dict(context.state.config_records[_CLIENT])
     except KeyError:
         raise SecAggError("no secure-aggregation round in progress on this node") from None
+    return SecAggClient.restore(setup, state, node_identity(context.node_config))
 
 
 def _save(context: Context, client: SecAggClient) -> None:
@@ -138,6 +158,14 @@ def mask(
             NODE: ConfigRecord({"id": reply.node, "status": reply.status, "reason": ""}),
         },
     )
+
+
+def confirm(content: RecordDict, context: Context) -> RecordDict:
+    """Sign the survivor sets this node was shown (authenticated rounds), before unmasking."""
+    client = _client(context)
+    confirmation = client.confirm(ConfirmRequest.from_record(unpack(content)))
+    _save(context, client)
+    return pack(confirmation.to_record())
 
 
 def unmask(content: RecordDict, context: Context) -> RecordDict:

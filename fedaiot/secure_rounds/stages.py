@@ -9,7 +9,7 @@ replay) or claims another node's id makes that node a dropout, with the reason k
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from fedaiot.config.run import RunConfig
 from fedaiot.secagg import (
+    Confirmation,
     ForwardedShares,
     KeyAdvert,
     MaskedInput,
@@ -32,7 +33,7 @@ from fedaiot.secure_rounds.wire import ADVERTISE, NEXT, SECAGG, UNMASK, pack, un
 from fedaiot.wire.records import NODE, ReceivedReply, identity, read_reply, refuse_duplicates
 from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
 
-M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, UnmaskShares)
+M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, Confirmation, UnmaskShares)
 
 
 class Stages:
@@ -55,7 +56,7 @@ class Stages:
         self.laps[stage] = now - self._clock
         self._clock = now
 
-    def _setup(self, n: int, upcoming: Upcoming) -> RoundSetup:
+    def _setup(self, flower_ids: Sequence[int], upcoming: Upcoming) -> RoundSetup:
         raise NotImplementedError  # the driver knows the threat model and the fixed point
 
     def advertise(self, ids: dict[int, int], setup: RoundSetup) -> list[KeyAdvert]:
@@ -144,7 +145,7 @@ class Stages:
         following = None
         if upcoming is not None:
             next_ids = {fid: index + 1 for index, fid in enumerate(nodes)}
-            following = Prepared(self._setup(len(nodes), upcoming), next_ids, upcoming.integers)
+            following = Prepared(self._setup(nodes, upcoming), next_ids, upcoming.integers)
         outgoing = []
         for i, request in requests.items():
             content = pack(request.to_record())

@@ -16,11 +16,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 # Message types of the stages. A round is: keys advertised (by the previous round's unmask
 # reply when the node set is the same, else by an exchange of its own), keys shared, the input
-# computed and masked in one exchange (training, or a release's vector), and the unmasking.
+# computed and masked in one exchange (training, or a release's vector), in authenticated
+# rounds the survivor sets confirmed, and the unmasking.
 ADVERTISE = "query.secagg_advertise"
 SHARE_KEYS = "query.secagg_share"
 TRAIN_AND_MASK = "train.secagg"
 VECTOR_AND_MASK = "query.secagg_vector"  # a vector (statistics, evaluation) instead
+CONFIRM = "query.secagg_confirm"  # authenticated rounds: sign the survivor sets first
 UNMASK = "query.secagg_unmask"
 
 SECAGG = "secagg"  # the record names inside a message's RecordDict

@@ -25,6 +25,7 @@ ROUTES: dict[str, Handler] = {
     "query.secagg_vector": client_app.vector_and_mask,
     "query.secagg_advertise": client_app.advertise,
     "query.secagg_share": client_app.share_keys,
+    "query.secagg_confirm": client_app.confirm,
     "query.secagg_unmask": client_app.unmask,
 }
 FIRST_ID = 100

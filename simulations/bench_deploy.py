@@ -2,9 +2,11 @@
 authentication, the kits' own commands; plain and secure rounds, the kits' fast paths against
 Flower's stock behaviour.
 
-Each configuration is a fresh federation: ``fedaiot provision``, each institution's file of the
-task's bundled data (``fedaiot node demo-data``), ``fedaiot coordinator start`` and N times
-``fedaiot node start``, as an operator runs them (``--stock-flower`` for the stock rows). The
+Each configuration is a fresh federation set up as deployment does it (each institution's
+``node init``, the coordinator's ``provision --approve``, ``node pin``, every institution's
+approval of the app bundle: ``tests/deploy_support.py``), each institution's file of the task's
+bundled data, then ``fedaiot coordinator start`` and N times ``fedaiot node start``, as an
+operator runs them (``--stock-flower`` for the stock rows). The
 round time is the coordinator's (journal ``seconds``: the exchanges, aggregation, evaluation on
 the held-out set and the signed registration). Round 1 is left out of the statistics: it
 advertises its keys in an exchange of its own and the nodes' runtimes warm up.
@@ -18,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import signal
 import statistics
 import sys
 import tempfile
@@ -27,8 +31,8 @@ from typing import Any
 
 from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
-from fedaiot.deploy.provision import provision
 from fedaiot.launch.processes import free_port, spawn, stop_tree
+from tests.deploy_support import federation as make_federation
 
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
 CEILING = 3600.0  # seconds a configuration may take before it is called failed
@@ -39,13 +43,20 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def _children_cpu() -> float:
+    """CPU seconds of every process this one started and reaped, and of their reaped
+    descendants."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def federation(
     root: Path, *, nodes: int, rounds: int, task: str, epsilon: float, secure: bool, stock: bool
 ) -> dict[str, Any]:
     """One run to its end; the coordinator's round times and exchanges, rounds 2 onwards."""
     names = [f"site{i:02d}" for i in range(nodes)]
-    pki = root / "pki"
-    provision(pki, names)
+    fed = make_federation(root, names, bundle=True)
+    assert fed.bundle is not None and fed.approvals is not None
     cfg = RunConfig(task=task, num_rounds=rounds, epsilon=epsilon, output_dir="unused")
     files = export(cfg, nodes, root / "data", names)
     run_config = root / "run.toml"
@@ -57,57 +68,26 @@ def federation(
     flag = ["--stock-flower"] if stock else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     started = []
+    cpu_before = _children_cpu()
     try:
         coordinator_log = root / "coordinator.log"
+        coordinator_args = ["coordinator", "start", "--run-config", str(run_config)]
+        coordinator_args += ["--bundle", str(fed.bundle), "--approval", str(fed.approvals)]
+        coordinator_args += ["--pki", str(fed.pki), "--state", str(state), "--port", str(port)]
         with open(coordinator_log, "ab") as log:
-            coordinator = spawn(
-                [
-                    *FEDAIOT,
-                    "coordinator",
-                    "start",
-                    "--run-config",
-                    str(run_config),
-                    "--pki",
-                    str(pki),
-                    "--state",
-                    str(state),
-                    "--port",
-                    str(port),
-                    "--json",
-                    *flag,
-                ],
-                env,
-                log,
-            )
+            coordinator = spawn([*FEDAIOT, *coordinator_args, "--json", *flag], env, log)
         started.append(coordinator)
         deadline = time.monotonic() + CEILING
-        while f"institution {names[-1]}:" not in coordinator_log.read_text():
+        while "submitted run" not in coordinator_log.read_text():  # every node registered
             if coordinator.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the coordinator did not start: {coordinator_log}")
             time.sleep(0.2)
         for name, data in zip(names, files, strict=True):
+            node_args = ["node", "start", "--task", task, "--data", str(data)]
+            node_args += ["--kit", str(fed.kits[name]), "--superlink", f"127.0.0.1:{port}"]
             with open(root / f"node-{name}.log", "ab") as log:
                 started.append(
-                    spawn(
-                        [
-                            *FEDAIOT,
-                            "node",
-                            "start",
-                            "--task",
-                            task,
-                            "--data",
-                            str(data),
-                            "--kit",
-                            str(pki / "institutions" / name),
-                            "--superlink",
-                            f"127.0.0.1:{port}",
-                            "--port",
-                            str(free_port()),
-                            *flag,
-                        ],
-                        env,
-                        log,
-                    )
+                    spawn([*FEDAIOT, *node_args, "--port", str(free_port()), *flag], env, log)
                 )
         code = coordinator.wait(timeout=CEILING)
         if code != 0:
@@ -115,6 +95,7 @@ def federation(
     finally:
         for process in reversed(started):
             stop_tree(process)
+    cpu = _children_cpu() - cpu_before
     journal = state / "runs" / task / "journal.jsonl"
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     played = [e for e in events if e["event"] == "round"]
@@ -127,6 +108,9 @@ def federation(
         "exchanges": statistics.median(e.get("exchanges", 0) for e in later),
         "aggregated": sum(bool(e["aggregated"]) for e in played),
         "rounds": len(played),
+        # every process of the federation, start-up included: what a loaded machine cannot
+        # hide (its wall-clock medians depend on what else runs)
+        "cpu_s_per_round": cpu / len(played),
     }
 
 
@@ -139,15 +123,21 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=1.0)
     parser.add_argument("--skip-stock", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--keep", type=Path, default=None, help="keep each run's folder here")
     args = parser.parse_args()
+    # a stopped benchmark stops its federation too (the finally clauses run)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     plan = [("plain", False, False, args.rounds), ("secure", True, False, args.rounds)]
     if not args.skip_stock:
         plan.append(("stock_secure", True, True, args.stock_rounds))
     results: dict[str, Any] = {"nodes": args.nodes, "rounds": args.rounds, "task": args.task}
+    results["load_average_before"] = os.getloadavg()[0]  # a loaded machine: say so
     for name, secure, stock, rounds in plan:
         with tempfile.TemporaryDirectory(prefix=f"bench-deploy-{name}-") as folder:
+            where = Path(folder) if args.keep is None else args.keep / name
+            where.mkdir(parents=True, exist_ok=True)
             got = federation(
-                Path(folder),
+                where,
                 nodes=args.nodes,
                 rounds=rounds,
                 task=args.task,
@@ -161,11 +151,16 @@ def main() -> None:
             print(
                 f"{name:>13}: median {got['median_s']:.2f} s, p90 {got['p90_s']:.2f} s a round "
                 f"(rounds 2-{got['rounds']}, {got['exchanges']:g} exchanges; round 1 "
-                f"{got['first_s']:.2f} s; {got['aggregated']} aggregated)",
+                f"{got['first_s']:.2f} s; {got['aggregated']} aggregated; "
+                f"{got['cpu_s_per_round']:.2f} CPU-s a round, start-up included)",
                 flush=True,
             )
+    results["load_average_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(results))
+    else:
+        before, after = results["load_average_before"], results["load_average_after"]
+        print(f"load average (1 min) {before:.1f} before, {after:.1f} after", flush=True)
 
 
 if __name__ == "__main__":

@@ -188,7 +188,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flower_patches.log_to_stderr()
     polling = Polling.from_env()
     if why := flower_patches.unverified():
         LOG.error("fedaiot: %s; start the node with Flower's own SuperExec", why)
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     preload(args.app, args.node_config)
     flower_patches.patch_object_pulls(polling)
     flower_patches.patch_clientapp_loading(args.app)
+    flower_patches.patch_fab_install()
     runner = Runner(args.runtime_api_address, polling, args.wake_fd, args.parent_pid)
 
     def stop(signum: int, frame: FrameType | None) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("supernode", nargs=argparse.REMAINDER)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flower_patches.log_to_stderr()
     polling = Polling.from_env()
     if not polling.stock:
         wake = waker(args.wake_fd) if args.wake_fd is not None else None

@@ -10,6 +10,7 @@ behaviour and a warning says why. Nothing here starts a process.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import time
@@ -24,6 +25,16 @@ LOG = logging.getLogger("fedaiot.launch")
 
 # Flower's waits, as they read in flwr/supernode/start_client_internal.py (1.41.0).
 IDLE_WAIT, REPLY_WAIT = 3, 0.5
+
+
+def log_to_stderr() -> None:
+    """The kit's own messages on stderr (the node's log), and only them: a handler on the root
+    logger would also print httpx's line for every poll, ten a second."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    kit = logging.getLogger("fedaiot")
+    kit.addHandler(handler)
+    kit.setLevel(logging.INFO)
 
 
 def flower_version() -> str:
@@ -123,4 +134,33 @@ def patch_clientapp_loading(app_module: str) -> bool:
     if app_module not in sys.modules or not callable(getattr(object_ref, "_ensure_sys_path", 0)):
         return _refuse("Flower's app loader is not the one verified: the FAB's app is loaded")
     object_ref._ensure_sys_path = lambda directory: None
+    return True
+
+
+def patch_fab_install() -> bool:
+    """Flower's ClientApp process unzips the run's FAB and checks every file's hash for every
+    message (0.5 to 1 s), then finds it already installed. In the kit's runner a FAB whose
+    folder is already installed under this node's Flower home is taken as it is, as Flower
+    itself takes an existing folder; a new FAB is installed by Flower's code. The SuperNode
+    checked the FAB's hash and its signatures before storing the run."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.cli import install
+    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
+    from flwr.supercore.utils import get_flwr_home
+    from flwr.supernode.runtime import run_clientapp as task
+
+    original = task.install_from_fab
+    if original is not install.install_from_fab:
+        return _refuse("Flower's ClientApp process is not the one verified: it installs the FAB")
+
+    def install_once(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Any:
+        if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
+            short = hashlib.sha256(fab_file).hexdigest()[:FAB_HASH_TRUNCATION]
+            for folder in (get_flwr_home() / APP_DIR).glob(f"*.{short}"):
+                if (folder / "pyproject.toml").is_file():
+                    return folder
+        return original(fab_file, install_dir, skip_prompt)
+
+    task.install_from_fab = install_once
     return True

@@ -20,6 +20,7 @@ _CACHE: dict[tuple[Any, ...], Any] = {}
 # What a training or release message imports lazily: imported here, paid once per node.
 STACK = (
     "torch",
+    "torch._dynamo",  # torch.optim imports it at the first optimizer: 2 to 3 s
     "opacus",
     "fedaiot.node.requests",
     "fedaiot.node.training",

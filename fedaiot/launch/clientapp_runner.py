@@ -186,20 +186,13 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _arguments(argv)
-    flower_patches.log_to_stderr()
-    polling = Polling.from_env()
-    if why := flower_patches.unverified():
-        LOG.error("fedaiot: %s; start the node with Flower's own SuperExec", why)
-        return 2
-    preload(args.app, args.node_config)
-    flower_patches.patch_object_pulls(polling)
-    flower_patches.patch_clientapp_loading(args.app)
-    flower_patches.patch_fab_install()
-    runner = Runner(args.runtime_api_address, polling, args.wake_fd, args.parent_pid)
+def serve(runner: Runner) -> None:
+    """Run until SIGTERM or SIGINT (or the kit is gone); every child is stopped on the way out,
+    whatever it was doing."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        if runner.stopping:  # a second Ctrl-C must not cut the children's stop short
+            return
         runner.stopping = True
         if not runner.forking:  # out of a blocking request or wait at once
             raise Stopped
@@ -213,6 +206,20 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         runner.stop_children()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    flower_patches.log_to_stderr()
+    polling = Polling.from_env()
+    if why := flower_patches.unverified():
+        LOG.error("fedaiot: %s; start the node with Flower's own SuperExec", why)
+        return 2
+    preload(args.app, args.node_config)
+    flower_patches.patch_object_pulls(polling)
+    flower_patches.patch_clientapp_loading(args.app)
+    flower_patches.patch_fab_install()
+    serve(Runner(args.runtime_api_address, polling, args.wake_fd, args.parent_pid))
     return 0
 
 

@@ -18,16 +18,20 @@ advertises its keys in an exchange of its own and the nodes' runtimes warm up.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
-import resource
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
@@ -43,11 +47,27 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _children_cpu() -> float:
-    """CPU seconds of every process this one started and reaped, and of their reaped
-    descendants."""
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def _tree_cpu(processes: list[subprocess.Popen[bytes]]) -> float:
+    """CPU seconds used so far by these processes and everything below them: the live ones,
+    and the ones they reaped (a runner's forked children, Flower's ClientApp processes)."""
+    total = 0.0
+    for process in processes:
+        try:
+            root = psutil.Process(process.pid)
+            members = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+        for member in members:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = member.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def _rounds_done(journal: Path) -> int:
+    if not journal.exists():
+        return 0
+    return sum('"event": "round"' in line for line in journal.read_text().splitlines())
 
 
 def federation(
@@ -67,8 +87,8 @@ def federation(
     port, state = free_port(), root / "state"
     flag = ["--stock-flower"] if stock else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    started = []
-    cpu_before = _children_cpu()
+    started: list[subprocess.Popen[bytes]] = []
+    journal = state / "runs" / task / "journal.jsonl"
     try:
         coordinator_log = root / "coordinator.log"
         coordinator_args = ["coordinator", "start", "--run-config", str(run_config)]
@@ -89,14 +109,21 @@ def federation(
                 started.append(
                     spawn([*FEDAIOT, *node_args, "--port", str(free_port()), *flag], env, log)
                 )
+        # CPU of every process, sampled while the run goes: from the end of round 1 to the
+        # last sample before the coordinator exits (start-up and shutdown left out)
+        cpu_after_first = cpu_last = None
+        while coordinator.poll() is None and time.monotonic() < deadline:
+            sample = _tree_cpu(started)
+            if cpu_after_first is None and _rounds_done(journal) >= 1:
+                cpu_after_first = sample
+            cpu_last = sample
+            time.sleep(0.2)
         code = coordinator.wait(timeout=CEILING)
         if code != 0:
             raise RuntimeError(f"the run failed ({code}): {coordinator_log}")
     finally:
         for process in reversed(started):
             stop_tree(process)
-    cpu = _children_cpu() - cpu_before
-    journal = state / "runs" / task / "journal.jsonl"
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     played = [e for e in events if e["event"] == "round"]
     later = played[1:] or played
@@ -108,9 +135,13 @@ def federation(
         "exchanges": statistics.median(e.get("exchanges", 0) for e in later),
         "aggregated": sum(bool(e["aggregated"]) for e in played),
         "rounds": len(played),
-        # every process of the federation, start-up included: what a loaded machine cannot
-        # hide (its wall-clock medians depend on what else runs)
-        "cpu_s_per_round": cpu / len(played),
+        # every process of the federation, rounds 2 onwards: what a loaded machine cannot
+        # change (its wall-clock medians depend on what else runs)
+        "cpu_s_per_round": (
+            (cpu_last - cpu_after_first) / max(len(played) - 1, 1)
+            if cpu_last is not None and cpu_after_first is not None
+            else math.nan
+        ),
     }
 
 
@@ -152,7 +183,7 @@ def main() -> None:
                 f"{name:>13}: median {got['median_s']:.2f} s, p90 {got['p90_s']:.2f} s a round "
                 f"(rounds 2-{got['rounds']}, {got['exchanges']:g} exchanges; round 1 "
                 f"{got['first_s']:.2f} s; {got['aggregated']} aggregated; "
-                f"{got['cpu_s_per_round']:.2f} CPU-s a round, start-up included)",
+                f"{got['cpu_s_per_round']:.2f} CPU-s a round, all processes)",
                 flush=True,
             )
     results["load_average_after"] = os.getloadavg()[0]

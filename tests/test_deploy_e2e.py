@@ -1,10 +1,13 @@
 """Real deployment on 127.0.0.1: a SuperLink and three SuperNodes, TLS and node authentication.
 
-One flow, to pay Flower's start-up once: a node with an off-schema file is refused before it
-starts; the coordinator starts the SuperLink and registers the institutions; a node whose key
-is not registered is refused; three institutions train two rounds of DP-SGD under secure
-aggregation; the SuperLink is stopped after the first round and started again, and the run
-ends with both rounds in the registry, each once, and in each node's ledger.
+One flow, to pay Flower's start-up once: the federation is set up as deployment does it (each
+institution's keys, the coordinator's approval, pinned rosters, an approved bundle); a node
+with an off-schema file is refused before it starts; the coordinator starts the SuperLink and
+registers the institutions; a node whose key is not registered is refused; three institutions
+train twenty rounds of DP-SGD under authenticated secure aggregation on the kits' fast paths;
+the SuperLink is crashed after the first round and started again, and the run ends with every
+round in the registry, each once, and in each node's ledger. Then each institution's kit is
+stopped a different way (Ctrl-C, SIGTERM, SIGKILL of the kit alone): none leaves a process.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,20 +29,20 @@ import pytest
 
 from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
-from fedaiot.deploy.provision import provision
+from fedaiot.deploy.institution_keys import node_keypair
+from fedaiot.deploy.provision import NODE_KEY, NODE_PUB, write_file
 from fedaiot.launch.processes import free_port, stop_tree
-from fedaiot.node.local_data import load_local
 from fedaiot.privacy.accounting import epsilon_prv
-from fedaiot.privacy.ledger import dataset_fingerprint, ledger_path
 from fedaiot.registry.signing import load_public_key
 from fedaiot.registry.store import ModelRegistry
-from fedaiot.tasks import get_task
+from tests.deploy_support import federation
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
 INSTITUTIONS = ["alpha", "beta", "gamma"]
 EPSILON = 1.0
+ROUNDS = 20
 TIMEOUT = 900.0
 
 
@@ -111,19 +115,34 @@ def _rounds(run: Path) -> list[int]:
     return [e["round"] for e in events if e["event"] == "round"]
 
 
+def _tree(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
+    root = psutil.Process(process.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _gone(members: Sequence[psutil.Process]) -> bool:
+    """Whether none of ``members`` runs any more (a zombie waits for its reaper only)."""
+    for member in members:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if member.is_running() and member.status() != psutil.STATUS_ZOMBIE:
+                return False
+    return True
+
+
 def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: Processes) -> None:
     started = time.perf_counter()
-    pki = tmp_path / "pki"
-    provision(pki, INSTITUTIONS)
-    # An institution the coordinator never registered: it has the CA, so TLS succeeds.
-    provision(tmp_path / "other", ["rogue"])
-    rogue = tmp_path / "other" / "institutions" / "rogue"
-    shutil.copy(pki / "ca.crt", rogue / "ca.crt")
+    fed = federation(tmp_path, INSTITUTIONS, bundle=True)
+    # alpha's kit with a node key the coordinator never registered: TLS still succeeds
+    rogue = tmp_path / "rogue"
+    shutil.copytree(fed.kits["alpha"], rogue)
+    private, public = node_keypair("rogue")
+    write_file(rogue / NODE_KEY, private, secret=True, force=True)
+    write_file(rogue / NODE_PUB, public, secret=False, force=True)
 
-    cfg = RunConfig(task="breast-cancer", num_rounds=2, epsilon=EPSILON, output_dir="unused")
+    cfg = RunConfig(task="breast-cancer", num_rounds=ROUNDS, epsilon=EPSILON, output_dir="unused")
     files = dict(zip(INSTITUTIONS, export(cfg, 3, tmp_path / "data", INSTITUTIONS), strict=True))
     run_config = tmp_path / "run.toml"
-    run_config.write_text(f'task = "breast-cancer"\nnum-rounds = 2\nepsilon = {EPSILON}\n')
+    run_config.write_text(f'task = "breast-cancer"\nnum-rounds = {ROUNDS}\nepsilon = {EPSILON}\n')
     port = free_port()
     superlink = f"127.0.0.1:{port}"
 
@@ -134,7 +153,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     bad.write_text("\n".join([header.replace("mean radius", "radius"), *rows]) + "\n")
     node = ["node", "start", "--task", "breast-cancer", "--superlink", superlink]
     refused = subprocess.run(
-        [*FEDAIOT, *node, "--data", str(bad), "--kit", str(pki / "institutions" / "alpha")],
+        [*FEDAIOT, *node, "--data", str(bad), "--kit", str(fed.kits["alpha"])],
         capture_output=True,
         text=True,
         timeout=120,
@@ -147,14 +166,15 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     # 2. The coordinator: SuperLink with TLS, node authentication and a state database.
     state = tmp_path / "state"
     coordinator = [
-        "coordinator", "start", "--run-config", str(run_config), "--pki", str(pki),
+        "coordinator", "start", "--run-config", str(run_config), "--pki", str(fed.pki),
+        "--bundle", str(fed.bundle), "--approval", str(fed.approvals),
         "--state", str(state), "--port", str(port), "--json",
     ]  # fmt: skip
     first_log = tmp_path / "coordinator-1.log"
     first = processes.start(coordinator, first_log)
     _wait_for(
         "the institutions' registration",
-        lambda: "institution gamma:" in first_log.read_text(),
+        lambda: "institution gamma: registered" in first_log.read_text(),
         timeout=300,
         logs=[first_log, state / "superlink.log"],
     )
@@ -169,16 +189,15 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     assert "public key is not registered" in rogue_log.read_text()
 
     # 4. Three institutions, each with its own file, key and ledger next to its data.
-    node_logs = []
+    node_logs, nodes = [], {}
     for name in INSTITUTIONS:
         log = tmp_path / f"node-{name}.log"
         node_logs.append(log)
-        kit = str(pki / "institutions" / name)
-        data = str(files[name])
-        processes.start([*node, "--data", data, "--kit", kit, "--port", str(free_port())], log)
+        args = ["--data", str(files[name]), "--kit", str(fed.kits[name]), "--port"]
+        nodes[name] = processes.start([*node, *args, str(free_port())], log)
     run = state / "runs" / "breast-cancer"
     logs = [first_log, state / "superlink.log", *node_logs]
-    _wait_for("round 1", lambda: 1 in _rounds(run), logs=logs, poll=0.1)
+    _wait_for("round 1", lambda: 1 in _rounds(run), logs=logs, poll=0.05)
     round_one = time.perf_counter()
 
     # 5. Crash the SuperLink (and its ServerApp) mid-run, and start it again.
@@ -186,46 +205,49 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     assert ModelRegistry(run / "registry").versions()[0] == "breast-cancer-r0001"
     second_log = tmp_path / "coordinator-2.log"
     second = processes.start(coordinator, second_log)
+    # kit, SuperLink, its SuperExec, the ServerApp
+    coordinator_tree = _wait_for(
+        "the ServerApp", lambda: tree if len(tree := _tree(second)) >= 4 else None, logs=logs
+    )
     assert second.wait(timeout=TIMEOUT) == 0, second_log.read_text()[-3000:]
     wall = time.perf_counter() - started
     summary: dict[str, Any] = json.loads(second_log.read_text().strip().splitlines()[-1])
-    assert (summary["status"], summary["rounds"]) == ("completed", 2)
+    assert (summary["status"], summary["rounds"]) == ("completed", ROUNDS)
+    _wait_for("the coordinator's processes to end", lambda: _gone(coordinator_tree))
 
     # No finished round lost, none run twice; every round securely aggregated.
-    assert _rounds(run) == [1, 2]
+    assert _rounds(run) == list(range(1, ROUNDS + 1))
     events = [json.loads(x) for x in (run / "journal.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] == "start"]
-    assert [s["resumed_after"] for s in starts] == [0, 1]
+    assert len(starts) == 2 and starts[0]["resumed_after"] == 0 < starts[1]["resumed_after"]
     rounds = [e for e in events if e["event"] == "round"]
-    assert rounds[0]["secure_aggregation"]["error"] == ""
-    assert rounds[0]["secure_aggregation"]["dropped"] == {}
-    assert [r["status"] for r in rounds[0]["replies"]] == ["trained"] * 3
-    # A node caught mid-round 2 by the crash is asked again. The crash came right after round 1
-    # was registered, before any node's round-2 update (its masked vector) could leave it, so
-    # each retrains afresh under the charge it already paid: nobody pays twice. (A node whose
-    # update had left would train afresh under a new charge, or refuse if that overran.)
-    assert [r["status"] for r in rounds[1]["replies"]] == ["trained"] * 3
-    assert rounds[1]["secure_aggregation"]["dropped"] == {}
-    assert rounds[1]["secure_aggregation"]["error"] == ""
+    for played in rounds:
+        assert played["secure_aggregation"]["error"] == "", played
+        assert played["secure_aggregation"]["dropped"] == {}, played
+        assert [r["status"] for r in played["replies"]] == ["trained"] * 3
+    # after the first round of each coordinator, the keys come ahead: share, train and mask,
+    # confirm the survivor sets, unmask (and advertise the next round's keys)
+    ahead = [r for r in rounds if r["secure_aggregation"]["keys_ahead"]]
+    assert len(ahead) >= ROUNDS - 2 and all(r["exchanges"] == 4 for r in ahead)
+    assert all("confirm" in r["stage_seconds"] for r in rounds)
 
     # The registry's new version, signed with the provisioned key.
     registry = ModelRegistry(run / "registry")
-    assert registry.versions() == ["breast-cancer-r0001", "breast-cancer-r0002"]
-    assert registry.refs()["latest"] == "breast-cancer-r0002" == summary["model_version"]
+    assert registry.versions() == [f"breast-cancer-r{i:04d}" for i in range(1, ROUNDS + 1)]
+    assert registry.refs()["latest"] == f"breast-cancer-r{ROUNDS:04d}" == summary["model_version"]
     _, manifest = registry.load(
-        "breast-cancer-r0002", load_public_key(pki / "coordinator" / "coordinator.pub")
+        f"breast-cancer-r{ROUNDS:04d}", load_public_key(fed.pki / "coordinator" / "coordinator.pub")
     )
-    assert manifest.round == 2 and manifest.task == "breast-cancer"
+    assert manifest.round == ROUNDS and manifest.task == "breast-cancer"
     assert [n.id for n in manifest.nodes] == INSTITUTIONS
     assert summary["accuracy"] > 0.5
 
-    # Each node's ledger lives with its data and accounts both rounds within the budget.
+    # Each node's ledger lives with its data and accounts every round within the budget; the
+    # institution saw each round on its console.
     for name in INSTITUTIONS:
-        raw = load_local(get_task("breast-cancer"), files[name])
-        ledger_file = ledger_path(files[name].parent / ".fedaiot", dataset_fingerprint(raw))
+        (ledger_file,) = (files[name].parent / ".fedaiot").rglob("ledger-*.json")
         ledger = json.loads(ledger_file.read_text())
-        # Round 2 is charged once, however many times it was asked for.
-        assert [entry["round"] for entry in ledger["rounds"]] == [1, 2]
+        assert sorted({entry["round"] for entry in ledger["rounds"]}) == list(range(1, ROUNDS + 1))
         spent = ledger["rounds"][-1]["epsilon"]
         assert 0 < spent <= EPSILON
         delta = ledger["rounds"][-1]["delta"]
@@ -238,7 +260,20 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
         )
         assert shown.returncode == 0
         assert json.loads(shown.stdout)["epsilon"] == pytest.approx(spent)
+        console = (tmp_path / f"node-{name}.log").read_text()
+        assert f"round {ROUNDS}" in console and f"of {EPSILON:.3f}" in console
+        assert "the kit's warm ClientApp runtime" in console
+
+    # 6. Stopping a kit, whichever way, leaves none of its processes: Ctrl-C, SIGTERM, and
+    # SIGKILL of the kit alone, left unreaped (its SuperNode and runner see it gone).
+    trees = {name: _tree(process) for name, process in nodes.items()}
+    assert all(len(tree) >= 3 for tree in trees.values())  # kit, SuperNode, runner
+    nodes["alpha"].send_signal(signal.SIGINT)
+    nodes["beta"].send_signal(signal.SIGTERM)
+    nodes["gamma"].kill()
+    for name, tree in trees.items():
+        _wait_for(f"{name}'s processes to end", lambda tree=tree: _gone(tree), logs=logs)
     print(
-        f"\ndeployment e2e: {wall:.0f} s in all, round 1 done after "
+        f"\ndeployment e2e: {wall:.0f} s in all for {ROUNDS} rounds, round 1 done after "
         f"{round_one - started:.0f} s, restart to end {time.perf_counter() - round_one:.0f} s"
     )

@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 
 from fedaiot.config.polling import Polling
@@ -31,6 +34,20 @@ def waker(fd: int) -> Callable[[], None]:
     return wake
 
 
+def follow_parent(parent: int) -> None:
+    """Stop (Flower's own Ctrl-C path) once the kit that started this process is gone. Not
+    Flower's monitor, which asks whether the parent's pid exists: a killed kit stays a
+    zombie until its own parent reaps it, and the SuperNode would run on meanwhile; this
+    process is re-parented the moment the kit dies."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=watch, daemon=True, name="kit-watch").start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(usage=__doc__)
     parser.add_argument("--wake-fd", type=int, default=None)
@@ -44,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         if flower_patches.patch_supernode(polling, wake):
             flower_patches.patch_object_pulls(polling)
     if args.parent_pid is not None:
-        from flwr.supercore.app_utils import start_parent_process_monitor
-
-        start_parent_process_monitor(args.parent_pid)
+        follow_parent(args.parent_pid)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     rest = [a for a in args.supernode if a != "--"]

@@ -10,7 +10,7 @@ from flwr.clientapp import ClientApp
 from fedaiot.node.guard import guarded
 from fedaiot.node.memory import returns_freed_heap
 from fedaiot.secure_rounds import handlers
-from fedaiot.secure_rounds.wire import survivor_floor, unpack
+from fedaiot.secure_rounds.wire import pack, survivor_floor, unpack
 
 if TYPE_CHECKING:
     from fedaiot.config.run import RunConfig
@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 app = ClientApp()
 
 
-# Flower starts a fresh ClientApp process for every message of a deployment. Training needs
-# torch, Opacus and the tasks (seconds of imports); the three later SecAgg+ stages need none of
-# them, so those imports wait until a message asks for training or a release.
+# Under Flower's own SuperExec a fresh ClientApp process starts for every message. Training
+# needs torch, Opacus and the tasks (seconds of imports); the key stages need none of them, so
+# those imports wait until a message asks for training or a release. (The kit's runner has
+# imported them all before the first message: fedaiot.launch.clientapp_runner.)
 # In a simulation one Ray worker serves many nodes for the whole run: every handler hands the
 # heap it freed back to the system when it ends (fedaiot.node.memory says why).
 
@@ -90,36 +91,18 @@ def vector(msg: Message, context: Context) -> Message:
     return Message(content=reply_content(reply, private=_config(context).private), reply_to=msg)
 
 
-@app.train("secagg")
+@app.query("secagg_advertise")
 @returns_freed_heap
 @guarded
-def train_and_advertise(msg: Message, context: Context) -> Message:
-    handlers.forget_round(context)  # an abandoned round's update must never leave later
-    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
-    setup = unpack(msg.content)
-    handlers.new_client(setup, context)  # a round this node would refuse costs no budget
-    cfg = _config(context)
-    # A distributed-DP noise share is sized for the fewest survivors this node will let the
-    # round unmask (it checks that itself at the unmask stage), never a number merely claimed.
-    floor = survivor_floor(len(setup["node_ids"]), cfg.secagg_dropout, int(setup["threshold"]))
-    reply = _train(msg, context, released_on_return=False, survivors=floor)
-    floor = floor if cfg.dp_mode == "distributed" else 0
-    content = handlers.advertise(
-        reply, arrays, setup, context, private=cfg.private, min_survivors=floor
-    )
-    return Message(content=content, reply_to=msg)
+def advertise(msg: Message, context: Context) -> Message:
+    from flwr.app import ConfigRecord
 
-
-@app.query("secagg_vector")
-@returns_freed_heap
-@guarded
-def vector_and_advertise(msg: Message, context: Context) -> Message:
-    handlers.forget_round(context)
-    handlers.new_client(unpack(msg.content), context)
-    reply = _release(msg, context)
-    private = _config(context).private
-    content = handlers.advertise(reply, None, unpack(msg.content), context, private=private)
-    return Message(content=content, reply_to=msg)
+    advert = handlers.advertise(unpack(msg.content), context)
+    # a simulated node names its partition; a deployed one nothing (its key names it)
+    partition = context.node_config.get("partition-id")
+    name = f"node-{partition}" if partition is not None else ""
+    node = ConfigRecord({"id": name, "status": "advertised", "reason": ""})
+    return Message(content=pack(advert, node=node), reply_to=msg)
 
 
 @app.query("secagg_share")
@@ -129,14 +112,38 @@ def share_keys(msg: Message, context: Context) -> Message:
     return Message(content=handlers.share_keys(msg.content, context), reply_to=msg)
 
 
-@app.query("secagg_mask")
+@app.train("secagg")
 @returns_freed_heap
 @guarded
-def masked_input(msg: Message, context: Context) -> Message:
-    return Message(content=handlers.masked_input(msg.content, context), reply_to=msg)
+def train_and_mask(msg: Message, context: Context) -> Message:
+    client, forwarded = handlers.ready_to_mask(msg.content, context)  # before any charge
+    arrays: ArrayRecord = msg.content["arrays"]  # type: ignore[assignment]
+    cfg = _config(context)
+    # A distributed-DP noise share is sized for the fewest survivors this node will let the
+    # round unmask (it checks that itself at the unmask stage), never a number merely claimed.
+    setup = client.setup
+    floor = survivor_floor(len(setup.node_ids), cfg.secagg_dropout, setup.threshold)
+    reply = _train(msg, context, released_on_return=False, survivors=floor)
+    floor = floor if cfg.dp_mode == "distributed" else 0
+    content = handlers.mask(
+        reply, arrays, client, forwarded, context, private=cfg.private, min_survivors=floor
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.query("secagg_vector")
+@returns_freed_heap
+@guarded
+def vector_and_mask(msg: Message, context: Context) -> Message:
+    client, forwarded = handlers.ready_to_mask(msg.content, context)
+    reply = _release(msg, context)
+    private = _config(context).private
+    content = handlers.mask(reply, None, client, forwarded, context, private=private)
+    return Message(content=content, reply_to=msg)
 
 
 @app.query("secagg_confirm")
+@returns_freed_heap
 @guarded
 def confirm(msg: Message, context: Context) -> Message:
     return Message(content=handlers.confirm(msg.content, context), reply_to=msg)

@@ -47,7 +47,7 @@ def run(
     events = [json.loads(line) for line in (out / "journal.jsonl").open()]
     laps = [e for e in events if e["event"] == "round"][1:]
     stages: dict[str, float] = {}
-    for name in ("train", "share", "mask", "unmask"):
+    for name in ("advertise", "share", "train", "unmask"):  # train: training and masking
         values = [e["stage_seconds"][name] for e in laps if name in e.get("stage_seconds", {})]
         if values:
             stages[name] = statistics.median(values)

@@ -38,8 +38,17 @@ class Double(SecureAggregation):
     def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
         return outbox
 
-    def _exchange(self, message_type: str, outbox: dict[int, Any], kind: Any, setup: Any) -> Any:
-        replies = super()._exchange(message_type, self.tamper(message_type, outbox), kind, setup)
+    def exchange(self, message_type: str, outbox: dict[int, Any], kind: Any, setup: Any) -> Any:
+        replies = super().exchange(message_type, self.tamper(message_type, outbox), kind, setup)
+        self._record(message_type, replies)
+        return replies
+
+    def unmask_and_prepare(self, requests: dict[int, Any], setup: Any, nodes: Any) -> Any:
+        shares = super().unmask_and_prepare(self.tamper(UNMASK, requests), setup, nodes)
+        self._record(UNMASK, shares)
+        return shares
+
+    def _record(self, message_type: str, replies: Any) -> None:
         self.received[message_type] = replies
         if self.report is not None:
             answered = {
@@ -49,7 +58,6 @@ class Double(SecureAggregation):
             partial = self.report.with_suffix(".partial")  # the test never reads half a file
             partial.write_text(json.dumps(answered))
             partial.replace(self.report)
-        return replies
 
 
 class SwapsKeys(Double):

@@ -111,7 +111,7 @@ def test_a_distributed_run_trains_and_both_epsilons_hold_up(tmp_path: Path) -> N
 def test_a_round_below_the_survivor_floor_is_not_unmasked(tmp_path: Path) -> None:
     # five nodes, dropout tolerance 0.1: the floor is all five; one drops after sharing keys
     cfg = _cfg(tmp_path, "short", 5, num_rounds=1)
-    dropped = {(4, "query.secagg_mask"): None}
+    dropped = {(4, "train.secagg"): None}
     summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=dropped))
     assert summary["status"] == "no-aggregate"
     events = [json.loads(x) for x in (cfg.output_path / "journal.jsonl").open()]
@@ -139,7 +139,7 @@ def test_nodes_refuse_to_unmask_a_small_sum_even_if_the_coordinator_asks(
     # a coordinator that ignores the floor and asks for the unmasking of four shares
     monkeypatch.setattr(driver, "survivor_floor", lambda *args: 0)
     cfg = _cfg(tmp_path, "pushy", 5, num_rounds=1)
-    dropped = {(4, "query.secagg_mask"): None}
+    dropped = {(4, "train.secagg"): None}
     summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=dropped))
     assert summary["status"] == "no-aggregate"
     events = [json.loads(x) for x in (cfg.output_path / "journal.jsonl").open()]

@@ -60,25 +60,29 @@ def test_a_node_dropping_after_key_sharing_is_left_out_and_the_round_completes(
     tmp_path: Path,
 ) -> None:
     cfg = _cfg(tmp_path, "drop")
-    grid = InProcessGrid(cfg, 5, overrides={(3, "query.secagg_mask"): None})
+    grid = InProcessGrid(cfg, 5, overrides={(3, "train.secagg"): _lost_after_training})
     _, event = _round_one(cfg, grid)
     statuses = {r["node"]: r["status"] for r in event["replies"]}
-    assert statuses == {
-        "node-0": "trained",
-        "node-1": "trained",
-        "node-2": "trained",
-        "node-3": "dropped",
-        "node-4": "trained",
-    }
+    assert statuses == {"node-0": "trained", "node-1": "trained", "node-2": "trained",
+                        "node-4": "trained"}  # fmt: skip
     assert event["secure_aggregation"]["error"] == ""
     assert "no masked input" in event["secure_aggregation"]["dropped"]["node-3"]
+
+
+def _lost_after_training(message: Any, context: Any) -> None:
+    """A node that is charged and trains, then is gone before its masked input leaves."""
+    from clients import client_app
+    from fedaiot.secure_rounds import handlers
+
+    handlers.ready_to_mask(message.content, context)
+    client_app._train(message, context, released_on_return=False, survivors=None)
 
 
 def test_a_run_none_of_whose_rounds_aggregated_fails_and_registers_nothing(
     tmp_path: Path,
 ) -> None:
     cfg = _cfg(tmp_path, "fail", num_rounds=2)
-    gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}  # 2 of 5 left, threshold 3
+    gone = {(i, "train.secagg"): _lost_after_training for i in (0, 1, 2)}  # 2 of 5 left, t 3
     summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=gone))
     assert summary["status"] == "no-aggregate"
     assert "no round aggregated any update" in summary["error"]
@@ -89,9 +93,10 @@ def test_a_run_none_of_whose_rounds_aggregated_fails_and_registers_nothing(
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     rounds = [e for e in events if e["event"] == "round"]
     assert [e["aggregated"] for e in rounds] == [False, False]
-    assert all(r["status"] == "dropped" for r in rounds[0]["replies"])
+    assert [r["status"] for r in rounds[0]["replies"]] == ["dropped"] * 2
     # the two nodes that sent masked inputs spent their budget; the three whose update never
     # left them were charged too, and each got round 1's charge back when round 2 came
+    assert len(summary["nodes"]) == 2  # the three never answered: nothing reached the journal
     assert all(n["epsilon"] > 0 and n["rounds"] == 0 for n in summary["nodes"])
     ledgers = [
         json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").rglob("ledger-*.json")
@@ -112,7 +117,7 @@ def test_a_round_without_an_aggregate_keeps_the_model_and_is_not_registered(
     tmp_path: Path,
 ) -> None:
     cfg = _cfg(tmp_path, "gap", num_rounds=2)
-    gone = {(i, "query.secagg_mask"): None for i in (0, 1, 2)}
+    gone = {(i, "train.secagg"): None for i in (0, 1, 2)}
     coordinator = RoundLoop(cfg)
     failing = InProcessGrid(cfg, 5, overrides=gone)
     calls = {"n": 0}
@@ -141,7 +146,7 @@ def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_pat
     recorded: list = []
 
     def replaying(message, context):  # type: ignore[no-untyped-def]
-        reply = client_app.masked_input(message, context)
+        reply = client_app.train_and_mask(message, context)
         recorded.append(reply.content)
         if len(recorded) > 1:  # round 2: send round 1's masked input again
             return type(reply)(content=recorded[0], reply_to=message)
@@ -150,12 +155,12 @@ def test_replayed_and_wrong_length_inputs_are_rejected_with_their_reason(tmp_pat
     def truncating(message, context):  # type: ignore[no-untyped-def]
         from flwr.app import Array, ArrayRecord
 
-        reply = client_app.masked_input(message, context)
+        reply = client_app.train_and_mask(message, context)
         vector = reply.content.array_records[SECAGG_ARRAYS]["vector"].numpy()
         reply.content[SECAGG_ARRAYS] = ArrayRecord({"vector": Array(vector[:-1].copy())})
         return reply
 
-    overrides = {(1, "query.secagg_mask"): replaying, (2, "query.secagg_mask"): truncating}
+    overrides = {(1, "train.secagg"): replaying, (2, "train.secagg"): truncating}
     RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=overrides))
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
     first, second = (e for e in events if e["event"] == "round")
@@ -194,7 +199,7 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
     and the coordinator's settings: nothing in it tells a large data set from a small one."""
     from clients import client_app
     from fedaiot.node.round import simulated_partition
-    from fedaiot.secure_rounds.wire import SECAGG
+    from fedaiot.secure_rounds.wire import SECAGG, SECAGG_ARRAYS
 
     cfg = _cfg(tmp_path, "sizes", partitioner="dirichlet", dirichlet_alpha=0.3)
     sizes = [len(simulated_partition(cfg, i, 5)) for i in range(5)]
@@ -203,7 +208,7 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
 
     def recording(index: int):  # type: ignore[no-untyped-def]
         def handler(message, context):  # type: ignore[no-untyped-def]
-            reply = client_app.train_and_advertise(message, context)
+            reply = client_app.train_and_mask(message, context)
             seen[index] = reply.content
             return reply
 
@@ -216,8 +221,11 @@ def test_nodes_of_different_sizes_send_identical_clear_metadata(tmp_path: Path) 
     assert set(small.metric_records["metrics"]) == {"epsilon", "delta", "noise-multiplier"}
     clear = {name: dict(record) for name, record in small.config_records.items()}
     assert set(clear) == {"node", SECAGG}
-    assert set(clear[SECAGG]) == {"node_id", "round_id", "enc_public", "mask_public"}
-    assert not small.array_records  # no update, no count
+    assert set(clear[SECAGG]) == {"node_id", "round_id"}
+    # the update and the count travel only inside the masked vector, integers mod 2^64
+    assert set(small.array_records) == {SECAGG_ARRAYS}
+    masked = small.array_records[SECAGG_ARRAYS]
+    assert list(masked) == ["vector"] and masked["vector"].numpy().dtype == "uint64"
 
 
 def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> None:
@@ -232,7 +240,7 @@ def test_a_refusal_under_secure_aggregation_carries_no_count(tmp_path: Path) -> 
     seen = {}
 
     def recording(message, context):  # type: ignore[no-untyped-def]
-        reply = client_app.train_and_advertise(message, context)
+        reply = client_app.train_and_mask(message, context)
         seen["reply"] = reply.content
         return reply
 
@@ -262,11 +270,11 @@ def _unbounded(handler: Any) -> Any:
 
 
 def test_a_sum_no_honest_nodes_could_make_is_discarded_not_applied(tmp_path: Path) -> None:
-    from clients.client_app import train_and_advertise
+    from clients.client_app import train_and_mask
 
     # the coordinator sees only the sum, but the sum betrays an unbounded update
     cfg = _cfg(tmp_path, "attacked", num_rounds=2, max_update_norm=5.0)
-    attacked = {(4, "train.secagg"): _unbounded(train_and_advertise)}
+    attacked = {(4, "train.secagg"): _unbounded(train_and_mask)}
     summary = RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides=attacked))
     assert summary["status"] == "no-aggregate" and summary["aggregated_rounds"] == 0
     events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]

@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedaiot.errors import BadInputError, FlowerRuntimeError
+
+if TYPE_CHECKING:
+    from fedaiot.config.polling import Polling
 
 DEFAULT_PORT = 9093
 
@@ -24,6 +27,26 @@ Pki = Annotated[Path, typer.Option(help="folder made by `fedaiot provision`")]
 State = Annotated[Path, typer.Option(help="coordinator state: SuperLink database, runs, logs")]
 Task = Annotated[str, typer.Option(help="the built-in task this node's data is for")]
 StudyFile = Annotated[Path | None, typer.Option(help="the study file this node's table is for")]
+PollInterval = Annotated[
+    float | None,
+    typer.Option(help="seconds between looks for work when idle (default 0.1; Flower: 3)"),
+]
+StockFlower = Annotated[
+    bool, typer.Option(help="Flower's own waits and a process per message (slow; to compare)")
+]
+
+
+def _polling(interval: float | None, stock: bool) -> Polling:
+    from fedaiot.config.polling import Polling, PollingError
+
+    if stock:
+        return Polling(mode="stock")
+    if interval is None:
+        return Polling()
+    try:
+        return Polling(fleet=interval)
+    except ValueError as exc:
+        raise PollingError(f"--poll-interval {interval}: must be between 0.01 and 60 s") from exc
 
 
 def _task_or_study(task: str, study: Path | None) -> None:
@@ -93,6 +116,7 @@ def coordinator_start(
         DEFAULT_PORT
     ),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary")] = False,
+    stock_flower: StockFlower = False,
 ) -> None:
     """Start the SuperLink, register the institutions, run the approved bundle to its end."""
     from fedaiot.config.run import read_run_config
@@ -124,7 +148,11 @@ def coordinator_start(
         if event["event"] == "round":
             metrics = event.get("metrics") or {}
             accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
-            say(f"round {event['round']}/{cfg.num_rounds}: accuracy {accuracy}")
+            shown = f"{accuracy:.3f}" if isinstance(accuracy, float) else "-"
+            took = event.get("seconds")
+            pace = f", {took:.2f} s" if isinstance(took, float) else ""
+            pace += f", {event['exchanges']} exchanges" if "exchanges" in event else ""
+            say(f"round {event['round']}/{cfg.num_rounds}: accuracy {shown}{pace}")
 
     outcome = coordinate(
         paths,
@@ -135,6 +163,7 @@ def coordinator_start(
         approvals=approvals,
         say=say,
         on_event=progress,
+        polling=_polling(None, stock_flower),
     )
     summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     if outcome.status == "failed":
@@ -238,14 +267,18 @@ def node_start(
     port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
     task: Task = "",
     study: StudyFile = None,
+    poll_interval: PollInterval = None,
+    stock_flower: StockFlower = False,
 ) -> None:
     """Check the data, then run a SuperNode until Ctrl-C (or until the SuperLink refuses it)."""
     from fedaiot.deploy import node_console
     from fedaiot.deploy.institution_keys import read_trusted
     from fedaiot.deploy.supernode import NodeKit, explain_exit, prepare, start_supernode
     from fedaiot.launch.supernode import wait_supernode
+    from fedaiot.node.round_log import Follower, line, log_path
 
     _task_or_study(task, study)
+    polling = _polling(poll_interval, stock_flower)
     node_kit = NodeKit(kit.resolve())
     if max_epsilon is not None and not max_epsilon > 0:
         raise BadInputError(f"--max-epsilon must be > 0, got {max_epsilon}")
@@ -262,12 +295,16 @@ def node_start(
     )
     log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
     offset = log.stat().st_size if log.exists() else 0
-    process = start_supernode(node_kit, prepared, superlink, port, log)
+    rounds = Follower(log_path(prepared.settings))
+    processes = start_supernode(node_kit, prepared, superlink, port, log, polling)
     settings = prepared.settings
+    for note in processes.notes:
+        print(f"warning: {note}", file=sys.stderr, flush=True)
+    runtime = "Flower's own" if processes.runner is None else "the kit's warm"
     print(
         f"node {settings.node_name}: {prepared.examples} examples of {settings.task} from "
-        f"{settings.data_path}, ledgers in {settings.ledger_dir}, SuperLink {superlink} "
-        f"(log {log})",
+        f"{settings.data_path}, ledgers in {settings.ledger_dir}, SuperLink {superlink}, "
+        f"{runtime} ClientApp runtime (log {log})",
         flush=True,
     )
     print(
@@ -275,9 +312,14 @@ def node_start(
         f"runs app bundles signed by {', '.join(trusted)} only",
         flush=True,
     )
+
+    def show_rounds() -> None:
+        for event in rounds.new_events():
+            print(line(event), flush=True)
+
     stop_watching = node_console.watch(log, offset, trusted, lambda s: print(s, flush=True))
     try:
-        code = wait_supernode(process)
+        code = wait_supernode(processes, on_tick=show_rounds)
     finally:
         stop_watching()
     if code not in (0, -15, 143):

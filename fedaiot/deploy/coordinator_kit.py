@@ -20,6 +20,7 @@ from typing import Any
 
 import tomli_w
 
+from fedaiot.config.polling import Polling
 from fedaiot.config.run import RunConfig, node_counts
 from fedaiot.deploy import provision, superlink
 from fedaiot.deploy.app_index import INDEX_ENV, serve_bundle
@@ -119,9 +120,13 @@ def coordinate(
     approvals: list[Approval],
     say: Callable[[str], None] = print,
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    polling: Polling | None = None,
 ) -> Outcome:
     """Start the SuperLink, register, submit the approved bundle, follow the run to its end,
-    stop the SuperLink."""
+    stop the SuperLink.
+
+    ``polling`` reaches the ServerApp through the SuperLink's environment: its reply loop and
+    object pulls, and the SuperLink's SuperExec that starts it (stock: Flower's own waits)."""
     from fedaiot.rounds.loop import rounds_done
 
     paths.check()
@@ -141,6 +146,7 @@ def coordinate(
     started = time.perf_counter()
     with open(paths.log, "ab") as log, serve_bundle(bundle, approvals) as index:
         env = {**paths.env(), INDEX_ENV: index, "NO_PROXY": "127.0.0.1,localhost"}
+        env.update((polling or Polling()).to_env())
         process = start_superlink(paths.superlink(host, port), env, log)
         try:
             say(f"SuperLink up on {host}:{port} (TLS, node authentication, {paths.database})")

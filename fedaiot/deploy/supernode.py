@@ -10,17 +10,17 @@ with the kit's identity key and pinned roster.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
 
+from fedaiot.config.polling import Polling
 from fedaiot.deploy import institution_keys as keys
 from fedaiot.deploy import provision
 from fedaiot.deploy.superlink import KitError
 from fedaiot.launch.processes import flower_env, port_free
-from fedaiot.launch.supernode import SuperNode
+from fedaiot.launch.supernode import NodeProcesses, SuperNode
 from fedaiot.launch.supernode import start_supernode as launch_supernode
 from fedaiot.node.deployed import NodeSettings, default_ledger_dir
 from fedaiot.node.local_data import load_local
@@ -39,8 +39,9 @@ class TrustingSuperNode(SuperNode):
 
     trusted_entities: Path = Path(keys.TRUSTED)
 
-    def command(self) -> list[str]:
-        return [*super().command(), "--trusted-entities", str(self.trusted_entities.resolve())]
+    def flower_arguments(self) -> list[str]:  # the stock and the kit's fast SuperNode alike
+        trusted = str(self.trusted_entities.resolve())
+        return [*super().flower_arguments(), "--trusted-entities", trusted]
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,15 @@ def prepare(
 
 
 def start_supernode(
-    kit: NodeKit, prepared: PreparedNode, superlink: str, port: int, log_path: Path
-) -> subprocess.Popen[bytes]:
+    kit: NodeKit,
+    prepared: PreparedNode,
+    superlink: str,
+    port: int,
+    log_path: Path,
+    polling: Polling | None = None,
+) -> NodeProcesses:
+    """The node's processes: the kit's SuperNode and ClientApp runner (Flower's own with
+    stock polling, or a Flower the kit was not verified against: ``notes`` says so)."""
     kit.check()
     if not port_free("127.0.0.1", port):
         raise KitError(f"port {port} (the node's local app port) is in use: choose --port")
@@ -148,7 +156,7 @@ def start_supernode(
     home.mkdir(parents=True, exist_ok=True)
     node = TrustingSuperNode(superlink, kit.ca, kit.key, prepared.node_config, port, kit.trusted)
     with open(log_path, "ab") as log:
-        return launch_supernode(node, flower_env(home), log)
+        return launch_supernode(node, flower_env(home), log, polling or Polling())
 
 
 def explain_exit(code: int, log_path: Path, offset: int = 0) -> str:

@@ -28,6 +28,8 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
         # Otherwise Flower runs `uv sync` against the registry for every run.
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
+        # No usage reports to Flower's servers from an institution's or coordinator's machine.
+        "FLWR_TELEMETRY_ENABLED": "0",
         "PYTHONUNBUFFERED": "1",
         # Flower's processes start each other by name: find them next to this interpreter.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -35,11 +37,23 @@ def flower_env(flwr_home: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def spawn(command: list[str], env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-    """A child in a session of its own, so that a terminal's Ctrl-C reaches us, not it."""
+def spawn(
+    command: list[str],
+    env: dict[str, str],
+    log: IO[bytes],
+    *,
+    pass_fds: tuple[int, ...] = (),
+) -> subprocess.Popen[bytes]:
+    """A child in a session of its own, so that a terminal's Ctrl-C reaches us, not it;
+    ``pass_fds`` stay open in it (a pipe between the node's two processes)."""
     try:
         return subprocess.Popen(
-            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            pass_fds=pass_fds,
         )
     except FileNotFoundError:
         raise LaunchError(f"{command[0]} not found: install fedaiot (it brings flwr)") from None

@@ -19,7 +19,7 @@ from fedaiot.node.local_data import load_local
 from fedaiot.node.round import train_round
 from fedaiot.node.training import StateDict
 from fedaiot.privacy.cohorts import open_cohorts
-from fedaiot.tasks import get_task
+from fedaiot.tasks import ArrayData, Task, get_task
 from fedaiot.tasks.partition import standardize
 from fedaiot.wire.replies import NodeReply, describe
 
@@ -135,6 +135,14 @@ def refuse_seeded_noise(cfg: RunConfig) -> None:
         )
 
 
+def local_records(task: Task, path: Path) -> ArrayData:
+    """The institution's raw records, read once per version of the file in a process (the
+    kit's runner reads them before it forks a child per message)."""
+    from fedaiot.node.warm import once
+
+    return once(f"records:{task.name}", path, lambda: load_local(task, path))
+
+
 def deployed_round(
     cfg: RunConfig,
     settings: NodeSettings,
@@ -157,7 +165,7 @@ def deployed_round(
             f"{settings.node_name} holds {settings.task} data, the run is for task {cfg.task}"
         )
     task = get_task(settings.task)
-    raw = load_local(task, settings.data_path)
+    raw = local_records(task, settings.data_path)
     stats = normalization_from(config, task.input_shape[0])
     if task.normalize and stats is None:
         raise NodeConfigError(

@@ -44,9 +44,27 @@ def guarded(handler: Handler) -> Handler:
                 exc,
                 exc_info=reason == "internal-error",
             )
+            _on_console(message, context, reason, exc)
             from fedaiot.wire.records import reply_content
 
             content = reply_content(failure("", reason), private=True)
             return Message(content=content, reply_to=message)
 
     return wrapper
+
+
+def _on_console(message: Message, context: Context, reason: str, exc: Exception) -> None:
+    """A deployed node's failure, in its round log (its console shows it with the detail)."""
+    from fedaiot.node.deployed import DATA_PATH, NodeSettings
+
+    if DATA_PATH not in context.node_config:
+        return
+    from fedaiot.node.round_log import record, what_of
+
+    try:
+        settings = NodeSettings.from_node_config(context.node_config)
+        config = message.content.config_records.get("config")
+        what = what_of(dict(config)) if config is not None else message.metadata.message_type
+    except Exception:  # the failure itself may be a broken node config: the log has it
+        return
+    record(settings, what=what, status="failed", reason=reason, detail=f"{exc}")

@@ -9,7 +9,8 @@ evaluation) to :func:`release`; both are Flower-free.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,8 +82,43 @@ class Source:
         check_study(study, config)
         if self.settings is not None:
             refuse_seeded_noise(cfg)
-            return StudyData.of(read_table(study, self.settings.data_path), cfg.holdout)
+            return study_records(study, self.settings.data_path, cfg.holdout)
         return StudyData.of(simulated_table(cfg, study, self.partition[0]), cfg.holdout)
+
+
+def study_records(study: Study, path: Path, holdout: str = "test") -> StudyData:
+    """The institution's study table and its splits, read once per version of its file in a
+    process (the kit's runner reads them before it forks a child per message)."""
+    from fedaiot.node.warm import once
+
+    return once(
+        f"study:{study.key}:{holdout}", path, lambda: StudyData.of(read_table(study, path), holdout)
+    )
+
+
+def logged(
+    cfg: RunConfig, source: Source, config: Mapping[str, Any], answer: Callable[[], NodeReply]
+) -> NodeReply:
+    """``answer()``, and on a deployed node a line of its round log (``node.round_log``)."""
+    if source.settings is None:
+        return answer()
+    from fedaiot.node.round_log import record, what_of
+
+    started = time.perf_counter()
+    reply = answer()
+    cap = source.settings.max_epsilon
+    budget = min(cfg.epsilon, cap) if cap is not None else cfg.epsilon
+    record(
+        source.settings,
+        what=what_of(config),
+        status=reply.status,
+        reason=reply.reason,
+        detail=reply.detail,
+        epsilon=reply.metrics.get("epsilon"),
+        budget=budget if cfg.private else None,
+        seconds=time.perf_counter() - started,
+    )
+    return reply
 
 
 def train(
@@ -97,6 +133,22 @@ def train(
     """A training round's reply: a (local-DP) update, or in a distributed-DP run this node's
     noisy gradient share, sized for the round's fewest ``survivors``."""
     source = Source.of(cfg, node_config)
+    return logged(
+        cfg,
+        source,
+        config,
+        lambda: _train(cfg, source, config, global_state, released_on_return, survivors),
+    )
+
+
+def _train(
+    cfg: RunConfig,
+    source: Source,
+    config: Mapping[str, Any],
+    global_state: StateDict,
+    released_on_return: bool,
+    survivors: int | None,
+) -> NodeReply:
     if cfg.dp_mode == "distributed" and survivors is None:
         raise NodeConfigError("a distributed-DP round must come through secure aggregation")
     server_round, run_key = int(config["server-round"]), str(config["run-key"])
@@ -162,6 +214,15 @@ def release(
 ) -> NodeReply:
     """A study's statistics or evaluation vector, as ``config["purpose"]`` asks."""
     source = Source.of(cfg, node_config)
+    return logged(cfg, source, config, lambda: _release(cfg, source, config, global_state))
+
+
+def _release(
+    cfg: RunConfig,
+    source: Source,
+    config: Mapping[str, Any],
+    global_state: StateDict | None,
+) -> NodeReply:
     data = source.study_data(cfg, config)
     run_key = str(config["run-key"])
     if config[PURPOSE] == "statistics":

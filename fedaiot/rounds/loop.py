@@ -23,10 +23,12 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.privacy.disclosure import disclosure
 from fedaiot.registry.store import Manifest, ModelRegistry, NodePrivacy, version_name
+from fedaiot.rounds.exchanges import CountingGrid
 from fedaiot.rounds.inputs import CentralInputs, Inputs
 from fedaiot.rounds.journal import Journal
 from fedaiot.rounds.strategy_state import load_moments, save_moments
-from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply
+from fedaiot.secure_rounds.driver import SecureAggregation, as_strategy_reply, model_length
+from fedaiot.secure_rounds.keys import KeyChain
 from fedaiot.tasks import Task, get_task
 from fedaiot.wire.records import ReceivedReply, receive, refuse_duplicates
 
@@ -103,13 +105,15 @@ class RoundLoop:
         self.privacy = disclosure(cfg)
         self.registry = ModelRegistry(cfg.output_path / "registry")
         self.journal = Journal(cfg.output_path)
+        # keys the nodes advertise one aggregation ahead (with their unmask answers)
+        self.chain = KeyChain()
         self.inputs: Inputs
         if cfg.study:
             from fedaiot.rounds.study_phases import FederatedInputs
             from fedaiot.studies.spec import load_study
 
             study = load_study(Path(cfg.study))
-            self.inputs = FederatedInputs(cfg, study, self.roster, self.run_key)
+            self.inputs = FederatedInputs(cfg, study, self.roster, self.run_key, self.chain)
             self.task: Task = self.inputs.task
         else:
             self.task = get_task(cfg.task)
@@ -143,6 +147,7 @@ class RoundLoop:
         return weights
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
+        grid = grid if isinstance(grid, CountingGrid) else CountingGrid(grid)
         arrays, state = self.initial_state()
         strategy = build_strategy(self.cfg)
         moments = self.cfg.output_path / "strategy.safetensors"
@@ -156,12 +161,15 @@ class RoundLoop:
         )
         status = "completed"
         if state.round < self.cfg.num_rounds:
+            self.chain.upcoming = model_length(arrays, self.cfg)  # round 1 follows
             prepared = self.inputs.prepare(grid)
             if prepared:
                 self.journal.append("prepared", **prepared)
         while state.round < self.cfg.num_rounds:
             server_round = state.round + 1
-            started = time.perf_counter()
+            started, exchanged = time.perf_counter(), grid.exchanges
+            last = server_round in (self.cfg.num_rounds, self.cfg.stop_after_round)
+            self.chain.upcoming = None if last else model_length(arrays, self.cfg)
             train_config = ConfigRecord({"run-key": self.run_key, **self.inputs.round_config()})
             messages = list(strategy.configure_train(server_round, arrays, train_config, grid))
             if self.cfg.secure_aggregation:
@@ -198,6 +206,7 @@ class RoundLoop:
                 aggregated=aggregated is not None,
                 metrics=metrics,
                 seconds=time.perf_counter() - started,
+                exchanges=grid.exchanges - exchanged,
                 replies=[_describe(r) for r in replies],
                 **({} if aggregated is not None else {"no_aggregate": state.no_aggregate}),
                 **notes,
@@ -220,7 +229,7 @@ class RoundLoop:
         A node whose update did not make it into the sum (it dropped out, or the round failed)
         is recorded as "dropped"; its privacy spend is still accounted.
         """
-        aggregation = SecureAggregation(self.cfg, grid, self.roster)
+        aggregation = SecureAggregation(self.cfg, grid, self.roster, self.chain)
         if self.cfg.dp_mode == "distributed":
             secure = aggregation.run_distributed(messages, arrays)
         else:
@@ -237,6 +246,7 @@ class RoundLoop:
                 "error": secure.error,
                 "dropped": secure.dropped,
                 "parameters": secure.parameters,
+                "keys_ahead": secure.keys_ahead,
             },
             "stage_seconds": secure.seconds,
         }

@@ -24,6 +24,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from fedaiot.config.run import RunConfig
 from fedaiot.errors import NothingLearnedError
 from fedaiot.secure_rounds.driver import SecureAggregation
+from fedaiot.secure_rounds.keys import KeyChain
 from fedaiot.studies.encoding import (
     Encoder,
     Statistics,
@@ -48,8 +49,16 @@ def evaluation_rounds(study: Study, rounds: int) -> list[int]:
 
 
 class FederatedInputs:
-    def __init__(self, cfg: RunConfig, study: Study, roster: dict[int, str], run_key: str) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        study: Study,
+        roster: dict[int, str],
+        run_key: str,
+        chain: KeyChain | None = None,
+    ) -> None:
         self.cfg, self.study, self.roster, self.run_key = cfg, study, roster, run_key
+        self.chain = chain if chain is not None else KeyChain()
         self.task = study_task(study)
         self.statistics: Statistics | None = None
         self.file = cfg.output_path / STATISTICS_FILE
@@ -119,7 +128,7 @@ class FederatedInputs:
         if arrays is not None:
             content["arrays"] = arrays
         if self.cfg.secure_aggregation:
-            secure = SecureAggregation(self.cfg, grid, self.roster).sum_vectors(
+            secure = SecureAggregation(self.cfg, grid, self.roster, self.chain).sum_vectors(
                 node_ids, content, length
             )
             notes = _notes(secure.replies, error=secure.error, dropped=secure.dropped)

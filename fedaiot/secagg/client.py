@@ -204,6 +204,23 @@ class SecAggClient:
             cut = 16 + shamir.SHARE_BYTES
             self._held[j] = (plain[16:cut], plain[cut:])
 
+    def check_masking(self, forwarded: ForwardedShares) -> None:
+        """Whether :meth:`masked_input` can run on ``forwarded``: raises what it would raise
+        about the round, the stage and the shares (opening and authenticating each), without
+        moving to the next stage. A node that trains only after this holds never spends its
+        budget on a round it cannot mask."""
+        if self._stage != 2 or forwarded.round_id != self.setup.round_id:
+            raise ProtocolViolation(
+                f"node {self.node_id}: masked_input for round {forwarded.round_id} at stage "
+                f"{self._stage}; this node is at round {self.setup.round_id} and masks once"
+            )
+        if len(forwarded.ciphertexts) + 1 < self.setup.threshold:
+            raise TooFewSurvivorsError(
+                f"node {self.node_id}: shares arrived from only {len(forwarded.ciphertexts)} "
+                f"neighbours; its mask could not be removed with threshold {self.setup.threshold}"
+            )
+        self._open_shares(forwarded)
+
     def masked_input(
         self, forwarded: ForwardedShares, vector: npt.ArrayLike, weight: float
     ) -> MaskedInput:

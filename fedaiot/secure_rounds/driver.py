@@ -1,62 +1,57 @@
 """A securely aggregated round, driven from the ServerApp as Flower message exchanges.
 
-The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as four exchanges with the sampled
-nodes. First the nodes train and advertise their keys, then they share keys, send masked
-inputs and answer the unmask request. The coordinator learns the weighted sum of the surviving
-nodes' updates and their total weight, nothing about any one node's update or example count. A
-node that drops out at any stage is left out by the protocol. A round with fewer survivors than
-the threshold fails cleanly, and the caller keeps the previous global model.
+The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as three exchanges with the sampled nodes
+when their keys were advertised ahead (with the previous round's unmask answers: see
+:mod:`fedaiot.secure_rounds.keys`), and four otherwise: advertise keys, share keys, compute the
+input (train, or a release's vector) and send it masked, answer the unmask request. An
+authenticated round (every node registered under a roster name: a deployment) has one more,
+before unmasking: the nodes sign the survivor sets they are shown and unmask only when enough
+of them signed the same sets. Keys advertised ahead are signed as any advertisement is. The
+coordinator learns the weighted sum of the surviving nodes' updates and their total weight,
+nothing about any one node's update or example count. A node that drops out at any stage is
+left out by the protocol. A round with fewer survivors than the threshold fails cleanly, and
+the caller keeps the previous global model.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedaiot.config.run import ConfigError, RunConfig
 from fedaiot.secagg import (
     Confirmation,
-    KeyAdvert,
-    MaskedInput,
     RoundSetup,
     SecAggError,
     SecAggParameters,
     SecAggServer,
     ShareBundle,
-    UnmaskShares,
     choose,
 )
+from fedaiot.secure_rounds.keys import KeyChain, Upcoming
+from fedaiot.secure_rounds.stages import Stages
 from fedaiot.secure_rounds.wire import (
     CONFIRM,
-    MASKED_INPUT,
-    SECAGG,
     SHARE_KEYS,
-    TRAIN_AND_ADVERTISE,
-    UNMASK,
-    VECTOR_AND_ADVERTISE,
+    TRAIN_AND_MASK,
+    VECTOR_AND_MASK,
     flatten,
-    pack,
     survivor_floor,
     unflatten,
-    unpack,
 )
-from fedaiot.wire.records import ARRAYS, METRICS, ReceivedReply, read_reply, refuse_duplicates
-from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
+from fedaiot.wire.records import ARRAYS, METRICS, ReceivedReply
 
 # Fixed point with 24 fractional bits in Z_2^64: each node's weighted update is exact to 3e-8;
 # |update x examples| up to 1e8 per coordinate leaves room for 5,000 nodes without wrapping.
 FRAC_BITS, MAX_ABS = 24, 1e8
 INTEGER_MAX_ABS = 2.0**52  # a distributed-DP share: exact in float64; 2^10 of them fit Z_2^64
 MIN_NODES = 3
-
-M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, Confirmation, UnmaskShares)
 
 
 @dataclass
@@ -71,13 +66,30 @@ class SecureRound:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
     parameters: dict[str, Any] = field(default_factory=dict)  # degree, threshold, threat model
     vector: np.ndarray | None = None  # the unmasked sum, for vector rounds
+    keys_ahead: bool = False  # whether the nodes' keys came with the previous unmask answers
 
 
-class SecureAggregation:
-    """Runs the stages for the nodes ``configure_train`` chose, with ``grid`` as transport."""
+def model_length(arrays: ArrayRecord, cfg: RunConfig) -> Upcoming:
+    """What a training round of ``cfg`` sums: the model's parameters (and, in a distributed-DP
+    round, the noisy count after them, all exact integers)."""
+    length = sum(a.numpy().size for a in arrays.values())
+    distributed = cfg.dp_mode == "distributed"
+    return Upcoming(length + int(distributed), integers=distributed)
 
-    def __init__(self, cfg: RunConfig, grid: Grid, roster: Mapping[int, str] | None = None) -> None:
-        self.cfg, self.grid, self.roster = cfg, grid, roster or {}
+
+class SecureAggregation(Stages):
+    """Runs the stages for the nodes ``configure_train`` chose, with ``grid`` as transport.
+    ``chain`` carries keys advertised ahead from one of the run's aggregations to the next."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        grid: Grid,
+        roster: Mapping[int, str] | None = None,
+        chain: KeyChain | None = None,
+    ) -> None:
+        super().__init__(cfg, grid, roster)
+        self.chain = chain if chain is not None else KeyChain()
 
     def parameters(self, n: int) -> SecAggParameters:
         """Degree and threshold from the run's threat model."""
@@ -90,6 +102,27 @@ class SecureAggregation:
             )
         except SecAggError as exc:
             raise ConfigError(f"secure aggregation: {exc}") from None
+
+    def _setup(self, flower_ids: Sequence[int], upcoming: Upcoming) -> RoundSetup:
+        """The setup of a round of ``flower_ids`` (protocol ids 1..n in this order). When every
+        node is registered under a name (a deployment), the setup names them: the nodes then
+        sign their keys, check each other's against the roster they pinned, and confirm the
+        survivor sets before unmasking."""
+        n = len(flower_ids)
+        params = self.parameters(n)
+        names = [self.roster.get(fid, "") for fid in flower_ids]
+        try:
+            return RoundSetup.create(
+                list(range(1, n + 1)),
+                identities=names if all(names) else (),
+                vector_length=upcoming.length,
+                degree=params.degree,
+                threshold=self.cfg.secagg_threshold or params.threshold,
+                frac_bits=0 if upcoming.integers else FRAC_BITS,
+                max_abs=INTEGER_MAX_ABS if upcoming.integers else MAX_ABS,
+            )
+        except SecAggError as exc:
+            raise ConfigError(f"secagg-threshold: {exc}") from None
 
     def run(
         self, messages: Sequence[Message], arrays: ArrayRecord, max_weight: float = math.inf
@@ -108,8 +141,7 @@ class SecureAggregation:
             )
             for m in messages
         ]
-        length = sum(a.numpy().size for a in arrays.values())
-        done = self._run(first, TRAIN_AND_ADVERTISE, length)
+        done = self._run(first, TRAIN_AND_MASK, model_length(arrays, self.cfg))
         if done.vector is not None:
             delta = done.vector / done.total_weight
             survivors = len(first) - len(done.dropped)
@@ -135,9 +167,8 @@ class SecureAggregation:
         vector = flatten(arrays)
         geometry = ShareGeometry.of(vector.size, self.cfg.max_grad_norm)
         floor = survivor_floor(len(first), self.cfg.secagg_dropout, self._threshold(len(first)))
-        done = self._run(
-            first, TRAIN_AND_ADVERTISE, vector.size + 1, integers=True, min_survivors=floor
-        )
+        upcoming = model_length(arrays, self.cfg)
+        done = self._run(first, TRAIN_AND_MASK, upcoming, min_survivors=floor)
         if done.vector is None:
             return done
         gradient, count = decode_sum(done.vector, geometry, self.cfg.sample_rate)
@@ -183,18 +214,18 @@ class SecureAggregation:
     def sum_vectors(self, node_ids: Sequence[int], content: RecordDict, length: int) -> SecureRound:
         """The sum of a vector each node computes (statistics, evaluation counts): ``vector``
         holds it, ``total_weight`` the number of nodes whose vector it includes."""
-        return self._run([(fid, content) for fid in node_ids], VECTOR_AND_ADVERTISE, length)
+        first = [(fid, content) for fid in node_ids]
+        return self._run(first, VECTOR_AND_MASK, Upcoming(length, integers=False))
 
     def _run(
         self,
         first: list[tuple[int, RecordDict]],
         message_type: str,
-        length: int,
+        upcoming: Upcoming,
         *,
-        integers: bool = False,
         min_survivors: int = 0,
     ) -> SecureRound:
-        """The four stages; ``integers``: the inputs are exact integers (distributed-DP
+        """The stages; ``upcoming.integers``: the inputs are exact integers (distributed-DP
         shares), summed without fixed-point scaling; fewer than ``min_survivors`` masked inputs
         and the round stops before unmasking (the nodes would refuse anyway)."""
         flower_ids = [fid for fid, _ in first]
@@ -203,170 +234,72 @@ class SecureAggregation:
                 f"secure aggregation needs at least {MIN_NODES} nodes in a round, "
                 f"{len(flower_ids)} were sampled: add nodes or set secure-aggregation=false"
             )
-        ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids: 1..n
+        ahead = self.chain.take(flower_ids, upcoming.length, upcoming.integers)
+        if ahead is not None:
+            ids, setup = ahead.ids, ahead.setup
+        else:
+            ids = {fid: index + 1 for index, fid in enumerate(flower_ids)}  # protocol ids 1..n
+            setup = self._setup(flower_ids, upcoming)
         self.flower_of = {i: fid for fid, i in ids.items()}
-        self.names = {i: self.roster.get(fid, f"node {fid}") for fid, i in ids.items()}
-        params = self.parameters(len(ids))
-        # Every node registered under a name: the nodes check each other's signed keys and
-        # confirm the survivor sets against the roster they pinned (a deployment).
-        names = [self.roster.get(fid, "") for fid in flower_ids]
-        try:
-            setup = RoundSetup.create(
-                list(ids.values()),
-                identities=names if all(names) else (),
-                vector_length=length,
-                degree=params.degree,
-                threshold=self.cfg.secagg_threshold or params.threshold,
-                frac_bits=0 if integers else FRAC_BITS,
-                max_abs=INTEGER_MAX_ABS if integers else MAX_ABS,
-            )
-        except SecAggError as exc:
-            raise ConfigError(f"secagg-threshold: {exc}") from None
-        self.setup_notes = {**params.to_dict(), "threshold": setup.threshold}
+        self.names = {
+            i: self.roster.get(fid) or self.chain.names.get(fid) or f"node {fid}"
+            for fid, i in ids.items()
+        }
+        self.setup_notes = {**self.parameters(len(ids)).to_dict(), "threshold": setup.threshold}
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
-        self.laps: dict[str, float] = {}
-        self.problems: dict[int, str] = {}
-        self._clock = time.perf_counter()
+        self.laps, self.problems = {}, {}
+        self.restart_clock()
         try:
-            adverts = self._advertise(first, message_type, ids, setup, replies)
-            self._lap("train" if message_type == TRAIN_AND_ADVERTISE else "compute")
+            adverts = ahead.adverts if ahead is not None else self.advertise(ids, setup)
+            if ahead is None:
+                self._lap("advertise")
             keys = server.collect_adverts(adverts)
-            bundles = self._exchange(SHARE_KEYS, keys, ShareBundle, setup)
+            bundles = self.exchange(SHARE_KEYS, keys, ShareBundle, setup)
             forwarded = server.collect_shares(bundles)
             self._lap("share")
-            masked = self._exchange(MASKED_INPUT, forwarded, MaskedInput, setup)
+            masked = self.compute_and_mask(first, message_type, forwarded, setup, replies)
             server.collect_masked(masked)
-            self._lap("mask")
+            self._lap("train" if message_type == TRAIN_AND_MASK else "compute")
             if len(masked) < min_survivors:
                 raise SecAggError(
                     f"distributed DP: {len(masked)} of {len(first)} nodes sent a masked input; "
                     f"their noise shares were sized for a sum of at least {min_survivors}, so "
                     "the round is not unmasked"
                 )
-            if server.authenticated:
+            if server.authenticated:  # the survivor sets confirmed before any unmasking
                 requests = server.confirm_request()
-                server.collect_confirmations(self._exchange(CONFIRM, requests, Confirmation, setup))
+                confirmations = self.exchange(CONFIRM, requests, Confirmation, setup)
+                server.collect_confirmations(confirmations)
                 self._lap("confirm")
-            shares = self._exchange(UNMASK, server.unmask_request(), UnmaskShares, setup)
+            shares = self.unmask_and_prepare(server.unmask_request(), setup, flower_ids)
             weighted_sum, total = server.aggregate(shares)
             self._lap("unmask")
         except SecAggError as exc:
-            return SecureRound(
-                None,
-                replies,
-                error=str(exc),
-                dropped=self._dropped(server),
-                seconds=self.laps,
-                parameters=self.setup_notes,
-            )
+            return self._result(server, replies, ahead is not None, error=str(exc))
+        result = self._result(server, replies, ahead is not None, total=total)
+        return replace(result, vector=weighted_sum)
+
+    def _result(
+        self,
+        server: SecAggServer,
+        replies: list[ReceivedReply],
+        ahead: bool,
+        *,
+        total: float = math.nan,
+        error: str = "",
+    ) -> SecureRound:
+        reasons = {**server.excluded, **self.problems}
         return SecureRound(
             None,
             replies,
             total,
-            dropped=self._dropped(server),
+            error=error,
+            dropped={self.names[i]: why for i, why in reasons.items()},
             seconds=self.laps,
             parameters=self.setup_notes,
-            vector=weighted_sum,
+            keys_ahead=ahead,
         )
-
-    def _lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.laps[stage] = now - self._clock
-        self._clock = now
-
-    def _dropped(self, server: SecAggServer) -> dict[str, str]:
-        reasons = {**server.excluded, **self.problems}
-        return {self.names[i]: why for i, why in reasons.items()}
-
-    def _advertise(
-        self,
-        first: list[tuple[int, RecordDict]],
-        message_type: str,
-        ids: dict[int, int],
-        setup: RoundSetup,
-        replies: list[ReceivedReply],
-    ) -> list[KeyAdvert]:
-        """Stage 1: each node computes its input (trains, or computes a vector) and sends its
-        key advertisement; the replies that advertise are the round's participants."""
-        outgoing = []
-        for fid, base in first:
-            content = RecordDict(dict(base.items()))
-            setup_record = {**setup.to_record(), "node": ids[fid]}
-            content[SECAGG] = ConfigRecord(setup_record)  # type: ignore[arg-type]
-            outgoing.append(Message(content, dst_node_id=fid, message_type=message_type))
-        adverts = []
-        raw = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.round_timeout))
-        received = [replace(read_reply(m, self.roster), message=None) for m in raw]
-        for message, reply in zip(raw, refuse_duplicates(received), strict=True):
-            fid = message.metadata.src_node_id
-            if fid in ids:
-                self.names[ids[fid]] = reply.node
-            if reply.status in (TRAINED, CONTRIBUTED):
-                advert = self._parse(message, KeyAdvert, setup, ids)
-                if advert is None:
-                    problem = self.problems.get(ids.get(fid, -1), "")
-                    reply = replace(reply, status="rejected", problem=problem)
-                else:
-                    adverts.append(advert)
-            elif fid in ids and reply.problem:
-                self.problems[ids[fid]] = reply.problem
-            replies.append(reply)
-        return adverts
-
-    def _exchange(
-        self, message_type: str, outbox: dict[int, Any], kind: type[M], setup: RoundSetup
-    ) -> list[M]:
-        """Send each node its message of this stage; the replies that parse and match."""
-        outgoing = [
-            Message(pack(msg.to_record()), dst_node_id=self.flower_of[i], message_type=message_type)
-            for i, msg in outbox.items()
-        ]
-        ids = {fid: i for i, fid in self.flower_of.items()}
-        parsed = (
-            self._parse(reply, kind, setup, ids)
-            for reply in self.grid.send_and_receive(outgoing, timeout=self.cfg.secagg_timeout)
-        )
-        return [p for p in parsed if p is not None]
-
-    def _parse(
-        self, reply: Message, kind: type[M], setup: RoundSetup, ids: dict[int, int]
-    ) -> M | None:
-        """A reply as a protocol message, or None when the node is to be treated as dropped:
-        an error, a malformed record, a message of another round (a replay) or one claiming
-        another node's id. The reason is kept in ``self.problems``."""
-        sender = ids.get(reply.metadata.src_node_id)
-        if sender is None:
-            return None
-        what = kind.__name__
-        if reply.has_error():
-            self.problems[sender] = f"{what}: the node's app raised an error"
-            return None
-        failed = read_reply(reply)
-        if failed.status == FAILED:  # a guarded node: a reason code, never its error text
-            self.problems[sender] = f"{what}: the node failed ({failed.problem})"
-            return None
-        try:
-            parsed = kind.from_record(unpack(reply.content))
-        except (SecAggError, KeyError) as exc:
-            self.problems[sender] = f"rejected {what}: {exc}"
-            return None
-        if parsed.round_id != setup.round_id:
-            self.problems[sender] = (
-                f"rejected {what}: round id {parsed.round_id} is not this round's "
-                f"{setup.round_id} (a replayed message?)"
-            )
-            return None
-        if parsed.node_id != sender:
-            self.problems[sender] = f"rejected {what}: claims to come from node {parsed.node_id}"
-            return None
-        if isinstance(parsed, MaskedInput) and parsed.vector.shape != (setup.masked_length,):
-            self.problems[sender] = (
-                f"rejected {what}: vector of {parsed.vector.size} values, the round expects "
-                f"{setup.masked_length}"
-            )
-            return None
-        return parsed
 
 
 def implausible(

@@ -1,19 +1,27 @@
 """The node's side of a securely aggregated round, one function per message.
 
-Flower starts a ClientApp afresh for each message, so the round's secrets (key pairs, self-mask
-seed, received shares), the node's update and its pending privacy charge wait between stages in
-``Context.state``: memory or storage on the node itself, never sent. They are deleted when the
-round ends, and before the next round trains. What leaves the node: its privacy accounting
-(epsilon, delta, noise multiplier), public keys, encrypted shares, the masked vector, and at
-the end the shares the protocol asks for. A deployed node also signs its public keys and the
-survivor sets it is shown with its identity key, and checks its neighbours' signatures against
-its pinned roster (``identity``). Its update and its weight (the noisy count) travel
-only inside the masked vector; the charge is marked released when the masked vector is built.
+A round on the node: :func:`advertise` makes fresh keys (in a message of its own, or in the
+previous round's unmask answer, see :func:`unmask`), :func:`share_keys` shares them, then one
+message brings the round's request with the shares addressed to this node: the node checks it
+can mask (:func:`ready_to_mask`) before it trains or computes anything, computes, and
+:func:`mask` sends the result masked. :func:`unmask` ends the round.
+
+What waits between messages, in ``Context.state`` (memory or storage on the node itself, never
+sent): the round's setup and secrets (key pairs, self-mask seed, received shares). The node's
+update never waits: it is computed, masked and sent by one handler, and its pending privacy
+charge is marked released there, just before the masked vector leaves. A round's secrets are
+deleted when it ends, when it is refused, and whenever a new round's keys are made. What
+leaves the node: its privacy accounting (epsilon, delta, noise multiplier), public keys,
+encrypted shares, the masked vector, and at the end the shares the protocol asks for. A
+deployed node also signs its public keys (the ones it advertises ahead too) and the survivor
+sets it is shown (:func:`confirm`, before :func:`unmask`) with its identity key, and checks its
+neighbours' signatures against its pinned roster (``identity``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
@@ -28,90 +36,53 @@ from fedaiot.secagg import (
     UnmaskRequest,
 )
 from fedaiot.secure_rounds.identity import colluders, node_identity
-from fedaiot.secure_rounds.wire import flatten, pack, unpack
+from fedaiot.secure_rounds.wire import NEXT, flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
     from fedaiot.wire.replies import NodeReply
 
-_SETUP, _CLIENT, _UPDATE, _PENDING, _FLOOR = (
-    "secagg-setup",
-    "secagg-client",
-    "secagg-update",
-    "secagg-charge",
-    "secagg-floor",  # a distributed-DP share's fewest survivors
-)
+_SETUP, _CLIENT, _FLOOR = "secagg-setup", "secagg-client", "secagg-floor"
+# Kept by the four-stage protocol of earlier versions between stages; never written now, still
+# dropped so that no update of theirs can leave.
+_EARLIER = ("secagg-update", "secagg-charge")
 
 
 def forget_round(context: Context) -> None:
-    """Drop whatever an earlier round left on the node (its update, keys and pending charge).
+    """Drop whatever a round left on the node: its keys, secrets and survivor floor.
 
-    Called before training: once a round is forgotten its update can never be masked and
-    sent, which is what lets the budget return that round's unreleased charge.
+    Called when a round ends, is refused, and before a new round's keys are made: once a
+    round is forgotten nothing of it can be masked or unmasked any more.
     """
-    for name in (_SETUP, _CLIENT, _UPDATE, _PENDING, _FLOOR):
+    for name in (_SETUP, _CLIENT, _FLOOR, *_EARLIER):
         if name in context.state:
             del context.state[name]
 
 
-def _setup(setup_record: dict[str, object]) -> RoundSetup:
-    return RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
-
-
-def new_client(setup_record: dict[str, object], context: Context) -> SecAggClient:
-    """This node's side of the round the coordinator set up. Called before training too, so
-    that a round this node would refuse (unauthenticated, naming it as another institution,
-    naming an institution its roster lacks) costs no budget."""
-    setup = _setup(setup_record)
+def new_client(setup_record: Mapping[str, Any], context: Context) -> SecAggClient:
+    """This node's side of the round the coordinator set up, with its identity: a round this
+    node would refuse (unauthenticated, naming it as another institution, naming an
+    institution its roster lacks) is refused here, before it trains or spends anything."""
+    setup = RoundSetup.from_record({k: v for k, v in setup_record.items() if k != "node"})
     return SecAggClient(
-        int(setup_record["node"]),  # type: ignore[call-overload]
+        int(setup_record["node"]),
         setup,
         node_identity(context.node_config),
         colluders(context.run_config, len(setup.node_ids)),
     )
 
 
-def advertise(
-    reply: NodeReply,
-    global_arrays: ArrayRecord | None,
-    setup_record: dict[str, object],
-    context: Context,
-    *,
-    private: bool,
-    min_survivors: int = 0,
-) -> RecordDict:
-    """After local training (or computing a release's vector): keep the input, start the
-    SecAgg round, send the key advert. A trained update is masked as its difference from
-    ``global_arrays``; a vector as it is, with weight 1."""
-    import numpy as np
-
-    from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
-    from fedaiot.wire.replies import CONTRIBUTED, TRAINED, clear_metrics
-
-    if reply.status in (CONTRIBUTED, TRAINED) and reply.vector is not None:
-        # a release's vector, or a distributed-DP round's noisy integer share
-        update, weight = np.asarray(reply.vector, dtype=np.float64), 1.0
-    elif reply.status == TRAINED and reply.state is not None and global_arrays is not None:
-        update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
-        weight = reply.weight
-    else:
-        return reply_content(reply, private=private, secure=True)  # joins no round
+def advertise(setup_record: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """Start a round: fresh keys for the round ``setup_record`` describes (with this node's
+    protocol id in ``node``), kept on the node; returns the key advert to send, signed when
+    the node has an identity (in a message of its own or ahead, in an unmask answer alike).
+    Whatever an earlier round left is dropped first."""
+    forget_round(context)
     client = new_client(setup_record, context)
     setup = client.setup
     advert = client.advertise()
     context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
-    context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
-    context.state[_UPDATE] = ConfigRecord({"update": update.tobytes(), "weight": weight})
-    context.state[_FLOOR] = ConfigRecord({"min-survivors": min_survivors})
-    if reply.pending is not None:
-        context.state[_PENDING] = ConfigRecord(reply.pending.to_record())  # type: ignore[arg-type]
-    mode = wire_mode(reply.status, private=private, secure=True)
-    return pack(
-        advert.to_record(),
-        **{
-            METRICS: MetricRecord(clear_metrics(mode, reply.metrics)),  # type: ignore[arg-type]
-            NODE: ConfigRecord({"id": reply.node, "status": reply.status, "reason": ""}),
-        },
-    )
+    _save(context, client)
+    return advert.to_record()
 
 
 def _client(context: Context) -> SecAggClient:
@@ -134,25 +105,59 @@ def share_keys(content: RecordDict, context: Context) -> RecordDict:
     return pack(bundle.to_record())
 
 
-def masked_input(content: RecordDict, context: Context) -> RecordDict:
+def ready_to_mask(content: RecordDict, context: Context) -> tuple[SecAggClient, ForwardedShares]:
+    """The round's client and the shares forwarded to it, once it is certain the node can
+    mask them: this round, this stage, enough authentic shares. Raises otherwise, before the
+    node trains or computes, so that a request it cannot answer costs it no budget."""
+    client = _client(context)
+    forwarded = ForwardedShares.from_record(unpack(content))
+    client.check_masking(forwarded)
+    return client, forwarded
+
+
+def mask(
+    reply: NodeReply,
+    global_arrays: ArrayRecord | None,
+    client: SecAggClient,
+    forwarded: ForwardedShares,
+    context: Context,
+    *,
+    private: bool,
+    min_survivors: int = 0,
+) -> RecordDict:
+    """The node's input, masked, as the reply; its charge is marked released just before.
+
+    A trained update is masked as its difference from ``global_arrays``, weighted by the
+    node's weight; a vector (a release's, or a distributed-DP round's noisy integer share) as
+    it is, with weight 1. A reply without an input (a refusal) takes no further part: the
+    round is forgotten and the reply says why, in the clear fields its status allows.
+    """
     import numpy as np
 
-    client = _client(context)
-    kept = context.state.config_records[_UPDATE]
-    update = np.frombuffer(kept["update"], dtype=np.float64)  # type: ignore[arg-type]
-    masked = client.masked_input(
-        ForwardedShares.from_record(unpack(content)),
-        update,
-        float(kept["weight"]),  # type: ignore[arg-type]
-    )
-    _save(context, client)
-    del context.state[_UPDATE]  # the update is no longer needed once masked
-    if _PENDING in context.state:  # it leaves now, masked: its charge is spent for good
-        from fedaiot.privacy.budget import PendingRelease
+    from fedaiot.wire.records import METRICS, NODE, reply_content, wire_mode
+    from fedaiot.wire.replies import CONTRIBUTED, TRAINED, clear_metrics
 
-        PendingRelease.from_record(dict(context.state.config_records[_PENDING])).release()
-        del context.state[_PENDING]
-    return pack(masked.to_record())
+    if reply.status in (CONTRIBUTED, TRAINED) and reply.vector is not None:
+        update, weight = np.asarray(reply.vector, dtype=np.float64), 1.0
+    elif reply.status == TRAINED and reply.state is not None and global_arrays is not None:
+        update = flatten(ArrayRecord(reply.state), order=global_arrays) - flatten(global_arrays)
+        weight = reply.weight
+    else:
+        forget_round(context)
+        return reply_content(reply, private=private, secure=True)
+    masked = client.masked_input(forwarded, update, weight)
+    _save(context, client)
+    context.state[_FLOOR] = ConfigRecord({"min-survivors": min_survivors})
+    if reply.pending is not None:  # it leaves now, masked: its charge is spent for good
+        reply.pending.release()
+    mode = wire_mode(reply.status, private=private, secure=True)
+    return pack(
+        masked.to_record(),
+        **{
+            METRICS: MetricRecord(clear_metrics(mode, reply.metrics)),  # type: ignore[arg-type]
+            NODE: ConfigRecord({"id": reply.node, "status": reply.status, "reason": ""}),
+        },
+    )
 
 
 def confirm(content: RecordDict, context: Context) -> RecordDict:
@@ -164,6 +169,10 @@ def confirm(content: RecordDict, context: Context) -> RecordDict:
 
 
 def unmask(content: RecordDict, context: Context) -> RecordDict:
+    """The shares the coordinator asks for, and, when the request carries the next round's
+    setup, this node's fresh keys for it. The round's secrets are deleted before new keys are
+    made, and the node refuses a distributed-DP sum below the floor its share was sized for
+    (then it advertises nothing either)."""
     client = _client(context)
     try:
         request = UnmaskRequest.from_record(unpack(content))
@@ -175,6 +184,10 @@ def unmask(content: RecordDict, context: Context) -> RecordDict:
                 f"refuses to unmask a distributed-DP sum of {len(request.survivors)} "
                 f"survivors: its noise share was sized for at least {floor}"
             )
-        return pack(client.unmask(request).to_record())
+        answer = pack(client.unmask(request).to_record())
     finally:
         forget_round(context)
+    if NEXT in content.config_records:
+        advert = advertise(dict(content.config_records[NEXT]), context)
+        answer[NEXT] = ConfigRecord(advert)
+    return answer

@@ -14,16 +14,21 @@ import numpy as np
 import numpy.typing as npt
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-# Message types of the stages: training comes with the key advertisement.
-TRAIN_AND_ADVERTISE = "train.secagg"
-VECTOR_AND_ADVERTISE = "query.secagg_vector"  # a vector (statistics, evaluation) instead
+# Message types of the stages. A round is: keys advertised (by the previous round's unmask
+# reply when the node set is the same, else by an exchange of its own), keys shared, the input
+# computed and masked in one exchange (training, or a release's vector), in authenticated
+# rounds the survivor sets confirmed, and the unmasking.
+ADVERTISE = "query.secagg_advertise"
 SHARE_KEYS = "query.secagg_share"
-MASKED_INPUT = "query.secagg_mask"
+TRAIN_AND_MASK = "train.secagg"
+VECTOR_AND_MASK = "query.secagg_vector"  # a vector (statistics, evaluation) instead
 CONFIRM = "query.secagg_confirm"  # authenticated rounds: sign the survivor sets first
 UNMASK = "query.secagg_unmask"
 
 SECAGG = "secagg"  # the record names inside a message's RecordDict
 SECAGG_ARRAYS = "secagg-arrays"
+# The next round's setup in an unmask request, and the node's key advert for it in the reply.
+NEXT = "secagg-next"
 
 
 def pack(record: dict[str, Any], **extra: Any) -> RecordDict:

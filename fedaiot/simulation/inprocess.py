@@ -17,14 +17,14 @@ from flwr.supercore.run import Run
 from clients import client_app
 from fedaiot.config.run import RunConfig
 
-Handler = Callable[[Message, Context], Message]
+Handler = Callable[[Message, Context], Message | None]
 ROUTES: dict[str, Handler] = {
     "train": client_app.train,
-    "train.secagg": client_app.train_and_advertise,
+    "train.secagg": client_app.train_and_mask,
     "query.vector": client_app.vector,
-    "query.secagg_vector": client_app.vector_and_advertise,
+    "query.secagg_vector": client_app.vector_and_mask,
+    "query.secagg_advertise": client_app.advertise,
     "query.secagg_share": client_app.share_keys,
-    "query.secagg_mask": client_app.masked_input,
     "query.secagg_confirm": client_app.confirm,
     "query.secagg_unmask": client_app.unmask,
 }
@@ -73,7 +73,9 @@ class InProcessGrid(Grid):
             if handler is None:
                 continue  # the node dropped out
             try:
-                replies.append(handler(message, self.contexts[index]))
+                reply = handler(message, self.contexts[index])
+                if reply is not None:  # None: the node answered, and the answer was lost
+                    replies.append(reply)
             except Exception as exc:
                 replies.append(Message(Error(code=1, reason=repr(exc)), reply_to=message))
         return replies

@@ -1,0 +1,166 @@
+"""Flower 1.41's hard-coded waits, replaced at process start, without editing Flower's files.
+
+Every patch here rebinds a module-global name or a keyword default inside Flower, in the
+process that applies it, before Flower's code runs. Each is checked first: the installed Flower
+must be the version the patch was verified against (:data:`VERIFIED`), and the names it
+replaces must look as they did then (the module's ``time``, the literal waits in the source,
+the keyword defaults). Anything else and the patch is not applied: Flower keeps its own
+behaviour and a warning says why. Nothing here starts a process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import time
+import types
+from collections.abc import Callable
+from typing import Any
+
+from fedaiot.config.polling import Polling
+
+VERIFIED = "1.41.0"  # tests/test_flower_patches.py runs every patch against this version
+LOG = logging.getLogger("fedaiot.launch")
+
+# Flower's waits, as they read in flwr/supernode/start_client_internal.py (1.41.0).
+IDLE_WAIT, REPLY_WAIT = 3, 0.5
+
+
+def log_to_stderr() -> None:
+    """The kit's own messages on stderr (the node's log), and only them: a handler on the root
+    logger would also print httpx's line for every poll, ten a second."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    kit = logging.getLogger("fedaiot")
+    kit.addHandler(handler)
+    kit.setLevel(logging.INFO)
+
+
+def flower_version() -> str:
+    from flwr.supercore.version import package_version
+
+    return str(package_version)
+
+
+def unverified(version: str | None = None) -> str:
+    """Why this Flower may not be patched ("" when it may)."""
+    found = flower_version() if version is None else version
+    if found != VERIFIED:
+        return (
+            f"Flower {found} is installed, the kit's fast paths were verified against "
+            f"{VERIFIED} only: running Flower's stock behaviour (slower rounds)"
+        )
+    return ""
+
+
+def _refuse(why: str) -> bool:
+    LOG.warning("fedaiot: %s", why)
+    return False
+
+
+class PacedTime(types.ModuleType):
+    """Stands in for the ``time`` module inside Flower's SuperNode loop: its two fixed waits
+    become the configured ones, and every other use of ``time`` is the real module."""
+
+    def __init__(self, polling: Polling) -> None:
+        super().__init__("time")
+        self._waits = {float(IDLE_WAIT): polling.fleet, REPLY_WAIT: polling.reply}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self._waits.get(float(seconds), seconds))
+
+
+def patch_supernode(polling: Polling, on_message: Callable[[], None] | None = None) -> bool:
+    """The SuperNode's idle wait (3 s) and reply waits (0.5 s) become ``polling``'s; with
+    ``on_message``, it is called each time a message has been pulled and stored (the kit's
+    runner is woken by it instead of polling for tasks)."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.supernode import start_client_internal as loop
+
+    source = inspect.getsource(loop)
+    expected = [f"time.sleep({IDLE_WAIT})", f"time.sleep({REPLY_WAIT})"]
+    if loop.time is not time or not all(wait in source for wait in expected):
+        return _refuse("Flower's SuperNode loop is not the one verified: its waits stay")
+    loop.time = PacedTime(polling)
+    if on_message is not None:
+        pull = loop._pull_and_store_message
+
+        def pull_and_tell(*args: Any, **kwargs: Any) -> int | None:
+            run_id: int | None = pull(*args, **kwargs)
+            if run_id is not None:
+                on_message()
+            return run_id
+
+        loop._pull_and_store_message = pull_and_tell
+    return True
+
+
+def patch_object_pulls(polling: Polling) -> bool:
+    """The first retry of an object that is not there yet comes after ``polling.object_retry``
+    instead of 1 s (then doubling, as Flower does). Flower's functions take the wait as a
+    keyword default, bound when they were defined: the defaults themselves are replaced."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.supercore.constant import PULL_INITIAL_BACKOFF
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    functions = (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree)
+    for function in functions:
+        defaults = function.__kwdefaults__ or {}
+        if defaults.get("initial_backoff") not in (PULL_INITIAL_BACKOFF, polling.object_retry):
+            return _refuse(f"{function.__name__} is not the one verified: its retries stay")
+    for function in functions:
+        assert function.__kwdefaults__ is not None
+        function.__kwdefaults__["initial_backoff"] = polling.object_retry
+    return True
+
+
+def patch_clientapp_loading(app_module: str) -> bool:
+    """In a runner that imported the institution's own ClientApp (``app_module``) before any
+    task: Flower loads it from ``sys.modules`` instead of the run's FAB folder, and the FAB
+    folder is not put on ``sys.path``, so nothing of the FAB's code is imported. A FAB that
+    names another ClientApp fails to load (Flower's error reply), it never runs."""
+    if why := unverified():
+        return _refuse(why)
+    import sys
+
+    from flwr.supercore import object_ref
+
+    if app_module not in sys.modules or not callable(getattr(object_ref, "_ensure_sys_path", 0)):
+        return _refuse("Flower's app loader is not the one verified: the FAB's app is loaded")
+    object_ref._ensure_sys_path = lambda directory: None
+    return True
+
+
+def patch_fab_install() -> bool:
+    """Flower's ClientApp process unzips the run's FAB and checks every file's hash for every
+    message (0.5 to 1 s), then finds it already installed. In the kit's runner a FAB whose
+    folder is already installed under this node's Flower home is taken as it is, as Flower
+    itself takes an existing folder; a new FAB is installed by Flower's code. The SuperNode
+    checked the FAB's hash and its signatures before storing the run."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.cli import install
+    from flwr.common.constant import APP_DIR, FAB_HASH_TRUNCATION
+    from flwr.supercore.utils import get_flwr_home
+    from flwr.supernode.runtime import run_clientapp as task
+
+    original = task.install_from_fab
+    if original is not install.install_from_fab:
+        return _refuse("Flower's ClientApp process is not the one verified: it installs the FAB")
+
+    def install_once(fab_file: Any, install_dir: Any = None, skip_prompt: bool = False) -> Any:
+        if isinstance(fab_file, bytes) and install_dir is None and skip_prompt:
+            short = hashlib.sha256(fab_file).hexdigest()[:FAB_HASH_TRUNCATION]
+            for folder in (get_flwr_home() / APP_DIR).glob(f"*.{short}"):
+                if (folder / "pyproject.toml").is_file():
+                    return folder
+        return original(fab_file, install_dir, skip_prompt)
+
+    task.install_from_fab = install_once
+    return True

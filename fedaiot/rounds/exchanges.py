@@ -1,0 +1,92 @@
+"""The coordinator's message exchanges: counted, and (deployed) waited for without Flower's 3 s.
+
+An *exchange* is one ``send_and_receive``: messages out to a round's nodes, the replies back.
+A round's pace is set by how many it takes and how long each waits, so the round loop counts
+them (``exchanges`` in every journalled round). Flower's ``HttpGrid.send_and_receive`` looks
+for replies every 3 s; :class:`ReplyLoop` looks every ``Polling.results`` seconds through the
+Grid's public ``push_messages`` and ``pull_messages``, with the same timeout semantics: the
+replies that arrived before the timeout, the rest treated as missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from flwr.app import Message
+from flwr.proto.node_pb2 import NodeInfo
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+from fedaiot.config.polling import Polling
+
+
+class CountingGrid(Grid):
+    """``inner`` as it is, with its exchanges and messages counted."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.exchanges = 0
+        self.messages = 0
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        outgoing = list(messages)
+        self.exchanges += 1
+        self.messages += len(outgoing)
+        return self._exchange(outgoing, timeout)
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
+        return self.inner.send_and_receive(messages, timeout=timeout)
+
+    # the rest of the Grid, delegated
+    def set_run(self, run: Run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self.inner.run
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:
+        return self.inner.create_message(*args, **kwargs)  # type: ignore[arg-type]
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+
+class ReplyLoop(CountingGrid):
+    """A Flower Grid whose exchanges look for replies every ``polling.results`` seconds."""
+
+    def __init__(self, inner: Grid, polling: Polling) -> None:
+        super().__init__(inner)
+        self.interval = polling.results
+
+    def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
+        waiting = set(self.inner.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            arrived = list(self.inner.pull_messages(waiting))
+            replies.extend(arrived)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self.interval)
+        return replies
+
+
+def serverapp_grid(grid: Grid, polling: Polling | None = None) -> CountingGrid:
+    """The grid a ServerApp runs its rounds on: Flower's own waits when ``polling`` is stock,
+    the reply loop otherwise."""
+    polling = polling or Polling.from_env()
+    return CountingGrid(grid) if polling.stock else ReplyLoop(grid, polling)

@@ -1,0 +1,253 @@
+"""The kits' fast paths without a federation: the poll settings, the version-checked patches of
+Flower's waits (refused, with a warning, on a Flower they were not verified against), the
+ServerApp's reply loop, and the node launcher's choice between the kit's runtime and Flower's.
+
+Patches rebind names inside Flower's modules; every test that applies one registers the
+original with ``monkeypatch`` first, so it is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from fedaiot.config.polling import ENV, Polling, PollingError
+from fedaiot.launch import flower_patches
+from fedaiot.launch import supernode as launcher
+from fedaiot.rounds.exchanges import CountingGrid, ReplyLoop, serverapp_grid
+
+
+def test_polling_travels_through_the_environment() -> None:
+    polling = Polling(fleet=0.25, results=0.02)
+    env = polling.to_env()
+    assert Polling.from_env(env) == polling
+    assert env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.5"  # Flower's own supported knob
+    stock = Polling(mode="stock")
+    assert Polling.from_env(stock.to_env()).stock
+    assert "FLWR_SUPEREXEC_TASK_POLL_INTERVAL" not in stock.to_env()  # Flower's default stays
+    assert Polling.from_env({}) == Polling()
+    with pytest.raises(PollingError, match="fleet"):
+        Polling.from_env({ENV: '{"fleet": 0}'})
+
+
+def test_an_unknown_flower_version_is_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert flower_patches.unverified() == ""  # the installed Flower is the verified one
+    why = flower_patches.unverified("1.99.0")
+    assert "Flower 1.99.0" in why and flower_patches.VERIFIED in why and "stock" in why
+    monkeypatch.setattr(flower_patches, "flower_version", lambda: "1.99.0")
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    before = dict(pulls.pull_objects.__kwdefaults__ or {})
+    with caplog.at_level(logging.WARNING, logger="fedaiot.launch"):
+        assert not flower_patches.patch_object_pulls(Polling())
+        assert not flower_patches.patch_supernode(Polling())
+        assert not flower_patches.patch_fab_install()
+    assert pulls.pull_objects.__kwdefaults__ == before  # nothing was touched
+    assert len([r for r in caplog.records if "1.99.0" in r.getMessage()]) == 3
+
+
+def test_the_supernode_loop_waits_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", loop.time)
+    monkeypatch.setattr(loop, "_pull_and_store_message", loop._pull_and_store_message)
+    woken: list[int] = []
+    polling = Polling(fleet=0.2, reply=0.03)
+    assert flower_patches.patch_supernode(polling, on_message=lambda: woken.append(1))
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    loop.time.sleep(3)  # Flower's idle wait
+    loop.time.sleep(0.5)  # its reply wait
+    loop.time.sleep(7)  # any other wait is left alone
+    assert slept == [0.2, 0.03, 7]
+    assert loop.time.monotonic is time.monotonic  # the rest of `time` is the real module
+
+
+def test_object_pulls_retry_first_after_the_configured_wait(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supercore.inflatable import inflatable_utils as pulls
+
+    for function in (pulls.pull_objects, pulls.pull_and_inflate_object_from_tree):
+        monkeypatch.setattr(function, "__kwdefaults__", dict(function.__kwdefaults__ or {}))
+    assert flower_patches.patch_object_pulls(Polling(object_retry=0.03))
+    assert pulls.pull_objects.__kwdefaults__["initial_backoff"] == 0.03  # type: ignore[index]
+    kwdefaults = pulls.pull_and_inflate_object_from_tree.__kwdefaults__
+    assert kwdefaults is not None and kwdefaults["initial_backoff"] == 0.03
+
+
+def test_an_installed_fab_is_not_unpacked_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import hashlib
+
+    from flwr.supernode.runtime import run_clientapp as task
+
+    monkeypatch.setattr(task, "install_from_fab", task.install_from_fab)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))
+    assert flower_patches.patch_fab_install()
+    content = b"a FAB's bytes"
+    short = hashlib.sha256(content).hexdigest()[:8]
+    installed = tmp_path / "apps" / f"pub.app.1.0.0.{short}"
+    installed.mkdir(parents=True)
+    (installed / "pyproject.toml").write_text("")
+    assert task.install_from_fab(content, skip_prompt=True) == installed
+    with pytest.raises(Exception):  # noqa: B017 - a FAB not installed goes to Flower's code
+        task.install_from_fab(b"another FAB", skip_prompt=True)
+
+
+class FakeGrid(CountingGrid):
+    """Replies arrive on the ``arrive_after``-th look for them."""
+
+    def __init__(self, arrive_after: dict[str, int]) -> None:
+        self.arrive_after, self.looks = arrive_after, 0
+
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+        return list(self.arrive_after)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+        self.looks += 1
+        wanted = set(message_ids)
+        return [
+            SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=m))
+            for m, n in self.arrive_after.items()
+            if m in wanted and n == self.looks
+        ]
+
+
+def test_the_reply_loop_returns_when_every_reply_is_in_or_at_the_timeout() -> None:
+    loop = ReplyLoop(FakeGrid({"a": 1, "b": 3}), Polling(results=0.001))
+    replies = list(loop.send_and_receive([object(), object()], timeout=None))  # type: ignore[list-item]
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
+    assert loop.exchanges == 1 and loop.messages == 2
+    never = ReplyLoop(FakeGrid({"a": 1, "b": 10**9}), Polling(results=0.001))
+    replies = list(never.send_and_receive([object(), object()], timeout=0.05))  # type: ignore[list-item]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a"]  # the rest: missing
+
+
+def test_the_serverapp_grid_follows_the_kit() -> None:
+    inner: Any = object()
+    assert type(serverapp_grid(inner, Polling(mode="stock"))) is CountingGrid
+    assert isinstance(serverapp_grid(inner, Polling()), ReplyLoop)
+
+
+def _node() -> launcher.SuperNode:
+    return launcher.SuperNode("127.0.0.1:1", Path("ca.crt"), Path("node.key"), Path("n.toml"), 1)
+
+
+def test_the_node_runs_the_kits_runtime_or_flowers_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    started: list[list[str]] = []
+
+    def spawn(command: list[str], env: dict[str, str], log: Any, **kw: Any) -> Any:
+        started.append(command)
+        return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+    monkeypatch.setattr(launcher, "spawn", spawn)
+    with open(tmp_path / "log", "ab") as log:
+        fast = launcher.start_supernode(_node(), {}, log, Polling())
+        try:
+            assert fast.runner is not None and fast.notes == []
+            assert started[0][1:3] == ["-m", "fedaiot.launch.fast_supernode"]
+            assert (
+                "--isolation" in started[0] and started[1][2] == "fedaiot.launch.clientapp_runner"
+            )
+        finally:
+            fast.stop()
+        stock = launcher.start_supernode(_node(), {}, log, Polling(mode="stock"))
+        stock.stop()
+        assert stock.runner is None and started[2][0] == "flower-supernode"
+        monkeypatch.setattr(flower_patches, "flower_version", lambda: "1.99.0")
+        fallback = launcher.start_supernode(_node(), {}, log, Polling())
+        fallback.stop()
+    assert fallback.runner is None and started[3][0] == "flower-supernode"
+    assert len(fallback.notes) == 1 and "Flower 1.99.0" in fallback.notes[0]
+    assert all(p.poll() is not None for p in (fast.supernode, fast.runner, stock.supernode))
+
+
+def test_waiting_on_a_node_stops_both_processes_when_one_stops(tmp_path: Path) -> None:
+    supernode = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    runner = subprocess.Popen(["true"], start_new_session=True)
+    ticks: list[int] = []
+    node = launcher.NodeProcesses(supernode, runner)
+    assert launcher.wait_supernode(node, tick=0.01, on_tick=lambda: ticks.append(1)) == 1
+    assert supernode.poll() is not None and ticks  # the console was followed meanwhile
+
+
+def test_the_institution_sees_each_round_on_its_console(tmp_path: Path) -> None:
+    from fedaiot.node.deployed import NodeSettings
+    from fedaiot.node.round_log import Follower, line, log_path, record
+
+    settings = NodeSettings(tmp_path / "data.csv", "alpha", "breast-cancer", tmp_path / "led")
+    follower = Follower(log_path(settings))
+    record(settings, what="round 3", status="trained", epsilon=0.41, budget=1.0, seconds=0.52)
+    record(
+        settings,
+        what="round 4",
+        status="refused",
+        reason="budget-exhausted",
+        detail="epsilon 1.02 would pass the budget 1.0",
+    )
+    trained, refused = (line(e) for e in follower.new_events())
+    assert "round 3" in trained and "trained" in trained
+    assert "epsilon 0.410 of 1.000" in trained and "0.52 s" in trained
+    assert "refused" in refused and "budget-exhausted: epsilon 1.02 would pass" in refused
+    assert follower.new_events() == []  # each line is shown once
+
+
+RUNNER_MID_TASK = """
+import os, sys, time
+import flwr.supernode.runtime.run_clientapp as task
+from fedaiot.config.polling import Polling
+from fedaiot.launch import clientapp_runner
+
+def busy(**kwargs):  # a ClientApp in the middle of its message
+    print("child", os.getpid(), flush=True)
+    time.sleep(600)
+
+task.run_clientapp = busy
+runner = clientapp_runner.Runner("127.0.0.1:9", Polling(task=0.05), None, None)
+tokens = iter(["a task"])
+runner.acquire = lambda: next(tokens, None)
+clientapp_runner.serve(runner)
+print("runner stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_runner_mid_task_stops_its_child(how: signal.Signals) -> None:
+    import sys
+
+    import psutil
+
+    from tests.waiting import wait_until
+
+    runner = subprocess.Popen(
+        [sys.executable, "-c", RUNNER_MID_TASK],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert runner.stdout is not None
+        line = runner.stdout.readline()
+        assert line.startswith("child"), line
+        child = psutil.Process(int(line.split()[1]))
+        runner.send_signal(how)
+        assert runner.wait(timeout=120) == 0
+        assert runner.stdout.read().strip() == "runner stopped"
+        wait_until(lambda: not child.is_running(), "the forked child to end", timeout=60)
+    finally:
+        runner.kill()
+        runner.wait()

@@ -1,0 +1,169 @@
+"""Keys advertised one round ahead, with the unmask answers: three exchanges a secure round
+instead of four, and nothing more in the clear. Played in-process through the real coordinator
+and ClientApp handlers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fedaiot.config.run import RunConfig
+from fedaiot.rounds.loop import RoundLoop
+from fedaiot.secure_rounds.keys import KeyChain, Prepared
+from fedaiot.simulation.inprocess import InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("flower_identity")
+
+
+def _cfg(tmp_path: Path, name: str, **overrides: Any) -> RunConfig:
+    fields = {
+        "task": "breast-cancer",
+        "num_rounds": 3,
+        "epsilon": 2.0,
+        "min_available_nodes": 5,
+        "secagg_collusion": 0.4,
+    }
+    return RunConfig(**{**fields, **overrides}, output_dir=str(tmp_path / name))
+
+
+def _rounds(cfg: RunConfig) -> list[dict[str, Any]]:
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    return [e for e in events if e["event"] == "round"]
+
+
+def _final(cfg: RunConfig, grid: InProcessGrid) -> dict[str, torch.Tensor]:
+    loop = RoundLoop(cfg)
+    assert loop.run_rounds(grid)["status"] == "completed"
+    weights, _ = loop.registry.load(loop.registry.versions()[-1])
+    return weights
+
+
+def test_keys_advertised_ahead_save_an_exchange_and_change_nothing_else(tmp_path: Path) -> None:
+    # the same (seeded, research-only) noise with and without secure aggregation
+    plain_cfg = _cfg(tmp_path, "plain", secure_aggregation=False, seeded_noise=True)
+    plain = _final(plain_cfg, InProcessGrid(plain_cfg, 5))
+    cfg = _cfg(tmp_path, "chained", seeded_noise=True)
+    secure = _final(cfg, InProcessGrid(cfg, 5))
+    rounds = _rounds(cfg)
+    assert [r["exchanges"] for r in rounds] == [4, 3, 3]
+    assert [r["secure_aggregation"]["keys_ahead"] for r in rounds] == [False, True, True]
+    assert [r["exchanges"] for r in _rounds(plain_cfg)] == [1, 1, 1]
+    for r in rounds:
+        assert r["secure_aggregation"]["error"] == "" and r["secure_aggregation"]["dropped"] == {}
+        assert "advertise" in r["stage_seconds"] or r["secure_aggregation"]["keys_ahead"]
+    for name, tensor in plain.items():  # three chained rounds, each within quantisation
+        assert torch.allclose(secure[name], tensor, atol=1e-5, rtol=0), name
+
+
+def test_the_unmask_answer_carries_shares_and_public_keys_only(tmp_path: Path) -> None:
+    from clients import client_app
+    from fedaiot.secure_rounds.wire import NEXT, SECAGG
+
+    cfg = _cfg(tmp_path, "answers", num_rounds=2)
+    seen: list[Any] = []
+
+    def recording(message, context):  # type: ignore[no-untyped-def]
+        reply = client_app.unmask(message, context)
+        seen.append((dict(message.content.config_records), reply.content))
+        return reply
+
+    RoundLoop(cfg).run_rounds(
+        InProcessGrid(cfg, 5, overrides={(0, "query.secagg_unmask"): recording})
+    )
+    (request_one, answer_one), (request_two, answer_two) = seen
+    assert NEXT in request_one and NEXT not in request_two  # no keys for a round that never comes
+    assert set(answer_one.config_records) == {SECAGG, NEXT}
+    assert set(dict(answer_one.config_records[NEXT])) == {
+        "node_id", "round_id", "enc_public", "mask_public"
+    }  # fmt: skip
+    assert not answer_one.array_records and not answer_one.metric_records
+    assert set(answer_two.config_records) == {SECAGG}
+    next_round = dict(request_one[NEXT])["round_id"]
+    assert dict(answer_one.config_records[NEXT])["round_id"] == next_round
+    assert dict(answer_one.config_records[SECAGG])["round_id"] != next_round
+
+
+def test_a_node_whose_advert_is_lost_sits_one_round_out_and_comes_back(tmp_path: Path) -> None:
+    from clients import client_app
+
+    cfg = _cfg(tmp_path, "lost", num_rounds=3)
+    calls = {"n": 0}
+
+    def first_answer_lost(message, context):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        reply = client_app.unmask(message, context)
+        return None if calls["n"] == 1 else reply  # round 1's shares and round 2's keys lost
+
+    grid = InProcessGrid(cfg, 5, overrides={(4, "query.secagg_unmask"): first_answer_lost})
+    _final(cfg, grid)
+    one, two, three = _rounds(cfg)
+    assert one["secure_aggregation"]["dropped"] == {}  # four shares of five rebuild the masks
+    assert "no message at key advertising" in two["secure_aggregation"]["dropped"]["node-4"]
+    assert two["secure_aggregation"]["keys_ahead"] and two["exchanges"] == 3
+    assert sorted(r["node"] for r in two["replies"]) == ["node-0", "node-1", "node-2", "node-3"]
+    # round 2's unmask exchange asked node-4 for keys too: round 3 has everyone again
+    assert [r["status"] for r in three["replies"]] == ["trained"] * 5
+    assert (
+        three["secure_aggregation"]["keys_ahead"] and three["secure_aggregation"]["dropped"] == {}
+    )
+
+
+def test_a_node_is_never_charged_for_a_round_it_could_not_mask(tmp_path: Path) -> None:
+    from clients import client_app
+    from fedaiot.secure_rounds.wire import SECAGG
+
+    cfg = _cfg(tmp_path, "replayed", num_rounds=1)
+
+    def wrong_round(message, context):  # type: ignore[no-untyped-def]
+        record = dict(message.content.config_records[SECAGG])
+        record["round_id"] = int(record["round_id"]) ^ 1  # shares of another round
+        from flwr.app import ConfigRecord
+
+        message.content[SECAGG] = ConfigRecord(record)
+        return client_app.train_and_mask(message, context)
+
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides={(2, "train.secagg"): wrong_round}))
+    (event,) = _rounds(cfg)
+    statuses = sorted((r["status"], r["problem"]) for r in event["replies"])
+    assert statuses == [("failed", "protocol-error"), *[("trained", "")] * 4]
+    ledgers = [
+        json.loads(p.read_text()) for p in (cfg.output_path / "ledgers").rglob("ledger-*.json")
+    ]
+    assert sorted(len(ledger["rounds"]) for ledger in ledgers) == [1, 1, 1, 1]  # node-2: none
+
+
+def test_a_fresh_advert_drops_the_keys_made_ahead() -> None:
+    from flwr.app import Context, RecordDict
+
+    from fedaiot.secagg import RoundSetup
+    from fedaiot.secure_rounds import handlers
+
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    ahead = RoundSetup.create([1, 2, 3], vector_length=4, degree=2, threshold=2)
+    handlers.advertise({**ahead.to_record(), "node": 1}, context)
+    fresh = RoundSetup.create([1, 2, 3], vector_length=4, degree=2, threshold=2)
+    handlers.advertise({**fresh.to_record(), "node": 2}, context)
+    kept = dict(context.state.config_records["secagg-setup"])
+    assert kept["round_id"] == fresh.round_id != ahead.round_id
+
+
+def test_keys_ahead_are_used_only_by_the_aggregation_they_were_made_for() -> None:
+    from fedaiot.secagg import KeyAdvert, RoundSetup
+
+    setup = RoundSetup.create([1, 2, 3], vector_length=10, degree=2, threshold=2)
+    adverts = [KeyAdvert(i, setup.round_id, b"\0" * 32, b"\1" * 32) for i in (1, 2, 3)]
+
+    def chain() -> KeyChain:
+        return KeyChain(prepared=Prepared(setup, {7: 1, 8: 2, 9: 3}, False, list(adverts)))
+
+    assert chain().take([9, 8, 7], 10, integers=False) is not None  # any order
+    assert chain().take([7, 8], 10, integers=False) is None  # another node set
+    assert chain().take([7, 8, 9], 11, integers=False) is None  # a vector of another length
+    assert chain().take([7, 8, 9], 10, integers=True) is None  # integers instead of reals
+    used = chain()
+    assert used.take([7, 8, 9], 10, integers=False) is not None
+    assert used.take([7, 8, 9], 10, integers=False) is None  # at most once

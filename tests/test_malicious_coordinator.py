@@ -2,12 +2,14 @@
 that runs the real protocol (``SecureAggregation``, the round loop) and tampers with what it
 relays, over the in-process grid to the real ClientApp handlers. Every node is set up as
 deployment sets it up: its own kit (``node init``, ``node pin``), the node config ``fedaiot node
-start`` writes, its own data file and ledger. Only the transport differs from a deployment.
+start`` writes, its own data file and ledger. Only the transport differs from a deployment
+(tests/test_deploy_e2e.py plays the bundle attack over real processes).
 
-tests/test_deploy_e2e.py plays the same doubles (tests/coordinator_doubles.py) over real
-processes, in a deployed coordinator's ServerApp; here, where a round takes a second, the
-assertions go further: what the coordinator got from each node, the 5-node split view with
-colluders, the refusal of an unauthenticated round before any budget is touched.
+Why in-process: over real processes the double would have to run inside the coordinator's
+SuperLink or ServerApp, whose code the institutions' signatures do not cover (only the nodes
+check them), so a modified coordinator is just as possible there; but injecting it would mean
+patching Flower's processes from a test. Here the double subclasses the real driver and
+changes only the messages it relays, and the nodes run exactly the deployed node's code.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import tomllib
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -26,9 +29,10 @@ from fedaiot.deploy.node_console import RefusalWatcher
 from fedaiot.deploy.supernode import NodeKit, prepare
 from fedaiot.rounds import loop
 from fedaiot.rounds.loop import RoundLoop
+from fedaiot.secagg import ConfirmRequest, NeighbourKeys, UnmaskRequest, crypto
+from fedaiot.secure_rounds.driver import SecureAggregation
 from fedaiot.secure_rounds.wire import CONFIRM, SHARE_KEYS, UNMASK
 from fedaiot.simulation.inprocess import FIRST_ID, InProcessGrid
-from tests.coordinator_doubles import Double, SplitsTheSurvivors, SwapsKeys
 from tests.deploy_support import federation
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -40,14 +44,14 @@ def _deployment(tmp_path: Path, n: int, **overrides: Any) -> tuple[RunConfig, In
     fed = federation(tmp_path, names)
     roster = tmp_path / "coordinator-roster.json"  # what `coordinator start` registered
     roster.write_text(json.dumps({str(FIRST_ID + i): name for i, name in enumerate(names)}))
+    settings: dict[str, Any] = {"num_rounds": 1, **overrides}
     cfg = RunConfig(
         task="breast-cancer",
-        num_rounds=1,
         epsilon=2.0,
         min_available_nodes=n,
         node_roster=str(roster),
         output_dir=str(tmp_path / "run"),
-        **overrides,
+        **settings,
     )
     files = export(cfg, n, tmp_path / "data", names)
     grid = InProcessGrid(cfg, n)
@@ -68,9 +72,34 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "refuses" in r.getMessage()]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_doubles() -> None:
+class Double(SecureAggregation):
+    """The real driver; subclasses alter what it relays. Keeps what the nodes sent back."""
+
+    made: ClassVar[list[Double]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.received: dict[str, list[Any]] = {}
+        Double.made.append(self)
+
+    def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
+        return outbox
+
+    def exchange(self, message_type: str, outbox: dict[int, Any], kind: Any, setup: Any) -> Any:
+        replies = super().exchange(message_type, self.tamper(message_type, outbox), kind, setup)
+        self.received[message_type] = replies
+        return replies
+
+    def unmask_and_prepare(self, requests: dict[int, Any], setup: Any, nodes: Any) -> Any:
+        shares = super().unmask_and_prepare(self.tamper(UNMASK, requests), setup, nodes)
+        self.received[UNMASK] = shares
+        return shares
+
+
+@pytest.fixture
+def double(monkeypatch: pytest.MonkeyPatch) -> type[Double]:
     Double.made.clear()
+    return Double
 
 
 def test_deployed_nodes_run_an_authenticated_round_with_confirmations(tmp_path: Path) -> None:
@@ -88,7 +117,19 @@ def test_deployed_nodes_run_an_authenticated_round_with_confirmations(tmp_path: 
 def test_a_coordinator_that_swaps_a_public_key_is_refused_by_the_node(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(loop, "SecureAggregation", SwapsKeys)  # alpha gets gamma's swapped
+    mine = crypto.generate_private_key()  # the coordinator's own pair, in gamma's place
+
+    class SwapsGammasKeys(Double):
+        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
+            if message_type != SHARE_KEYS:
+                return outbox
+            node = {name: i for i, name in self.names.items()}  # protocol ids, drawn per round
+            alpha, gamma = node["alpha"], node["gamma"]
+            to_alpha: NeighbourKeys = outbox[alpha]
+            swapped = (crypto.public_bytes(mine), crypto.public_bytes(mine))
+            return {**outbox, alpha: replace(to_alpha, keys={**to_alpha.keys, gamma: swapped})}
+
+    monkeypatch.setattr(loop, "SecureAggregation", SwapsGammasKeys)
     cfg, grid = _deployment(tmp_path, 3)
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         RoundLoop(cfg).run_rounds(grid)
@@ -113,27 +154,52 @@ def test_a_coordinator_that_swaps_a_public_key_is_refused_by_the_node(
     assert shown == [f"refused a secure round of run 7: {refusal[0]}"]
 
 
-@pytest.mark.parametrize(("nodes", "relays"), [(5, "matching"), (5, "all"), (3, "all")])
+@pytest.mark.parametrize("relays", ["matching", "all"])
 def test_a_coordinator_that_shows_nodes_different_survivor_sets_gets_no_share(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    nodes: int,
-    relays: str,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, relays: str
 ) -> None:
-    monkeypatch.setattr(SplitsTheSurvivors, "relays", relays)
+    class SplitsTheSurvivors(Double):
+        """Tells epsilon's neighbours at odd positions it survived (they would reveal its
+        self-mask seed) and the others that it dropped (they would reveal its mask key)."""
+
+        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
+            if message_type == CONFIRM:
+                ids = sorted(outbox)
+                alive = ConfirmRequest(outbox[ids[0]].round_id, ids, [])
+                gone = ConfirmRequest(alive.round_id, ids[:-1], ids[-1:])
+                self.views = {
+                    i: gone if k % 2 == 0 and i != ids[-1] else alive for k, i in enumerate(ids)
+                }
+                return dict(self.views)
+            if message_type == UNMASK:
+                signed = {c.node_id: c.signature for c in self.received[CONFIRM]}
+                return {
+                    i: UnmaskRequest(
+                        view.round_id,
+                        view.survivors,
+                        view.dropped,
+                        {
+                            j: s
+                            for j, s in signed.items()
+                            if relays == "all" or self.views[j] == view
+                        },
+                    )
+                    for i, view in self.views.items()
+                }
+            return outbox
+
     monkeypatch.setattr(loop, "SecureAggregation", SplitsTheSurvivors)
-    cfg, grid = _deployment(tmp_path, nodes)  # secagg-collusion 0.2: 4 of 5 confirmations
+    cfg, grid = _deployment(tmp_path, 5)  # secagg-collusion 0.2: 4 of 5 confirmations needed
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         summary = RoundLoop(cfg).run_rounds(grid)
     double = Double.made[-1]
-    assert len(double.received[CONFIRM]) == nodes  # every node signed the sets it was shown ...
+    assert len(double.received[CONFIRM]) == 5  # every node signed the sets it was shown ...
     assert double.received[UNMASK] == []  # ... and none revealed a share
     refusals = _refusals(caplog)
-    assert len(refusals) == nodes
+    assert len(refusals) == 5
     if relays == "matching":
         assert all("confirmed the survivor set it was shown, 4 are needed" in r for r in refusals)
-    else:  # the 3-node split is the one tests/test_deploy_e2e.py plays on real processes
+    else:
         assert all("did not sign the survivor set this node was shown" in r for r in refusals)
     assert summary["status"] == "no-aggregate"
     assert "fewer than the threshold" in _round(cfg)["secure_aggregation"]["error"]
@@ -148,6 +214,53 @@ def test_a_deployed_node_refuses_an_unauthenticated_round_before_training(
         RoundLoop(anonymous).run_rounds(grid)
     refusals = _refusals(caplog)
     assert len(refusals) == 3 and all("names no institution" in r for r in refusals)
-    replies = _round(anonymous)["replies"]
-    assert [(r["status"], r["problem"]) for r in replies] == [("failed", "protocol-error")] * 3
+    event = _round(anonymous)
+    # refused at the advertising exchange, before any request to train was sent
+    assert event["replies"] == []
+    dropped = event["secure_aggregation"]["dropped"]  # no roster: the nodes go unnamed
+    assert list(dropped.values()) == ["KeyAdvert: the node failed (protocol-error)"] * 3
     assert not list((tmp_path / "data").rglob("ledger-*.json"))  # no budget was touched
+
+
+def test_keys_advertised_ahead_are_signed_and_checked_like_any_advertisement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Round 2's keys ride on round 1's unmask answers: they carry the same signatures, the
+    nodes check them the same way, and the survivor sets are still confirmed first."""
+    mine = crypto.generate_private_key()
+
+    class SwapsAheadKeys(Double):
+        """Honest until round 3, whose keys came ahead: then it swaps gamma's for alpha."""
+
+        def _run(self, *args: Any, **kwargs: Any) -> Any:
+            prepared = self.chain.prepared  # the adverts that rode on the last unmask answers
+            self.ahead = list(prepared.adverts) if prepared is not None else []
+            return super()._run(*args, **kwargs)
+
+        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
+            if message_type != SHARE_KEYS or not self.ahead:
+                return outbox
+            assert len(self.ahead) == 3 and all(a.signature for a in self.ahead)
+            if len(Double.made) < 3:
+                return outbox
+            node = {name: i for i, name in self.names.items()}
+            alpha, gamma = node["alpha"], node["gamma"]
+            to_alpha: NeighbourKeys = outbox[alpha]
+            swapped = (crypto.public_bytes(mine), crypto.public_bytes(mine))
+            return {**outbox, alpha: replace(to_alpha, keys={**to_alpha.keys, gamma: swapped})}
+
+    Double.made.clear()  # one driver per round: the third is round 3's
+    monkeypatch.setattr(loop, "SecureAggregation", SwapsAheadKeys)
+    cfg, grid = _deployment(tmp_path, 3, num_rounds=3)
+    with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
+        RoundLoop(cfg).run_rounds(grid)
+    events = [json.loads(x) for x in (cfg.output_path / "journal.jsonl").read_text().splitlines()]
+    rounds = [e for e in events if e["event"] == "round"]
+    # round 2: keys ahead, four exchanges (share, train and mask, confirm, unmask)
+    assert rounds[1]["secure_aggregation"]["keys_ahead"] and rounds[1]["exchanges"] == 4
+    assert "confirm" in rounds[1]["stage_seconds"] and rounds[1]["aggregated"]
+    # round 3: a swapped key among the keys advertised ahead is refused as in round 1
+    assert rounds[2]["secure_aggregation"]["keys_ahead"]
+    refusal = _refusals(caplog)
+    assert len(refusal) == 1 and "(alpha) refuses the round" in refusal[0]
+    assert "are not signed by gamma's identity key" in refusal[0]

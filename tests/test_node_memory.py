@@ -17,6 +17,7 @@ from flwr.app import Message
 from fedaiot.config.run import RunConfig
 from fedaiot.node import memory
 from fedaiot.rounds.loop import RoundLoop
+from fedaiot.secure_rounds import handlers
 from fedaiot.simulation.inprocess import InProcessGrid
 from fedaiot.tasks import partition
 
@@ -69,17 +70,21 @@ def test_every_message_a_node_handles_hands_its_freed_heap_back(
     trims: list[bool] = []
     monkeypatch.setattr(memory, "return_freed_heap", lambda: trims.append(True) or True)
     grid = _two_secure_rounds(tmp_path)
-    # training, the key shares, the masked input and the unmasking: every stage of both rounds
-    stages = {"train.secagg", "query.secagg_share", "query.secagg_mask", "query.secagg_unmask"}
+    # the keys, their shares, training with the masked input, the unmasking: every stage
+    stages = {"query.secagg_advertise", "query.secagg_share", "train.secagg", "query.secagg_unmask"}
     assert stages <= set(grid.delivered)
     assert len(trims) == sum(grid.delivered.values())
 
 
 def test_nodes_keep_nothing_from_one_round_to_the_next(tmp_path: Path) -> None:
     grid = _two_secure_rounds(tmp_path)
-    # the keys, update and pending charge a round stores on a node are gone when it ends
-    assert grid.states == [[[]] * 5, [[]] * 5]
-    assert all(not list(context.state.keys()) for context in grid.contexts)
+    # Before training a node holds only the round's key material (advertised first, or ahead
+    # with the last unmask answer); the update, the floor and the pending charge a round stores
+    # are gone when it ends, and what stays is at most the next round's keys.
+    keys_only = {handlers._SETUP, handlers._CLIENT}
+    assert len(grid.states) == 2
+    assert all(set(state) <= keys_only for states in grid.states for state in states)
+    assert all(set(context.state.keys()) <= keys_only for context in grid.contexts)
     # the task's data and its split are cached once per process, not once per round
     first, second = grid.caches
     assert first == second

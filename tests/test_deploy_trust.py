@@ -186,3 +186,24 @@ def test_a_kit_missing_its_roster_or_with_a_readable_key_is_refused(
     with pytest.raises(Exception, match="does not hold this node's identity key"):
         NodeKit(kit).check()
     assert json.loads((kit / "request.json").read_text())["institution"] == "alpha"
+
+
+def test_the_console_says_each_refused_round_once(tmp_path: Path) -> None:
+    """The kit's runner logs a refusal through two handlers: it is one refusal."""
+    said: list[str] = []
+    watcher = RefusalWatcher(tmp_path / "log", 0, ["alpha-review"], said.append)
+    why = "node 2 (alpha) refuses the round: the public keys relayed for node 3 (gamma) are bad"
+    failed = f"fedaiot node: query.secagg_share failed (protocol-error): AuthenticationError: {why}"
+    lines = [
+        "INFO :      [RUN 7, ROUND 1]",
+        f"WARNING fedaiot.node.round: {failed}",
+        f"11/30/2026 18:29:09:WARNING:{failed}",
+        "INFO :      [RUN 8, ROUND 1]",
+        f"WARNING fedaiot.node.round: {failed}",
+    ]
+    (tmp_path / "log").write_text("\n".join(lines) + "\n")
+    watcher.poll()
+    assert said == [
+        f"refused a secure round of run 7: {why}",
+        f"refused a secure round of run 8: {why}",
+    ]

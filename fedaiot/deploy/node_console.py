@@ -28,6 +28,9 @@ class RefusalWatcher:
         self.log, self.offset, self.trusted, self.say = log, offset, trusted, say
         self.run = ""
         self.refused_runs: set[str] = set()
+        # The ClientApp's refusal can reach the log through more than one handler (the kit's
+        # runner logs as fedaiot and as Flower): each is said once.
+        self.refused_rounds: set[tuple[str, str]] = set()
         self._partial = ""
 
     def lines(self, text: str) -> list[str]:
@@ -53,6 +56,9 @@ class RefusalWatcher:
                     f"refused run {self.run}: {why} (trusted: {trusted}); none of its code ran"
                 )
             elif found := _REFUSED_ROUND.search(line):
+                if (self.run, found.group(1)) in self.refused_rounds:
+                    continue
+                self.refused_rounds.add((self.run, found.group(1)))
                 out.append(f"refused a secure round of run {self.run}: {found.group(1)}")
         return out
 

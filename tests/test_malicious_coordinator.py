@@ -19,7 +19,7 @@ import logging
 import tomllib
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 
@@ -29,10 +29,10 @@ from fedaiot.deploy.node_console import RefusalWatcher
 from fedaiot.deploy.supernode import NodeKit, prepare
 from fedaiot.rounds import loop
 from fedaiot.rounds.loop import RoundLoop
-from fedaiot.secagg import ConfirmRequest, NeighbourKeys, UnmaskRequest, crypto
-from fedaiot.secure_rounds.driver import SecureAggregation
+from fedaiot.secagg import NeighbourKeys, crypto
 from fedaiot.secure_rounds.wire import CONFIRM, SHARE_KEYS, UNMASK
 from fedaiot.simulation.inprocess import FIRST_ID, InProcessGrid
+from tests.coordinator_doubles import Double, SplitsTheSurvivors
 from tests.deploy_support import federation
 
 pytestmark = pytest.mark.usefixtures("flower_identity")
@@ -70,30 +70,6 @@ def _round(cfg: RunConfig) -> dict[str, Any]:
 
 def _refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if "refuses" in r.getMessage()]
-
-
-class Double(SecureAggregation):
-    """The real driver; subclasses alter what it relays. Keeps what the nodes sent back."""
-
-    made: ClassVar[list[Double]] = []
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.received: dict[str, list[Any]] = {}
-        Double.made.append(self)
-
-    def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-        return outbox
-
-    def exchange(self, message_type: str, outbox: dict[int, Any], kind: Any, setup: Any) -> Any:
-        replies = super().exchange(message_type, self.tamper(message_type, outbox), kind, setup)
-        self.received[message_type] = replies
-        return replies
-
-    def unmask_and_prepare(self, requests: dict[int, Any], setup: Any, nodes: Any) -> Any:
-        shares = super().unmask_and_prepare(self.tamper(UNMASK, requests), setup, nodes)
-        self.received[UNMASK] = shares
-        return shares
 
 
 @pytest.fixture
@@ -158,37 +134,11 @@ def test_a_coordinator_that_swaps_a_public_key_is_refused_by_the_node(
 def test_a_coordinator_that_shows_nodes_different_survivor_sets_gets_no_share(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, relays: str
 ) -> None:
-    class SplitsTheSurvivors(Double):
-        """Tells epsilon's neighbours at odd positions it survived (they would reveal its
-        self-mask seed) and the others that it dropped (they would reveal its mask key)."""
+    class Splits(SplitsTheSurvivors):
+        pass
 
-        def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-            if message_type == CONFIRM:
-                ids = sorted(outbox)
-                alive = ConfirmRequest(outbox[ids[0]].round_id, ids, [])
-                gone = ConfirmRequest(alive.round_id, ids[:-1], ids[-1:])
-                self.views = {
-                    i: gone if k % 2 == 0 and i != ids[-1] else alive for k, i in enumerate(ids)
-                }
-                return dict(self.views)
-            if message_type == UNMASK:
-                signed = {c.node_id: c.signature for c in self.received[CONFIRM]}
-                return {
-                    i: UnmaskRequest(
-                        view.round_id,
-                        view.survivors,
-                        view.dropped,
-                        {
-                            j: s
-                            for j, s in signed.items()
-                            if relays == "all" or self.views[j] == view
-                        },
-                    )
-                    for i, view in self.views.items()
-                }
-            return outbox
-
-    monkeypatch.setattr(loop, "SecureAggregation", SplitsTheSurvivors)
+    Splits.relays = relays  # "matching": each node gets only the confirmations of its view
+    monkeypatch.setattr(loop, "SecureAggregation", Splits)
     cfg, grid = _deployment(tmp_path, 5)  # secagg-collusion 0.2: 4 of 5 confirmations needed
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         summary = RoundLoop(cfg).run_rounds(grid)

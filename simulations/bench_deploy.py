@@ -22,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -35,7 +34,7 @@ import psutil
 
 from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
-from fedaiot.launch.processes import free_port, spawn, stop_tree
+from fedaiot.launch.processes import exit_on_sigterm, free_port, spawn, stop_tree
 from tests.deploy_support import federation as make_federation
 
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
@@ -47,10 +46,31 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def _tree_cpu(processes: list[subprocess.Popen[bytes]]) -> float:
-    """CPU seconds used so far by these processes and everything below them: the live ones,
-    and the ones they reaped (a runner's forked children, Flower's ClientApp processes)."""
-    total = 0.0
+# Which part of the federation a process is, by the program it runs (``-m`` module or script).
+ROLES = {
+    "flower-superlink": "superlink",
+    "flower-superexec": "superexec",
+    "flwr-serverapp": "serverapp",
+    "fedaiot.launch.fast_supernode": "supernode",
+    "flower-supernode": "supernode",
+    "fedaiot.launch.clientapp_runner": "runner",
+    "flwr-clientapp": "runner",
+}
+
+
+def _role(member: psutil.Process) -> str:
+    argv = member.cmdline()
+    program = argv[argv.index("-m") + 1] if "-m" in argv[:3] else Path(argv[1]).name
+    if program == "fedaiot":  # the kits, with the flwr commands they run
+        return "coordinator kit" if "coordinator" in argv[:5] else "node kit"
+    return ROLES.get(program, program)
+
+
+def _tree_cpu(processes: list[subprocess.Popen[bytes]]) -> dict[str, float]:
+    """CPU seconds used so far by these processes and everything below them, by role: the live
+    ones, and the ones they reaped (a runner's forked children, Flower's ClientApp
+    processes, counted in the process that reaped them)."""
+    totals: dict[str, float] = {}
     for process in processes:
         try:
             root = psutil.Process(process.pid)
@@ -60,8 +80,10 @@ def _tree_cpu(processes: list[subprocess.Popen[bytes]]) -> float:
         for member in members:
             with contextlib.suppress(psutil.NoSuchProcess):
                 t = member.cpu_times()
-                total += t.user + t.system + t.children_user + t.children_system
-    return total
+                role = _role(member)
+                spent = t.user + t.system + t.children_user + t.children_system
+                totals[role] = totals.get(role, 0.0) + spent
+    return totals
 
 
 def _rounds_done(journal: Path) -> int:
@@ -115,13 +137,14 @@ def federation(
                 )
         # CPU of every process, sampled while the run goes: from the end of round 1 to the
         # last sample before the coordinator exits (start-up and shutdown left out)
-        cpu_after_first = cpu_last = None
+        cpu_after_first: dict[str, float] | None = None
+        cpu_last: dict[str, float] | None = None
         while coordinator.poll() is None and time.monotonic() < deadline:
             sample = _tree_cpu(started)
             if cpu_after_first is None and _rounds_done(journal) >= 1:
                 cpu_after_first = sample
             cpu_last = sample
-            time.sleep(0.2)
+            time.sleep(0.5)  # sampling ~15 processes costs CPU too
         code = coordinator.wait(timeout=CEILING)
         if code != 0:
             raise RuntimeError(f"the run failed ({code}): {coordinator_log}")
@@ -130,6 +153,11 @@ def federation(
             stop_tree(process)
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     played = [e for e in events if e["event"] == "round"]
+    by_role: dict[str, float] = {}
+    if cpu_last is not None and cpu_after_first is not None:
+        for role in cpu_last:  # a process that ended between the samples counts as nothing
+            spent = cpu_last[role] - cpu_after_first.get(role, 0.0)
+            by_role[role] = round(max(spent, 0.0) / max(len(played) - 1, 1), 3)
     later = played[1:] or played
     seconds = [float(e["seconds"]) for e in later]
     return {
@@ -141,11 +169,8 @@ def federation(
         "rounds": len(played),
         # every process of the federation, rounds 2 onwards: what a loaded machine cannot
         # change (its wall-clock medians depend on what else runs)
-        "cpu_s_per_round": (
-            (cpu_last - cpu_after_first) / max(len(played) - 1, 1)
-            if cpu_last is not None and cpu_after_first is not None
-            else math.nan
-        ),
+        "cpu_s_per_round": sum(by_role.values()) if by_role else math.nan,
+        "cpu_s_per_round_by_role": by_role,
     }
 
 
@@ -161,7 +186,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's folder here")
     args = parser.parse_args()
     # a stopped benchmark stops its federation too (the finally clauses run)
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    exit_on_sigterm()
     plan = [("plain", False, False, args.rounds), ("secure", True, False, args.rounds)]
     if not args.skip_stock:
         plan.append(("stock_secure", True, True, args.stock_rounds))
@@ -190,6 +215,8 @@ def main() -> None:
                 f"{got['cpu_s_per_round']:.2f} CPU-s a round, all processes)",
                 flush=True,
             )
+            parts = sorted(got["cpu_s_per_round_by_role"].items(), key=lambda kv: -kv[1])
+            print("               CPU-s a round: " + ", ".join(f"{r} {s:.2f}" for r, s in parts))
     results["load_average_after"] = os.getloadavg()[0]
     if args.json:
         print(json.dumps(results))

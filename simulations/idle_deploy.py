@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from fedaiot.config.run import RunConfig
 from fedaiot.deploy import provision, superlink
 from fedaiot.deploy.demo_data import export
 from fedaiot.deploy.superlink import CoordinatorPaths
-from fedaiot.launch.processes import free_port, spawn, stop_tree
+from fedaiot.launch.processes import exit_on_sigterm, free_port, spawn, stop_tree
 from fedaiot.launch.superlink import start_superlink
 from tests.deploy_support import federation
 
@@ -118,7 +117,7 @@ def main() -> None:
     parser.add_argument("--stock-flower", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
+    exit_on_sigterm()
     flags = ["--stock-flower"] if args.stock_flower else []
     if args.poll_interval is not None:
         flags += ["--poll-interval", str(args.poll_interval)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +24,7 @@ from fedaiot.config.polling import ENV, Polling, PollingError
 from fedaiot.launch import flower_patches
 from fedaiot.launch import supernode as launcher
 from fedaiot.rounds.exchanges import CountingGrid, ReplyLoop, serverapp_grid
+from tests.waiting import CEILING, wait_until
 
 
 def test_polling_travels_through_the_environment() -> None:
@@ -231,8 +233,6 @@ def test_stopping_the_runner_mid_task_stops_its_child(how: signal.Signals) -> No
 
     import psutil
 
-    from tests.waiting import wait_until
-
     runner = subprocess.Popen(
         [sys.executable, "-c", RUNNER_MID_TASK],
         stdout=subprocess.PIPE,
@@ -251,3 +251,35 @@ def test_stopping_the_runner_mid_task_stops_its_child(how: signal.Signals) -> No
     finally:
         runner.kill()
         runner.wait()
+
+
+CLEANS_UP = """
+import sys, time
+from pathlib import Path
+from fedaiot.launch.processes import exit_on_sigterm
+exit_on_sigterm()
+marks = Path(sys.argv[1])
+try:
+    marks.write_text("running\\n")
+    time.sleep(600)
+finally:
+    with marks.open("a") as out:
+        out.write("cleaning\\n")
+    time.sleep(2)  # a second SIGTERM lands here
+    with marks.open("a") as out:
+        out.write("cleaned\\n")
+"""
+
+
+def test_a_second_sigterm_does_not_cut_a_scripts_cleanup_short(tmp_path: Path) -> None:
+    marks = tmp_path / "marks"
+    script = subprocess.Popen([sys.executable, "-c", CLEANS_UP, str(marks)])
+    try:
+        wait_until(lambda: marks.exists(), "the script to start", process=script)
+        script.send_signal(signal.SIGTERM)
+        wait_until(lambda: "cleaning" in marks.read_text(), "the cleanup to start")
+        script.send_signal(signal.SIGTERM)
+        assert script.wait(timeout=CEILING) == 128 + signal.SIGTERM
+    finally:
+        script.kill()
+    assert marks.read_text().split() == ["running", "cleaning", "cleaned"]

@@ -5,9 +5,11 @@ institution's keys, the coordinator's approval, pinned rosters, an approved bund
 with an off-schema file is refused before it starts; the coordinator starts the SuperLink and
 registers the institutions; a node whose key is not registered is refused; three institutions
 train twenty rounds of DP-SGD under authenticated secure aggregation on the kits' fast paths;
-the SuperLink is crashed after the first round and started again, and the run ends with every
-round in the registry, each once, and in each node's ledger. Then each institution's kit is
-stopped a different way (Ctrl-C, SIGTERM, SIGKILL of the kit alone): none leaves a process.
+the coordinator is stopped with Ctrl-C after the first round (none of its processes is left),
+started again, crashed (SIGKILL, the SuperLink first) and started a third time, and the run
+ends with every round in the registry, each once, and in each node's ledger. Then each
+institution's kit is stopped a different way (Ctrl-C, SIGTERM, SIGKILL of the kit alone):
+none leaves a process.
 """
 
 from __future__ import annotations
@@ -128,6 +130,13 @@ def _tree(process: subprocess.Popen[bytes]) -> list[psutil.Process]:
     return [root, *root.children(recursive=True)]
 
 
+def _serving_tree(kit: subprocess.Popen[bytes], logs: Sequence[Path]) -> list[psutil.Process]:
+    """The coordinator's kit, its SuperLink, the SuperLink's SuperExec and the ServerApp."""
+    return _wait_for(
+        "the ServerApp", lambda: tree if len(tree := _tree(kit)) >= 4 else None, logs=logs
+    )
+
+
 def _gone(members: Sequence[psutil.Process]) -> bool:
     """Whether none of ``members`` runs any more (a zombie waits for its reaper only)."""
     for member in members:
@@ -208,26 +217,33 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     _wait_for("round 1", lambda: 1 in _rounds(run), logs=logs, poll=0.05)
     round_one = time.perf_counter()
 
-    # 5. Crash the SuperLink (and its ServerApp) mid-run, and start it again.
-    _crash(first)
+    # 5. Ctrl-C the coordinator's kit mid-run: it stops the SuperLink, its SuperExec and the
+    # ServerApp. Start it again, crash the SuperLink (and its ServerApp) mid-run, and start
+    # it a third time.
+    first_tree = _serving_tree(first, logs)
+    first.send_signal(signal.SIGINT)
+    _wait_for("the interrupted coordinator's processes to end", lambda: _gone(first_tree))
+    assert first.wait(timeout=60) != 0
     assert ModelRegistry(run / "registry").versions()[0] == "breast-cancer-r0001"
-    second_log = tmp_path / "coordinator-2.log"
-    second = processes.start(coordinator, second_log)
-    # kit, SuperLink, its SuperExec, the ServerApp
-    coordinator_tree = _wait_for(
-        "the ServerApp", lambda: tree if len(tree := _tree(second)) >= 4 else None, logs=logs
-    )
-    assert second.wait(timeout=TIMEOUT) == 0, second_log.read_text()[-3000:]
+    interrupted = max(_rounds(run))
+    logs += [tmp_path / "coordinator-2.log", tmp_path / "coordinator-3.log"]
+    second = processes.start(coordinator, logs[-2])
+    _wait_for("a round after the restart", lambda: max(_rounds(run)) > interrupted, logs=logs)
+    _crash(second)
+    third_log = logs[-1]
+    third = processes.start(coordinator, third_log)
+    coordinator_tree = _serving_tree(third, logs)
+    assert third.wait(timeout=TIMEOUT) == 0, third_log.read_text()[-3000:]
     wall = time.perf_counter() - started
-    summary: dict[str, Any] = json.loads(second_log.read_text().strip().splitlines()[-1])
+    summary: dict[str, Any] = json.loads(third_log.read_text().strip().splitlines()[-1])
     assert (summary["status"], summary["rounds"]) == ("completed", ROUNDS)
     _wait_for("the coordinator's processes to end", lambda: _gone(coordinator_tree))
 
     # No finished round lost, none run twice; every round securely aggregated.
     assert _rounds(run) == list(range(1, ROUNDS + 1))
     events = [json.loads(x) for x in (run / "journal.jsonl").read_text().splitlines()]
-    starts = [e for e in events if e["event"] == "start"]
-    assert len(starts) == 2 and starts[0]["resumed_after"] == 0 < starts[1]["resumed_after"]
+    resumed = [e["resumed_after"] for e in events if e["event"] == "start"]
+    assert len(resumed) == 3 and resumed[0] == 0 < resumed[1] < resumed[2], resumed
     rounds = [e for e in events if e["event"] == "round"]
     for played in rounds:
         assert played["secure_aggregation"]["error"] == "", played
@@ -236,7 +252,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
     # after the first round of each coordinator, the keys come ahead: share, train and mask,
     # confirm the survivor sets, unmask (and advertise the next round's keys)
     ahead = [r for r in rounds if r["secure_aggregation"]["keys_ahead"]]
-    assert len(ahead) >= ROUNDS - 2 and all(r["exchanges"] == 4 for r in ahead)
+    assert len(ahead) >= ROUNDS - len(resumed) and all(r["exchanges"] == 4 for r in ahead)
     assert all("confirm" in r["stage_seconds"] for r in rounds)
 
     # The registry's new version, signed with the provisioned key.

@@ -21,4 +21,5 @@ def main(grid: Grid, context: Context) -> None:
     polling = Polling.from_env()
     if not polling.stock:
         patch_object_pulls(polling)
-    run_server(serverapp_grid(grid, polling), RunConfig.from_run_config(context.run_config))
+    cfg = RunConfig.from_run_config(context.run_config)
+    run_server(serverapp_grid(grid, polling, simulation_poll=cfg.simulation_poll), cfg)

@@ -137,10 +137,26 @@ def test_the_reply_loop_returns_when_every_reply_is_in_or_at_the_timeout() -> No
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"]  # the rest: missing
 
 
+def test_the_reply_loop_looks_soon_then_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    loop = ReplyLoop(FakeGrid({"a": 8}), Polling(results=0.05), first=0.005)
+    assert len(list(loop.send_and_receive([object()], timeout=None))) == 1  # type: ignore[list-item]
+    assert slept == pytest.approx([0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05])
+
+
 def test_the_serverapp_grid_follows_the_kit() -> None:
+    from flwr.superlink.grid import InMemoryGrid
+
     inner: Any = object()
     assert type(serverapp_grid(inner, Polling(mode="stock"))) is CountingGrid
-    assert isinstance(serverapp_grid(inner, Polling()), ReplyLoop)
+    deployed = serverapp_grid(inner, Polling(results=0.05), simulation_poll=0.005)
+    assert isinstance(deployed, ReplyLoop) and deployed.first == 0.05  # a look is a request
+    # a simulation's look costs no request: it looks first after simulation-poll seconds
+    simulated = serverapp_grid(
+        InMemoryGrid.__new__(InMemoryGrid), Polling(results=0.05), simulation_poll=0.005
+    )
+    assert isinstance(simulated, ReplyLoop) and simulated.first == 0.005
 
 
 def _node() -> launcher.SuperNode:

@@ -95,7 +95,9 @@ def simulate(
     classes_per_node: Annotated[
         int, typer.Option(help="for pathological")
     ] = _DEFAULT.classes_per_node,
-    strategy: Annotated[str, typer.Option(help="fedavg, fedprox or fedadam")] = _DEFAULT.strategy,
+    strategy: Annotated[
+        str, typer.Option(help="fedavg, fedavgm (with --set server-momentum=M), fedprox, fedadam")
+    ] = _DEFAULT.strategy,
     local_epochs: Annotated[int, typer.Option()] = _DEFAULT.local_epochs,
     batch_size: Annotated[int, typer.Option(help="batch size without DP")] = _DEFAULT.batch_size,
     lr: Annotated[

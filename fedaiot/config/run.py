@@ -117,8 +117,9 @@ class RunConfig(BaseModel):
     fault_straggler_rate: float = Field(0.0, ge=0, le=1)
     fault_straggler_delay: float = Field(0.0, ge=0)
 
-    # Simulation only: how long the coordinator's in-memory grid sleeps between polls for
-    # replies (Flower's default is 0.1 s: four exchanges of a secure round slept 0.4 s).
+    # Simulation only: the coordinator's first look for replies comes after this many seconds,
+    # then twice as long each time up to the reply loop's interval (fedaiot.rounds.exchanges;
+    # Flower's in-memory grid waits 0.1 s: four exchanges of a secure round slept 0.4 s).
     simulation_poll: float = Field(0.005, gt=0, le=1)
 
     output_dir: str = "runs/flwr-run"

@@ -65,28 +65,41 @@ class CountingGrid(Grid):
 
 
 class ReplyLoop(CountingGrid):
-    """A Flower Grid whose exchanges look for replies every ``polling.results`` seconds."""
+    """A Flower Grid whose exchanges look for replies every ``polling.results`` seconds, or,
+    given ``first``, after ``first`` seconds, then twice as long each time up to
+    ``polling.results``: quick replies are seen at once, slow ones cost few looks."""
 
-    def __init__(self, inner: Grid, polling: Polling) -> None:
+    def __init__(self, inner: Grid, polling: Polling, first: float | None = None) -> None:
         super().__init__(inner)
         self.interval = polling.results
+        self.first = self.interval if first is None else min(first, self.interval)
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
         waiting = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        wait = self.first
         while waiting:
             arrived = list(self.inner.pull_messages(waiting))
             replies.extend(arrived)
             waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.interval)
+            time.sleep(wait)
+            wait = min(2 * wait, self.interval)
         return replies
 
 
-def serverapp_grid(grid: Grid, polling: Polling | None = None) -> CountingGrid:
+def serverapp_grid(
+    grid: Grid, polling: Polling | None = None, *, simulation_poll: float | None = None
+) -> CountingGrid:
     """The grid a ServerApp runs its rounds on: Flower's own waits when ``polling`` is stock,
-    the reply loop otherwise."""
+    the reply loop otherwise. In a simulation (Flower's ``InMemoryGrid``, where a look costs
+    no request) the loop first looks after ``simulation_poll`` seconds."""
+    from flwr.superlink.grid import InMemoryGrid
+
     polling = polling or Polling.from_env()
-    return CountingGrid(grid) if polling.stock else ReplyLoop(grid, polling)
+    if polling.stock:
+        return CountingGrid(grid)
+    first = simulation_poll if isinstance(grid, InMemoryGrid) else None
+    return ReplyLoop(grid, polling, first=first)

@@ -368,12 +368,6 @@ def _describe(reply: ReceivedReply) -> dict[str, Any]:
 
 def run_server(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     """The ServerApp's body: run the rounds, and journal any failure before re-raising it."""
-    from flwr.superlink.grid import InMemoryGrid
-
-    if isinstance(grid, InMemoryGrid):
-        # The simulation's grid waits pull_interval (0.1 s) between polls for replies: four
-        # exchanges a secure round spent most of a small model's round asleep.
-        grid.pull_interval = cfg.simulation_poll
     try:
         return RoundLoop(cfg).run_rounds(grid)
     except Exception as exc:

@@ -212,7 +212,9 @@ def test_fedaiot_report_names_a_folder_without_results(tmp_path: Path) -> None:
     assert "no results.csv" in result.output
 
 
-def test_results_columns_match_what_measure_writes(tmp_path: Path) -> None:
+def test_results_columns_match_what_measure_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     point = expand(_spec(epsilons=[math.inf]))[0]
     measured = measure(point, tmp_path, lambda r: None, membership=False)
     ResultsStore(tmp_path).record({"point_id": point.id, **measured.result})
@@ -220,6 +222,14 @@ def test_results_columns_match_what_measure_writes(tmp_path: Path) -> None:
         row = next(csv.DictReader(handle))
     assert float(row["accuracy"]) > 0.8
     assert row["epsilon_spent_max"] == "inf"
+    # measured again (its row lost, its run kept, or run elsewhere): the finished run is read
+    # back as it ended, without starting Flower again
+    import fedaiot.simulation.engine as engine
+
+    monkeypatch.setattr(engine, "simulate", lambda *args, **kwargs: pytest.fail("ran again"))
+    again = measure(point, tmp_path, lambda r: None, membership=False)
+    assert again.result["accuracy"] == measured.result["accuracy"]
+    assert again.rounds == measured.rounds
 
 
 def test_a_retried_point_starts_afresh_and_its_failed_run_is_kept(tmp_path: Path) -> None:

@@ -187,8 +187,8 @@ def _run_config(values: dict[str, Any], nodes: int) -> RunConfig:
 
 def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]:
     from fedaiot.cli.display import RoundProgress, summary_tables
-    from fedaiot.rounds.journal import Journal, jsonable
-    from fedaiot.simulation.engine import Outcome
+    from fedaiot.rounds.journal import jsonable
+    from fedaiot.simulation.engine import completed
     from fedaiot.simulation.engine import simulate as run_simulation
 
     console = Console(stderr=as_json)
@@ -206,10 +206,10 @@ def _run(cfg: RunConfig, nodes: int, done: int, as_json: bool) -> dict[str, Any]
         from fedaiot.privacy.disclosure import NOT_PRIVATE
 
         console.print(f"[red]{NOT_PRIVATE}: results for research only[/]", highlight=False)
-    finished = Journal(cfg.output_path).read_summary() if done >= cfg.num_rounds else None
-    if finished is not None:  # nothing left to train: report the run as it ended
+    finished = completed(cfg, done)
+    if finished is not None:
         console.print(f"run {cfg.output_path.name} already completed its {done} rounds")
-        outcome = Outcome("completed", finished, "", 0.0, cfg.output_path / "flower.log")
+        outcome = finished
     else:
         with RoundProgress(console, cfg.num_rounds) as progress:
             outcome = run_simulation(cfg, nodes, on_event=progress)

@@ -219,11 +219,11 @@ def _central(point: Point, membership: bool) -> Measured:
 def _federated(
     point: Point, folder: Path, tick: Callable[[int], None], membership: bool
 ) -> Measured:
-    from fedaiot.simulation.engine import preflight, simulate
+    from fedaiot.simulation.engine import completed, preflight, simulate
 
     run_dir = (folder / "runs" / point.id).resolve()
     cfg = point.run_config(run_dir)
-    preflight(cfg, point.nodes)
+    done = preflight(cfg, point.nodes)
 
     def on_event(event: dict[str, Any]) -> None:
         if event["event"] != "round":
@@ -239,7 +239,7 @@ def _federated(
             ledger = PrivacyLedger.for_data(folder, data).path
             spend_elsewhere(ledger, budget=cfg.epsilon, delta=cfg.delta)
 
-    outcome = simulate(cfg, point.nodes, on_event=on_event)
+    outcome = completed(cfg, done) or simulate(cfg, point.nodes, on_event=on_event)
     if outcome.status == "failed":
         raise RuntimeError(outcome.error)
     budget = cfg.epsilon if cfg.private else None

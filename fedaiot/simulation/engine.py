@@ -101,6 +101,19 @@ def _check_study_sites(cfg: RunConfig, nodes: int) -> None:
         simulated_table(cfg, study, index)  # StudyError names the site's file and fault
 
 
+def completed(cfg: RunConfig, done: int) -> Outcome | None:
+    """The outcome of a run that has played its ``done`` rounds, all of them (nothing left to
+    train: rerunning it reports it as it ended, and starts no Flower process), or None."""
+    journal = Journal(cfg.output_path)
+    summary = journal.read_summary() if done >= cfg.num_rounds else None
+    if summary is None:
+        return None
+    events, _ = journal.events()
+    seconds = sum(float(e.get("seconds", 0.0)) for e in events if e["event"] == "round")
+    status = str(summary.get("status", "completed"))
+    return Outcome(status, summary, "", seconds, cfg.output_path / "flower.log")
+
+
 def simulate(
     cfg: RunConfig,
     num_nodes: int,

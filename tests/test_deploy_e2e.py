@@ -48,6 +48,12 @@ ROUNDS = 20
 TIMEOUT = 900.0
 
 
+def _interruptible() -> None:
+    """Ctrl-C as an operator's terminal delivers it, even when the suite itself runs in the
+    background (a shell starts background jobs with SIGINT ignored, and children inherit it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Processes:
     """Every process tree this test starts, stopped at the end whatever happens."""
 
@@ -64,6 +70,7 @@ class Processes:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                preexec_fn=_interruptible,
             )
         self.started.append(process)
         return process

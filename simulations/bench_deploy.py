@@ -59,8 +59,13 @@ ROLES = {
 
 
 def _role(member: psutil.Process) -> str:
-    argv = member.cmdline()
-    program = argv[argv.index("-m") + 1] if "-m" in argv[:3] else Path(argv[1]).name
+    argv = member.cmdline()  # empty for a zombie
+    if "-m" in argv[:3] and argv.index("-m") + 1 < len(argv):
+        program = argv[argv.index("-m") + 1]
+    elif len(argv) > 1:
+        program = Path(argv[1]).name
+    else:
+        return "other"
     if program == "fedaiot":  # the kits, with the flwr commands they run
         return "coordinator kit" if "coordinator" in argv[:5] else "node kit"
     return ROLES.get(program, program)
@@ -135,16 +140,15 @@ def federation(
                 started.append(
                     spawn([*FEDAIOT, *node_args, "--port", str(free_port()), *flag], env, log)
                 )
-        # CPU of every process, sampled while the run goes: from the end of round 1 to the
-        # last sample before the coordinator exits (start-up and shutdown left out)
-        cpu_after_first: dict[str, float] | None = None
-        cpu_last: dict[str, float] | None = None
+        # CPU of every process, sampled as each round is journalled: from the end of round 1
+        # to the end of the last (start-up and shutdown left out: a SuperLink that ended
+        # would count in the kit that reaped it)
+        cpu_at: dict[int, dict[str, float]] = {}
         while coordinator.poll() is None and time.monotonic() < deadline:
-            sample = _tree_cpu(started)
-            if cpu_after_first is None and _rounds_done(journal) >= 1:
-                cpu_after_first = sample
-            cpu_last = sample
-            time.sleep(0.5)  # sampling ~15 processes costs CPU too
+            done = _rounds_done(journal)
+            if done and done not in cpu_at:
+                cpu_at[done] = _tree_cpu(started)
+            time.sleep(0.2)
         code = coordinator.wait(timeout=CEILING)
         if code != 0:
             raise RuntimeError(f"the run failed ({code}): {coordinator_log}")
@@ -154,10 +158,11 @@ def federation(
     events = [json.loads(line) for line in journal.read_text().splitlines()]
     played = [e for e in events if e["event"] == "round"]
     by_role: dict[str, float] = {}
-    if cpu_last is not None and cpu_after_first is not None:
-        for role in cpu_last:  # a process that ended between the samples counts as nothing
-            spent = cpu_last[role] - cpu_after_first.get(role, 0.0)
-            by_role[role] = round(max(spent, 0.0) / max(len(played) - 1, 1), 3)
+    if len(cpu_at) >= 2:
+        (first, at_first), (last, at_last) = min(cpu_at.items()), max(cpu_at.items())
+        for role in at_last:
+            spent = at_last[role] - at_first.get(role, 0.0)
+            by_role[role] = round(spent / (last - first), 3)
     later = played[1:] or played
     seconds = [float(e["seconds"]) for e in later]
     return {

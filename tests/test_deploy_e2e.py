@@ -124,6 +124,20 @@ def registered(log: Path) -> bool:
     return "submitted run " in log.read_text()
 
 
+def start_coordinator(
+    processes: Processes, args: list[str], log: Path, state: Path
+) -> subprocess.Popen[bytes]:
+    """The coordinator's kit, started and waited for until it has registered every key."""
+    kit = processes.start(args, log)
+    _wait_for(
+        "the institutions' registration",
+        lambda: registered(log),
+        timeout=300,
+        logs=[log, state / "superlink.log"],
+    )
+    return kit
+
+
 def _rounds(run: Path) -> list[int]:
     journal = run / "journal.jsonl"
     if not journal.exists():
@@ -195,13 +209,7 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
         "--state", str(state), "--port", str(port), "--json",
     ]  # fmt: skip
     first_log = tmp_path / "coordinator-1.log"
-    first = processes.start(coordinator, first_log)
-    _wait_for(
-        "the institutions' registration",
-        lambda: registered(first_log),
-        timeout=300,
-        logs=[first_log, state / "superlink.log"],
-    )
+    first = start_coordinator(processes, coordinator, first_log, state)
 
     # 3. A node with an unregistered key is refused at once.
     rogue_log = tmp_path / "rogue.log"

@@ -34,7 +34,8 @@ import psutil
 
 from fedaiot.config.run import RunConfig
 from fedaiot.deploy.demo_data import export
-from fedaiot.launch.processes import exit_on_sigterm, free_port, spawn, stop_tree
+from fedaiot.launch.processes import free_port, spawn, stop_tree
+from fedaiot.launch.signals import interrupt_once
 from tests.deploy_support import federation as make_federation
 
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
@@ -191,7 +192,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, default=None, help="keep each run's folder here")
     args = parser.parse_args()
     # a stopped benchmark stops its federation too (the finally clauses run)
-    exit_on_sigterm()
+    interrupt_once(lambda signum: SystemExit(128 + signum))
     plan = [("plain", False, False, args.rounds), ("secure", True, False, args.rounds)]
     if not args.skip_stock:
         plan.append(("stock_secure", True, True, args.stock_rounds))

@@ -26,7 +26,8 @@ from fedaiot.config.run import RunConfig
 from fedaiot.deploy import provision, superlink
 from fedaiot.deploy.demo_data import export
 from fedaiot.deploy.superlink import CoordinatorPaths
-from fedaiot.launch.processes import exit_on_sigterm, free_port, spawn, stop_tree
+from fedaiot.launch.processes import free_port, spawn, stop_tree
+from fedaiot.launch.signals import interrupt_once
 from fedaiot.launch.superlink import start_superlink
 from tests.deploy_support import federation
 
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--stock-flower", action="store_true")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    exit_on_sigterm()
+    interrupt_once(lambda signum: SystemExit(128 + signum))
     flags = ["--stock-flower"] if args.stock_flower else []
     if args.poll_interval is not None:
         flags += ["--poll-interval", str(args.poll_interval)]

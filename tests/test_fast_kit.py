@@ -272,8 +272,8 @@ def test_stopping_the_runner_mid_task_stops_its_child(how: signal.Signals) -> No
 CLEANS_UP = """
 import sys, time
 from pathlib import Path
-from fedaiot.launch.processes import exit_on_sigterm
-exit_on_sigterm()
+from fedaiot.launch.signals import interrupt_once
+interrupt_once(lambda signum: SystemExit(128 + signum))
 marks = Path(sys.argv[1])
 try:
     marks.write_text("running\\n")

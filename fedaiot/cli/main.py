@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Any
 
@@ -24,6 +23,7 @@ from fedaiot.cli import (
     sweep,
 )
 from fedaiot.errors import FedaiotError
+from fedaiot.launch.signals import interrupt_once
 
 
 class _Commands(TyperGroup):
@@ -48,12 +48,10 @@ for group in (simulate, study, ledger, serve, export, alerts, audit, deploy, swe
     group.register(app)
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt  # so that every started process is stopped on the way out
-
-
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM stops a command as Ctrl-C does, so that every process it started is stopped on
+    # the way out; a second signal does not cut that short
+    interrupt_once(lambda signum: KeyboardInterrupt())
     try:
         app()
     except KeyboardInterrupt:

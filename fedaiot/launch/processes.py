@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import IO
 
 import psutil
@@ -102,20 +100,3 @@ def stop_tree(process: subprocess.Popen[bytes] | None) -> None:
             member.kill()
     psutil.wait_procs(alive, timeout=5)
     process.poll()
-
-
-def exit_on_sigterm() -> None:
-    """Make SIGTERM (and Ctrl-C) end this script through its ``finally`` clauses, once: a
-    second signal while they stop the processes it started must not cut that short and
-    leave them running."""
-    stopping = False
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if stopping:
-            return
-        stopping = True
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)

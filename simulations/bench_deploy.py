@@ -49,6 +49,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 # Which part of the federation a process is, by the program it runs (``-m`` module or script).
 ROLES = {
+    "fedaiot.launch.fast_superlink": "superlink",
     "flower-superlink": "superlink",
     "flower-superexec": "superexec",
     "flwr-serverapp": "serverapp",

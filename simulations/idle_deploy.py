@@ -33,7 +33,14 @@ from tests.deploy_support import federation
 
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
 CEILING = 600.0  # seconds the nodes may take to connect
-ROLES = ("fast_supernode", "clientapp_runner", "flower-supernode", "superexec", "flower-superlink")
+ROLES = (
+    "fast_supernode",
+    "clientapp_runner",
+    "flower-supernode",
+    "superexec",
+    "fast_superlink",
+    "flower-superlink",
+)
 
 
 def _cpu(process: psutil.Process) -> dict[str, float]:

@@ -99,11 +99,14 @@ def _wait_for(
         raise AssertionError(f"{exc}\n{tails}") from None
 
 
+SUPERLINK = ("flower-superlink", "fedaiot.launch.fast_superlink")
+
+
 def _crash(process: subprocess.Popen[bytes]) -> None:
     """SIGKILL the coordinator's whole tree, the SuperLink first: no graceful shutdown."""
     root = psutil.Process(process.pid)
     tree = [root, *root.children(recursive=True)]
-    tree.sort(key=lambda p: "flower-superlink" not in " ".join(_cmdline(p)))
+    tree.sort(key=lambda p: not any(w.endswith(SUPERLINK) for w in _cmdline(p)))
     for member in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             member.kill()

@@ -54,8 +54,34 @@ def test_an_unknown_flower_version_is_refused_with_a_reason(
         assert not flower_patches.patch_object_pulls(Polling())
         assert not flower_patches.patch_supernode(Polling())
         assert not flower_patches.patch_fab_install()
+        assert not flower_patches.patch_token_sweep()
     assert pulls.pull_objects.__kwdefaults__ == before  # nothing was touched
-    assert len([r for r in caplog.records if "1.99.0" in r.getMessage()]) == 3
+    assert len([r for r in caplog.records if "1.99.0" in r.getMessage()]) == 4
+
+
+def test_the_superlink_sweeps_expired_tokens_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweeps: list[object] = []
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", sweeps.append)
+    assert flower_patches.patch_token_sweep(every=3600)
+    for _ in range(5):  # five requests within the interval: one sweep
+        SqlCoreState._cleanup_expired_task_tokens("state")  # type: ignore[arg-type]
+    assert sweeps == ["state"]
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", sweeps.append)
+    assert flower_patches.patch_token_sweep(every=0)
+    for _ in range(3):
+        SqlCoreState._cleanup_expired_task_tokens("state")  # type: ignore[arg-type]
+    assert len(sweeps) == 4
+
+
+def test_the_superlink_runs_through_the_kits_launcher_unless_stock() -> None:
+    from fedaiot.launch.superlink import SuperLink
+
+    link = SuperLink(9092, Path("state.db"))
+    assert link.command()[:3] == [sys.executable, "-m", "fedaiot.launch.fast_superlink"]
+    assert link.command(fast=False)[0] == "flower-superlink"
+    assert link.command()[4:] == link.command(fast=False)[1:]  # the same Flower arguments
 
 
 def test_the_supernode_loop_waits_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,11 +154,11 @@ class FakeGrid(CountingGrid):
 
 
 def test_the_reply_loop_returns_when_every_reply_is_in_or_at_the_timeout() -> None:
-    loop = ReplyLoop(FakeGrid({"a": 1, "b": 3}), Polling(results=0.001))
+    loop = ReplyLoop(FakeGrid({"a": 1, "b": 3}), Polling(results=0.001), pack=False)
     replies = list(loop.send_and_receive([object(), object()], timeout=None))  # type: ignore[list-item]
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b"]
     assert loop.exchanges == 1 and loop.messages == 2
-    never = ReplyLoop(FakeGrid({"a": 1, "b": 10**9}), Polling(results=0.001))
+    never = ReplyLoop(FakeGrid({"a": 1, "b": 10**9}), Polling(results=0.001), pack=False)
     replies = list(never.send_and_receive([object(), object()], timeout=0.05))  # type: ignore[list-item]
     assert [r.metadata.reply_to_message_id for r in replies] == ["a"]  # the rest: missing
 
@@ -140,7 +166,7 @@ def test_the_reply_loop_returns_when_every_reply_is_in_or_at_the_timeout() -> No
 def test_the_reply_loop_looks_soon_then_less_often(monkeypatch: pytest.MonkeyPatch) -> None:
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    loop = ReplyLoop(FakeGrid({"a": 8}), Polling(results=0.05), first=0.005)
+    loop = ReplyLoop(FakeGrid({"a": 8}), Polling(results=0.05), first=0.005, pack=False)
     assert len(list(loop.send_and_receive([object()], timeout=None))) == 1  # type: ignore[list-item]
     assert slept == pytest.approx([0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05])
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import math
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -25,6 +27,11 @@ LOG = logging.getLogger("fedaiot.launch")
 
 # Flower's waits, as they read in flwr/supernode/start_client_internal.py (1.41.0).
 IDLE_WAIT, REPLY_WAIT = 3, 0.5
+# The SuperLink's sweep of expired task tokens runs at most this often. Flower runs it inside
+# every request a node or the ServerApp makes (two UPDATEs each, a quarter of the SuperLink's
+# CPU in a round); a token expires 60 s after its last heartbeat, so a sweep a second late
+# changes nothing a node or a run can see.
+TOKEN_SWEEP_EVERY = 1.0
 
 
 def log_to_stderr() -> None:
@@ -163,4 +170,31 @@ def patch_fab_install() -> bool:
         return original(fab_file, install_dir, skip_prompt)
 
     task.install_from_fab = install_once
+    return True
+
+
+def patch_token_sweep(every: float = TOKEN_SWEEP_EVERY) -> bool:
+    """In a SuperLink: its sweep of expired task tokens runs at most once every ``every``
+    seconds instead of inside every request (the requests themselves run as Flower wrote
+    them). The sweep that does run is Flower's own."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.supercore.corestate import sql_corestate
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+
+    sweep = SqlCoreState.__dict__.get("_cleanup_expired_task_tokens")
+    source = inspect.getsource(sql_corestate)
+    if not callable(sweep) or "TaskModel.active_until < expired_at" not in source:
+        return _refuse("Flower's task-token sweep is not the one verified: it runs every request")
+    lock = threading.Lock()
+    last = [-math.inf]
+
+    def sweep_now_and_then(self: Any) -> None:
+        with lock:
+            if time.monotonic() - last[0] < every:
+                return
+            sweep(self)
+            last[0] = time.monotonic()
+
+    SqlCoreState._cleanup_expired_task_tokens = sweep_now_and_then  # type: ignore[method-assign]
     return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ssl
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import IO
 
 import httpx
 
+from fedaiot.config.polling import Polling
 from fedaiot.launch.processes import LaunchError, spawn, stop_tree
 
 
@@ -37,8 +39,12 @@ class SuperLink:
     node_auth: bool = False
     simulation: bool = False
 
-    def command(self) -> list[str]:
+    def command(self, *, fast: bool = True) -> list[str]:
+        """``fast``: through :mod:`fedaiot.launch.fast_superlink` (Flower's SuperLink with its
+        token sweep moved out of every request); else Flower's ``flower-superlink``."""
         command = ["flower-superlink"]
+        if fast:
+            command = [sys.executable, "-m", "fedaiot.launch.fast_superlink", "--"]
         if self.tls is None:
             command.append("--insecure")
         else:
@@ -75,8 +81,9 @@ class SuperLink:
 def start_superlink(
     link: SuperLink, env: dict[str, str], log: IO[bytes], *, timeout: float = 90.0
 ) -> subprocess.Popen[bytes]:
-    """Start the SuperLink and return once ``/health`` answers; LaunchError if it does not."""
-    process = spawn(link.command(), env, log)
+    """Start the SuperLink and return once ``/health`` answers; LaunchError if it does not.
+    Stock polling in ``env`` (``FEDAIOT_POLLING``) starts Flower's SuperLink as shipped."""
+    process = spawn(link.command(fast=not Polling.from_env(env).stock), env, log)
     url, verify = link.health()
     try:
         deadline = time.monotonic() + timeout

@@ -26,6 +26,9 @@ STACK = (
     "fedaiot.node.training",
     "fedaiot.node.gradient_share",
     "fedaiot.privacy.accounting",
+    "dp_accounting",  # the PLD accountant, imported at the first epsilon: 30 ms a message
+    "dp_accounting.pld.pld_privacy_accountant",
+    "cryptography.hazmat.backends.openssl",  # at the first X25519 key of a secure round
     "fedaiot.privacy.budget",
     "fedaiot.secure_rounds.handlers",
     "fedaiot.wire.records",

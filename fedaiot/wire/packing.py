@@ -4,9 +4,9 @@ requests.
 Flower 1.41 sends a message as a tree of objects (the message, its RecordDict, each record,
 each Array, each Array's chunks) and moves each object in a request of its own, which the
 SuperLink checks, authenticates and stores one at a time. An ArrayRecord of four tensors is
-nine objects (the record, each tensor and its chunk); packed, three. On the 2-core machine most of a deployed round's SuperLink CPU went to
-these requests (docs/deployment.md). The content is the same: the tensors' names, dtypes,
-shapes and values, nothing added (docs/privacy.md).
+nine objects (the record, each tensor and its chunk); packed, three. On the 2-core machine most
+of a deployed round's SuperLink CPU went to these requests (docs/deployment.md). The content is
+the same: the tensors' names, dtypes, shapes and values, nothing added (docs/privacy.md).
 
 A packed record holds one uint8 Array named :data:`PACKED`; its bytes are a safetensors file
 whose metadata keeps the tensors' order (safetensors itself sorts them). Nothing is unpickled:

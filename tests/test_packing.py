@@ -4,6 +4,7 @@ blob that cannot be read is refused, never trusted (fedaiot.wire.packing)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -151,3 +152,33 @@ def test_a_node_that_sends_a_broken_blob_is_rejected_not_trusted() -> None:
     (reply,) = grid.send_and_receive([ask], timeout=60)
     checked = receive(reply, ArrayRecord(MODEL))
     assert checked.status == "rejected" and PACKED in checked.problem
+
+
+def test_a_secure_round_leaves_out_a_node_whose_masked_blob_is_broken(tmp_path: Path) -> None:
+    """In-process, through the real handlers and the app's mod: the coordinator cannot read
+    node-1's masked input, drops it with the reason, and the others' round completes."""
+    import json
+
+    from clients import client_app
+    from fedaiot.config.run import RunConfig
+    from fedaiot.rounds.loop import RoundLoop
+    from fedaiot.secure_rounds.wire import SECAGG_ARRAYS
+    from fedaiot.simulation.inprocess import InProcessGrid
+
+    def broken(message: Message, context: Context) -> Message:
+        reply = client_app.train_and_mask(message, context)
+        garbage = Array(np.frombuffer(b"\x10" + b"\x00" * 7 + b"{not json", dtype=np.uint8))
+        reply.content[SECAGG_ARRAYS] = ArrayRecord({PACKED: garbage})
+        return reply
+
+    cfg = RunConfig(
+        task="breast-cancer", num_rounds=1, epsilon=2.0, min_available_nodes=5,
+        secagg_collusion=0.4, output_dir=str(tmp_path / "broken"),
+    )  # fmt: skip
+    RoundLoop(cfg).run_rounds(InProcessGrid(cfg, 5, overrides={(1, "train.secagg"): broken}))
+    events = [json.loads(line) for line in (cfg.output_path / "journal.jsonl").open()]
+    (round_one,) = (e for e in events if e["event"] == "round")
+    assert PACKED in round_one["secure_aggregation"]["dropped"]["node-1"]
+    statuses = {r["node"]: r["status"] for r in round_one["replies"]}
+    assert statuses["node-1"] == "dropped" and statuses["node-0"] == "trained"
+    assert round_one["secure_aggregation"]["error"] == ""

@@ -23,10 +23,14 @@ from fedaiot.wire.packing import pack_content, unpack_content
 
 
 class CountingGrid(Grid):
-    """``inner`` as it is, with its exchanges and messages counted."""
+    """``inner`` as it is, with its exchanges and messages counted. With ``pack``, each
+    message's tensors travel as one blob each way (``fedaiot.wire.packing``): packed once for
+    every node an exchange; a reply's blob that cannot be read stays as it came, for the
+    reply's checks to reject."""
 
-    def __init__(self, inner: Grid) -> None:
+    def __init__(self, inner: Grid, *, pack: bool = False) -> None:
         self.inner = inner
+        self.pack = pack
         self.exchanges = 0
         self.messages = 0
 
@@ -36,7 +40,17 @@ class CountingGrid(Grid):
         outgoing = list(messages)
         self.exchanges += 1
         self.messages += len(outgoing)
-        return self._exchange(outgoing, timeout)
+        if not self.pack:
+            return self._exchange(outgoing, timeout)
+        done: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}
+        for message in outgoing:
+            if message.has_content():
+                message.content = pack_content(message.content, done)
+        replies = list(self._exchange(outgoing, timeout))
+        for reply in replies:
+            if reply.has_content():
+                reply.content = unpack_content(reply.content, strict=False)
+        return replies
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
         return self.inner.send_and_receive(messages, timeout=timeout)
@@ -68,34 +82,17 @@ class CountingGrid(Grid):
 class ReplyLoop(CountingGrid):
     """A Flower Grid whose exchanges look for replies every ``polling.results`` seconds, or,
     given ``first``, after ``first`` seconds, then twice as long each time up to
-    ``polling.results``: quick replies are seen at once, slow ones cost few looks. With
-    ``pack``, each message's tensors travel as one blob each way (``fedaiot.wire.packing``)."""
+    ``polling.results``: quick replies are seen at once, slow ones cost few looks. Packs
+    tensors unless told not to (Flower's stock behaviour is the plain CountingGrid)."""
 
     def __init__(
         self, inner: Grid, polling: Polling, first: float | None = None, *, pack: bool = True
     ) -> None:
-        super().__init__(inner)
+        super().__init__(inner, pack=pack)
         self.interval = polling.results
         self.first = self.interval if first is None else min(first, self.interval)
-        self.pack = pack
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
-        replies = self._wait(self._packed(messages), timeout)
-        if self.pack:  # an unreadable blob stays as it came: the reply's checks reject it
-            for reply in replies:
-                if reply.has_content():
-                    reply.content = unpack_content(reply.content, strict=False)
-        return replies
-
-    def _packed(self, messages: list[Message]) -> list[Message]:
-        if self.pack:
-            done: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}
-            for message in messages:
-                if message.has_content():
-                    message.content = pack_content(message.content, done)
-        return messages
-
-    def _wait(self, messages: list[Message], timeout: float | None) -> list[Message]:
         waiting = set(self.inner.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []

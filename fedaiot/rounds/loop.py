@@ -147,7 +147,8 @@ class RoundLoop:
         return weights
 
     def run_rounds(self, grid: Grid) -> dict[str, Any]:
-        grid = grid if isinstance(grid, CountingGrid) else CountingGrid(grid)
+        # a bare grid (the in-process one) carries tensors packed, as a deployment does
+        grid = grid if isinstance(grid, CountingGrid) else CountingGrid(grid, pack=True)
         arrays, state = self.initial_state()
         strategy = build_strategy(self.cfg)
         moments = self.cfg.output_path / "strategy.safetensors"

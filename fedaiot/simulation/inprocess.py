@@ -16,6 +16,7 @@ from flwr.supercore.run import Run
 
 from clients import client_app
 from fedaiot.config.run import RunConfig
+from fedaiot.wire.packing import packed_arrays
 
 Handler = Callable[[Message, Context], Message | None]
 ROUTES: dict[str, Handler] = {
@@ -73,12 +74,25 @@ class InProcessGrid(Grid):
             if handler is None:
                 continue  # the node dropped out
             try:
-                reply = handler(message, self.contexts[index])
+                reply = self._deliver(message, index, handler)
                 if reply is not None:  # None: the node answered, and the answer was lost
                     replies.append(reply)
             except Exception as exc:
                 replies.append(Message(Error(code=1, reason=repr(exc)), reply_to=message))
         return replies
+
+    def _deliver(self, message: Message, index: int, handler: Handler) -> Message | None:
+        """The handler's reply, through the ClientApp's mod as Flower calls it (None: lost)."""
+        lost = False
+
+        def call(msg: Message, context: Context) -> Message:
+            nonlocal lost
+            reply = handler(msg, context)
+            lost = reply is None
+            return reply if reply is not None else Message(RecordDict(), reply_to=msg)
+
+        reply = packed_arrays(message, self.contexts[index], call)
+        return None if lost else reply
 
     # the rest of Grid's interface is not used by the coordinator
     def set_run(self, run: Run) -> None:

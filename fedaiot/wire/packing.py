@@ -11,8 +11,9 @@ the same: the tensors' names, dtypes, shapes and values, nothing added (docs/pri
 A packed record holds one uint8 Array named :data:`PACKED`; its bytes are a safetensors file
 whose metadata keeps the tensors' order (safetensors itself sorts them). Nothing is unpickled:
 safetensors reads raw little-endian buffers against a JSON header it checks. The coordinator
-packs what it sends when it runs the kit's reply loop; a node answers packed exactly when it
-was asked packed, so either side may run Flower's stock behaviour.
+packs what it sends unless it runs Flower's stock behaviour (``fedaiot.rounds.exchanges``; the
+simulations and the in-process grid pack too); a node answers packed exactly when it was asked
+packed, so either side may run Flower's stock behaviour.
 """
 
 from __future__ import annotations

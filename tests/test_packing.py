@@ -182,3 +182,14 @@ def test_a_secure_round_leaves_out_a_node_whose_masked_blob_is_broken(tmp_path: 
     statuses = {r["node"]: r["status"] for r in round_one["replies"]}
     assert statuses["node-1"] == "dropped" and statuses["node-0"] == "trained"
     assert round_one["secure_aggregation"]["error"] == ""
+
+
+def test_a_node_refuses_a_broken_blob_before_any_handler_runs() -> None:
+    """A coordinator's unreadable blob: the mod raises (Flower answers with an error reply)
+    and the handler, which would train and charge the budget, never runs."""
+    ran: list[Message] = []
+    garbage = ArrayRecord({PACKED: Array(np.frombuffer(b"\x00" * 12, dtype=np.uint8))})
+    request = _request(RecordDict({"arrays": garbage}))
+    with pytest.raises(PackingError, match="not a safetensors"):
+        packed_arrays(request, None, lambda m, c: ran.append(m) or m)  # type: ignore[arg-type,func-returns-value]
+    assert ran == []

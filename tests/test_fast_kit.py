@@ -55,8 +55,50 @@ def test_an_unknown_flower_version_is_refused_with_a_reason(
         assert not flower_patches.patch_supernode(Polling())
         assert not flower_patches.patch_fab_install()
         assert not flower_patches.patch_token_sweep()
+        assert not flower_patches.patch_superlink_middleware()
     assert pulls.pull_objects.__kwdefaults__ == before  # nothing was touched
-    assert len([r for r in caplog.records if "1.99.0" in r.getMessage()]) == 4
+    assert len([r for r in caplog.records if "1.99.0" in r.getMessage()]) == 5
+
+
+def test_the_superlink_bypasses_only_middlewares_that_would_pass_a_request_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from flwr.superlink import main
+
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)
+    assert flower_patches.patch_superlink_middleware()
+    stack = main._get_middleware()
+    bypassed = {m.kwargs["middleware"].__name__ for m in stack if m.cls is flower_patches.Bypass}
+    assert bypassed == set(flower_patches.PASSES)
+    kept = [m.cls.__name__ for m in stack if m.cls is not flower_patches.Bypass]
+    # error translation, protobuf translation and node authentication run for every request
+    assert kept[-3:] == [
+        "BaseHTTPMiddleware",
+        "ProtobufTranslationMiddleware",
+        "NodeAuthMiddleware",
+    ]
+
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append("app")
+
+    class Recording:
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            seen.append("middleware")
+            await self.inner(scope, receive, send)
+
+    gate = flower_patches.Bypass(
+        app, middleware=Recording, passes=flower_patches.PASSES["ControlAuthenticationMiddleware"]
+    )
+    for path in ("/v1/fleet/pull-messages", "/v1/control/start-run"):
+        asyncio.run(gate({"type": "http", "path": path}, None, None))
+    assert seen == ["app", "middleware", "app"]  # a Control request still goes through it
 
 
 def test_the_superlink_sweeps_expired_tokens_now_and_then(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     flower_patches.log_to_stderr()
     if not Polling.from_env().stock:
         flower_patches.patch_token_sweep()
+        flower_patches.patch_superlink_middleware()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *rest]

@@ -198,3 +198,90 @@ def patch_token_sweep(every: float = TOKEN_SWEEP_EVERY) -> bool:
 
     SqlCoreState._cleanup_expired_task_tokens = sweep_now_and_then  # type: ignore[method-assign]
     return True
+
+
+# The SuperLink's HTTP middlewares (flwr/superlink/main.py, 1.41.0), outermost first, and which
+# of them pass a request through untouched: a Control API one outside /v1/control/, tracing
+# unless FLWR_TRACING_ENABLED=1, the Fleet event log without its plugin. Each is a Starlette
+# BaseHTTPMiddleware, whose task group and streams cost more per request than most handlers.
+MIDDLEWARE = (
+    "ControlSensitiveResponseMiddleware",
+    "BaseHTTPMiddleware",  # Flower's error translator
+    "ControlAuthenticationMiddleware",
+    "ControlLicenseMiddleware",
+    "ProtobufTranslationMiddleware",
+    "RuntimeTracingMiddleware",
+    "ControlEventLogMiddleware",
+    "NodeAuthMiddleware",
+    "FleetEventLogMiddleware",
+)
+CONTROL = "/v1/control/"
+
+
+def _outside_control(scope: Any) -> bool:
+    return not str(scope.get("path", "")).startswith(CONTROL)
+
+
+def _tracing_off(scope: Any) -> bool:
+    import os
+
+    return os.getenv("FLWR_TRACING_ENABLED") != "1"
+
+
+def _no_fleet_log(scope: Any) -> bool:
+    app = scope.get("app")
+    return getattr(getattr(app, "state", None), "fleet_event_log_plugin", None) is None
+
+
+PASSES = {
+    "ControlSensitiveResponseMiddleware": _outside_control,
+    "ControlAuthenticationMiddleware": _outside_control,
+    "ControlLicenseMiddleware": _outside_control,
+    "ControlEventLogMiddleware": _outside_control,
+    "RuntimeTracingMiddleware": _tracing_off,
+    "FleetEventLogMiddleware": _no_fleet_log,
+}
+
+
+class Bypass:
+    """A pure ASGI wrapper: a request ``passes`` says the middleware would hand through
+    untouched goes straight to the app inside it; every other request goes through it."""
+
+    def __init__(self, app: Any, *, middleware: Any, passes: Callable[[Any], bool]) -> None:
+        self.app, self.wrapped, self.passes = app, middleware(app), passes
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and self.passes(scope):
+            await self.app(scope, receive, send)
+        else:
+            await self.wrapped(scope, receive, send)
+
+
+def patch_superlink_middleware() -> bool:
+    """In a SuperLink: the middlewares that would hand a request through untouched are
+    bypassed for it (:data:`PASSES`); the rest (error translation, protobuf translation, node
+    authentication) run as Flower wrote them, for every request."""
+    if why := unverified():
+        return _refuse(why)
+    from flwr.superlink import main
+    from flwr.superlink.routers.control import middlewares as control
+    from starlette.middleware import Middleware
+
+    original = main._get_middleware
+    stack = original()
+    own = stack[len(stack) - len(MIDDLEWARE) :]
+    names = tuple(getattr(m.cls, "__name__", "") for m in own)
+    sensitive = all(path.startswith(CONTROL) for _, path in control.CONTROL_SENSITIVE_ROUTE_KEYS)
+    if names != MIDDLEWARE or not sensitive:
+        return _refuse("Flower's SuperLink middlewares are not the ones verified: all run")
+
+    def fewer_passes() -> list[Any]:
+        stack = original()
+        for index, item in enumerate(stack):
+            passes = PASSES.get(getattr(item.cls, "__name__", ""))
+            if passes is not None and not item.args and not item.kwargs:
+                stack[index] = Middleware(Bypass, middleware=item.cls, passes=passes)
+        return stack
+
+    main._get_middleware = fewer_passes
+    return True

@@ -73,12 +73,11 @@ def test_the_superlink_bypasses_only_middlewares_that_would_pass_a_request_throu
     bypassed = {m.kwargs["middleware"].__name__ for m in stack if m.cls is flower_patches.Bypass}
     assert bypassed == set(flower_patches.PASSES)
     kept = [m.cls.__name__ for m in stack if m.cls is not flower_patches.Bypass]
-    # error translation, protobuf translation and node authentication run for every request
-    assert kept[-3:] == [
-        "BaseHTTPMiddleware",
-        "ProtobufTranslationMiddleware",
-        "NodeAuthMiddleware",
-    ]
+    # error and protobuf translation run for every request
+    assert kept[-2:] == ["BaseHTTPMiddleware", "ProtobufTranslationMiddleware"]
+    node_auth = flower_patches.PASSES["NodeAuthMiddleware"]
+    assert not node_auth({"type": "http", "path": "/v1/fleet/push-object", "headers": []})
+    assert node_auth({"type": "http", "path": "/v1/runtime/push-object", "headers": []})
 
     seen: list[str] = []
 
@@ -97,7 +96,7 @@ def test_the_superlink_bypasses_only_middlewares_that_would_pass_a_request_throu
         app, middleware=Recording, passes=flower_patches.PASSES["ControlAuthenticationMiddleware"]
     )
     for path in ("/v1/fleet/pull-messages", "/v1/control/start-run"):
-        asyncio.run(gate({"type": "http", "path": path}, None, None))
+        asyncio.run(gate({"type": "http", "path": path, "headers": []}, None, None))
     assert seen == ["app", "middleware", "app"]  # a Control request still goes through it
 
 

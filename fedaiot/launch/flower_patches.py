@@ -201,9 +201,10 @@ def patch_token_sweep(every: float = TOKEN_SWEEP_EVERY) -> bool:
 
 
 # The SuperLink's HTTP middlewares (flwr/superlink/main.py, 1.41.0), outermost first, and which
-# of them pass a request through untouched: a Control API one outside /v1/control/, tracing
-# unless FLWR_TRACING_ENABLED=1, the Fleet event log without its plugin. Each is a Starlette
-# BaseHTTPMiddleware, whose task group and streams cost more per request than most handlers.
+# of them pass a request through untouched: a Control API one outside /v1/control/, node
+# authentication outside /v1/fleet/, tracing unless FLWR_TRACING_ENABLED=1, the Fleet event
+# log without its plugin. Each is a Starlette BaseHTTPMiddleware, whose task group and streams
+# cost more per request than most handlers.
 MIDDLEWARE = (
     "ControlSensitiveResponseMiddleware",
     "BaseHTTPMiddleware",  # Flower's error translator
@@ -215,11 +216,22 @@ MIDDLEWARE = (
     "NodeAuthMiddleware",
     "FleetEventLogMiddleware",
 )
-CONTROL = "/v1/control/"
+CONTROL, FLEET = "/v1/control/", "/v1/fleet/"
+
+
+def _path(scope: Any) -> str:
+    """The path as the middlewares read it (``request.url.path``)."""
+    from starlette.datastructures import URL
+
+    return URL(scope=scope).path
 
 
 def _outside_control(scope: Any) -> bool:
-    return not str(scope.get("path", "")).startswith(CONTROL)
+    return not _path(scope).startswith(CONTROL)
+
+
+def _outside_fleet(scope: Any) -> bool:
+    return not _path(scope).startswith(FLEET)
 
 
 def _tracing_off(scope: Any) -> bool:
@@ -238,6 +250,7 @@ PASSES = {
     "ControlAuthenticationMiddleware": _outside_control,
     "ControlLicenseMiddleware": _outside_control,
     "ControlEventLogMiddleware": _outside_control,
+    "NodeAuthMiddleware": _outside_fleet,
     "RuntimeTracingMiddleware": _tracing_off,
     "FleetEventLogMiddleware": _no_fleet_log,
 }
@@ -259,8 +272,8 @@ class Bypass:
 
 def patch_superlink_middleware() -> bool:
     """In a SuperLink: the middlewares that would hand a request through untouched are
-    bypassed for it (:data:`PASSES`); the rest (error translation, protobuf translation, node
-    authentication) run as Flower wrote them, for every request."""
+    bypassed for it (:data:`PASSES`); error and protobuf translation run for every request,
+    node authentication for every Fleet request, as Flower wrote them."""
     if why := unverified():
         return _refuse(why)
     from flwr.superlink import main

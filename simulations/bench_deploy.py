@@ -147,6 +147,10 @@ def federation(
         # would count in the kit that reaped it)
         cpu_at: dict[int, dict[str, float]] = {}
         while coordinator.poll() is None and time.monotonic() < deadline:
+            for name, node in zip(names, started[1:], strict=True):
+                if node.poll() is not None:  # the run would wait for it until the ceiling
+                    log_file = root / f"node-{name}.log"
+                    raise RuntimeError(f"node {name} stopped ({node.returncode}): {log_file}")
             done = _rounds_done(journal)
             if done and done not in cpu_at:
                 cpu_at[done] = _tree_cpu(started)

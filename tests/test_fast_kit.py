@@ -366,3 +366,15 @@ def test_a_second_sigterm_does_not_cut_a_scripts_cleanup_short(tmp_path: Path) -
     finally:
         script.kill()
     assert marks.read_text().split() == ["running", "cleaning", "cleaned"]
+
+
+def test_a_free_port_lies_below_the_outgoing_connections_range() -> None:
+    import socket
+
+    from fedaiot.launch.processes import _ephemeral_low, free_port
+
+    for _ in range(20):
+        port = free_port()
+        assert 20000 <= port < _ephemeral_low()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # still free: nothing kept it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -60,9 +61,26 @@ def spawn(
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port a server can listen on, below the range the system hands out to outgoing
+    connections: a port from that range (``bind(0)``'s) can be taken by any process's next
+    connection before the server binds it, which happened with ten nodes connecting at once."""
+    low, high = 20000, _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(low, high) if high > low else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise LaunchError(f"no free port between {low} and {high} after 100 tries")
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
 
 
 def port_free(host: str, port: int) -> bool:

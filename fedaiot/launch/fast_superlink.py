@@ -1,8 +1,10 @@
 """``flower-superlink`` with the kit's housekeeping pace: ``python -m
 fedaiot.launch.fast_superlink -- <flower-superlink arguments>``.
 
-Flower's SuperLink, in this process, after :func:`fedaiot.launch.flower_patches.patch_token_sweep`
-has moved its sweep of expired task tokens out of every request. With stock polling
+Flower's SuperLink, in this process, after :mod:`fedaiot.launch.flower_patches` has moved its
+sweep of expired task tokens out of every request (``patch_token_sweep``) and sent each request
+past the middlewares that would hand it through untouched (``patch_superlink_middleware``).
+With stock polling
 (``FEDAIOT_POLLING``), or a Flower the patch was not verified against (a warning says so), it is
 Flower's SuperLink as shipped.
 """

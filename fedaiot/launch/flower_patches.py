@@ -14,6 +14,7 @@ import hashlib
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import types
@@ -217,13 +218,18 @@ MIDDLEWARE = (
     "FleetEventLogMiddleware",
 )
 CONTROL, FLEET = "/v1/control/", "/v1/fleet/"
+_PATH = "fedaiot.path"  # the request's path, kept in its ASGI scope by the first gate
 
 
 def _path(scope: Any) -> str:
-    """The path as the middlewares read it (``request.url.path``)."""
-    from starlette.datastructures import URL
+    """The path as the middlewares read it (``request.url.path``), built once a request: up
+    to six gates ask for it."""
+    path = scope.get(_PATH)
+    if path is None:
+        from starlette.datastructures import URL
 
-    return URL(scope=scope).path
+        path = scope[_PATH] = URL(scope=scope).path
+    return str(path)
 
 
 def _outside_control(scope: Any) -> bool:
@@ -235,8 +241,6 @@ def _outside_fleet(scope: Any) -> bool:
 
 
 def _tracing_off(scope: Any) -> bool:
-    import os
-
     return os.getenv("FLWR_TRACING_ENABLED") != "1"
 
 

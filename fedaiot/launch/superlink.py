@@ -40,8 +40,9 @@ class SuperLink:
     simulation: bool = False
 
     def command(self, *, fast: bool = True) -> list[str]:
-        """``fast``: through :mod:`fedaiot.launch.fast_superlink` (Flower's SuperLink with its
-        token sweep moved out of every request); else Flower's ``flower-superlink``."""
+        """``fast``: through :mod:`fedaiot.launch.fast_superlink` (Flower's SuperLink, its token
+        sweep and pass-through middlewares out of each request's way); else Flower's
+        ``flower-superlink``."""
         command = ["flower-superlink"]
         if fast:
             command = [sys.executable, "-m", "fedaiot.launch.fast_superlink", "--"]

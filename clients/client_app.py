@@ -130,7 +130,7 @@ def train_and_mask(msg: Message, context: Context) -> Message:
     content = handlers.mask(
         reply, arrays, client, forwarded, context, private=cfg.private, min_survivors=floor
     )
-    return Message(content=content, reply_to=msg)
+    return Message(content=handlers.with_keys_ahead(msg.content, content, context), reply_to=msg)
 
 
 @app.query("secagg_vector")
@@ -141,7 +141,7 @@ def vector_and_mask(msg: Message, context: Context) -> Message:
     reply = _release(msg, context)
     private = _config(context).private
     content = handlers.mask(reply, None, client, forwarded, context, private=private)
-    return Message(content=content, reply_to=msg)
+    return Message(content=handlers.with_keys_ahead(msg.content, content, context), reply_to=msg)
 
 
 @app.query("secagg_confirm")

@@ -43,8 +43,18 @@ class Double(SecureAggregation):
         self._record(message_type, replies)
         return replies
 
-    def unmask_and_prepare(self, requests: dict[int, Any], setup: Any, nodes: Any) -> Any:
-        shares = super().unmask_and_prepare(self.tamper(UNMASK, requests), setup, nodes)
+    def unmask_and_prepare(self, requests: dict[int, Any], setup: Any, ahead: Any = None) -> Any:
+        if ahead:  # the next round's keys, shared in this exchange: tampered as at SHARE_KEYS
+            following, names = self.chain.prepared, self.names
+            assert following is not None
+            self.names = {
+                following.ids[self.flower_of[i]]: name
+                for i, name in names.items()
+                if self.flower_of[i] in following.ids
+            }  # the next round's protocol ids
+            ahead = self.tamper(SHARE_KEYS, ahead)
+            self.names = names
+        shares = super().unmask_and_prepare(self.tamper(UNMASK, requests), setup, ahead)
         self._record(UNMASK, shares)
         return shares
 

@@ -175,42 +175,46 @@ def test_a_deployed_node_refuses_an_unauthenticated_round_before_training(
 def test_keys_advertised_ahead_are_signed_and_checked_like_any_advertisement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Round 2's keys ride on round 1's unmask answers: they carry the same signatures, the
-    nodes check them the same way, and the survivor sets are still confirmed first."""
+    """Round 3's keys ride on round 2's masked inputs and are relayed with its unmask requests:
+    they carry the same signatures, the nodes check them the same way, a node that refuses
+    them still answers round 2, and the survivor sets are still confirmed first."""
     mine = crypto.generate_private_key()
 
     class SwapsAheadKeys(Double):
-        """Honest until round 3, whose keys came ahead: then it swaps gamma's for alpha."""
-
-        def _run(self, *args: Any, **kwargs: Any) -> Any:
-            prepared = self.chain.prepared  # the adverts that rode on the last unmask answers
-            self.ahead = list(prepared.adverts) if prepared is not None else []
-            return super()._run(*args, **kwargs)
+        """Honest until it relays round 3's keys (in round 2): then it swaps gamma's for alpha."""
 
         def tamper(self, message_type: str, outbox: dict[int, Any]) -> dict[int, Any]:
-            if message_type != SHARE_KEYS or not self.ahead:
+            if message_type != SHARE_KEYS or len(Double.made) < 2:
                 return outbox
-            assert len(self.ahead) == 3 and all(a.signature for a in self.ahead)
-            if len(Double.made) < 3:
-                return outbox
+            prepared = self.chain.prepared  # the adverts that rode on the masked inputs
+            assert prepared is not None and len(prepared.adverts) == 3
+            assert all(a.signature for a in prepared.adverts)
             node = {name: i for i, name in self.names.items()}
             alpha, gamma = node["alpha"], node["gamma"]
             to_alpha: NeighbourKeys = outbox[alpha]
             swapped = (crypto.public_bytes(mine), crypto.public_bytes(mine))
             return {**outbox, alpha: replace(to_alpha, keys={**to_alpha.keys, gamma: swapped})}
 
-    Double.made.clear()  # one driver per round: the third is round 3's
+    Double.made.clear()  # one driver per round: the second is round 2's
     monkeypatch.setattr(loop, "SecureAggregation", SwapsAheadKeys)
     cfg, grid = _deployment(tmp_path, 3, num_rounds=3)
     with caplog.at_level(logging.WARNING, logger="fedaiot.node.round"):
         RoundLoop(cfg).run_rounds(grid)
     events = [json.loads(x) for x in (cfg.output_path / "journal.jsonl").read_text().splitlines()]
     rounds = [e for e in events if e["event"] == "round"]
-    # round 2: keys ahead, four exchanges (share, train and mask, confirm, unmask)
-    assert rounds[1]["secure_aggregation"]["keys_ahead"] and rounds[1]["exchanges"] == 4
-    assert "confirm" in rounds[1]["stage_seconds"] and rounds[1]["aggregated"]
-    # round 3: a swapped key among the keys advertised ahead is refused as in round 1
-    assert rounds[2]["secure_aggregation"]["keys_ahead"]
+    # round 2: keys and shares ahead, three exchanges (train and mask, confirm, unmask); alpha
+    # refused round 3's keys in its unmask answer and still unmasked round 2
+    two = rounds[1]
+    assert two["secure_aggregation"]["shares_ahead"] and two["exchanges"] == 3
+    assert "confirm" in two["stage_seconds"] and two["aggregated"]
+    assert two["secure_aggregation"]["dropped"] == {}
     refusal = _refusals(caplog)
     assert len(refusal) == 1 and "(alpha) refuses the round" in refusal[0]
     assert "are not signed by gamma's identity key" in refusal[0]
+    # round 3 goes on without alpha, which sealed nothing under the substituted key
+    three = rounds[2]
+    assert three["secure_aggregation"]["keys_ahead"]
+    assert three["secure_aggregation"]["dropped"] == {
+        "alpha": "ShareBundle: the node failed (protocol-error)"
+    }
+    assert three["aggregated"]

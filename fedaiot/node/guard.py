@@ -34,17 +34,7 @@ def guarded(handler: Handler) -> Handler:
         try:
             return handler(message, context)
         except Exception as exc:
-            reason = reason_of(exc)
-            LOG.log(
-                logging.ERROR if reason == "internal-error" else logging.WARNING,
-                "fedaiot node: %s failed (%s): %s: %s",
-                message.metadata.message_type,
-                reason,
-                type(exc).__name__,
-                exc,
-                exc_info=reason == "internal-error",
-            )
-            _on_console(message, context, reason, exc)
+            reason = report_failure(message.metadata.message_type, exc, context, message)
             from fedaiot.wire.records import reply_content
 
             content = reply_content(failure("", reason), private=True)
@@ -53,7 +43,29 @@ def guarded(handler: Handler) -> Handler:
     return wrapper
 
 
-def _on_console(message: Message, context: Context, reason: str, exc: Exception) -> None:
+def report_failure(
+    message_type: str, exc: Exception, context: Context, message: Message | None = None
+) -> str:
+    """Log why the node failed ``message_type`` (in its log and, deployed, its round log) and
+    return the reason code that may go on the wire. Also for a part of a message that fails
+    alone: the next round's shares in an unmask answer."""
+    reason = reason_of(exc)
+    LOG.log(
+        logging.ERROR if reason == "internal-error" else logging.WARNING,
+        "fedaiot node: %s failed (%s): %s: %s",
+        message_type,
+        reason,
+        type(exc).__name__,
+        exc,
+        exc_info=reason == "internal-error",
+    )
+    _on_console(message_type, message, context, reason, exc)
+    return reason
+
+
+def _on_console(
+    message_type: str, message: Message | None, context: Context, reason: str, exc: Exception
+) -> None:
     """A deployed node's failure, in its round log (its console shows it with the detail)."""
     from fedaiot.node.deployed import DATA_PATH, NodeSettings
 
@@ -63,8 +75,8 @@ def _on_console(message: Message, context: Context, reason: str, exc: Exception)
 
     try:
         settings = NodeSettings.from_node_config(context.node_config)
-        config = message.content.config_records.get("config")
-        what = what_of(dict(config)) if config is not None else message.metadata.message_type
+        config = message.content.config_records.get("config") if message is not None else None
+        what = what_of(dict(config)) if config is not None else message_type
     except Exception:  # the failure itself may be a broken node config: the log has it
         return
     record(settings, what=what, status="failed", reason=reason, detail=f"{exc}")

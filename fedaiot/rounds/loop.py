@@ -248,6 +248,7 @@ class RoundLoop:
                 "dropped": secure.dropped,
                 "parameters": secure.parameters,
                 "keys_ahead": secure.keys_ahead,
+                "shares_ahead": secure.shares_ahead,
             },
             "stage_seconds": secure.seconds,
         }

@@ -1,12 +1,13 @@
 """A securely aggregated round, driven from the ServerApp as Flower message exchanges.
 
-The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as three exchanges with the sampled nodes
-when their keys were advertised ahead (with the previous round's unmask answers: see
-:mod:`fedaiot.secure_rounds.keys`), and four otherwise: advertise keys, share keys, compute the
-input (train, or a release's vector) and send it masked, answer the unmask request. An
-authenticated round (every node registered under a roster name: a deployment) has one more,
-before unmasking: the nodes sign the survivor sets they are shown and unmask only when enough
-of them signed the same sets. Keys advertised ahead are signed as any advertisement is. The
+The stages of SecAgg+ (see :mod:`fedaiot.secagg`) run as four exchanges with the sampled nodes:
+advertise keys, share keys, compute the input (train, or a release's vector) and send it
+masked, answer the unmask request. An authenticated round (every node registered under a
+roster name: a deployment) has one more, before unmasking: the nodes sign the survivor sets
+they are shown and unmask only when enough of them signed the same sets. In a run's steady
+state the first two ride on the round before (the keys on its masked inputs, the shares on its
+unmask answers: see :mod:`fedaiot.secure_rounds.keys`), leaving two exchanges a round, three
+authenticated. Keys advertised ahead are signed and checked as any advertisement is. The
 coordinator learns the weighted sum of the surviving nodes' updates and their total weight,
 nothing about any one node's update or example count. A node that drops out at any stage is
 left out by the protocol. A round with fewer survivors than the threshold fails cleanly, and
@@ -34,7 +35,7 @@ from fedaiot.secagg import (
     ShareBundle,
     choose,
 )
-from fedaiot.secure_rounds.keys import KeyChain, Upcoming
+from fedaiot.secure_rounds.keys import KeyChain, Prepared, Upcoming
 from fedaiot.secure_rounds.stages import Stages
 from fedaiot.secure_rounds.wire import (
     CONFIRM,
@@ -66,7 +67,8 @@ class SecureRound:
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
     parameters: dict[str, Any] = field(default_factory=dict)  # degree, threshold, threat model
     vector: np.ndarray | None = None  # the unmasked sum, for vector rounds
-    keys_ahead: bool = False  # whether the nodes' keys came with the previous unmask answers
+    keys_ahead: bool = False  # whether the nodes' keys came with the previous masked inputs
+    shares_ahead: bool = False  # and their shares with the previous unmask answers
 
 
 def model_length(arrays: ArrayRecord, cfg: RunConfig) -> Upcoming:
@@ -249,16 +251,26 @@ class SecureAggregation(Stages):
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
         self.laps, self.problems = {}, {}
+        shared_ahead = ahead is not None and ahead.bundles is not None
+        if ahead is not None:  # why a node made no keys or shares for this round, back then
+            self.problems.update({ids[fid]: why for fid, why in ahead.problems.items()})
         self.restart_clock()
         try:
             adverts = ahead.adverts if ahead is not None else self.advertise(ids, setup)
             if ahead is None:
                 self._lap("advertise")
             keys = server.collect_adverts(adverts)
-            bundles = self.exchange(SHARE_KEYS, keys, ShareBundle, setup)
+            if ahead is not None and ahead.bundles is not None:
+                bundles = ahead.bundles
+            else:
+                bundles = self.exchange(SHARE_KEYS, keys, ShareBundle, setup)
             forwarded = server.collect_shares(bundles)
-            self._lap("share")
-            masked = self.compute_and_mask(first, message_type, forwarded, setup, replies)
+            if not shared_ahead:
+                self._lap("share")
+            following = self.following(flower_ids)
+            masked = self.compute_and_mask(
+                first, message_type, forwarded, setup, replies, following
+            )
             server.collect_masked(masked)
             self._lap("train" if message_type == TRAIN_AND_MASK else "compute")
             if len(masked) < min_survivors:
@@ -272,19 +284,20 @@ class SecureAggregation(Stages):
                 confirmations = self.exchange(CONFIRM, requests, Confirmation, setup)
                 server.collect_confirmations(confirmations)
                 self._lap("confirm")
-            shares = self.unmask_and_prepare(server.unmask_request(), setup, flower_ids)
+            next_keys = self.keys_ahead(following)
+            shares = self.unmask_and_prepare(server.unmask_request(), setup, next_keys)
             weighted_sum, total = server.aggregate(shares)
             self._lap("unmask")
         except SecAggError as exc:
-            return self._result(server, replies, ahead is not None, error=str(exc))
-        result = self._result(server, replies, ahead is not None, total=total)
+            return self._result(server, replies, ahead, error=str(exc))
+        result = self._result(server, replies, ahead, total=total)
         return replace(result, vector=weighted_sum)
 
     def _result(
         self,
         server: SecAggServer,
         replies: list[ReceivedReply],
-        ahead: bool,
+        ahead: Prepared | None,
         *,
         total: float = math.nan,
         error: str = "",
@@ -298,7 +311,8 @@ class SecureAggregation(Stages):
             dropped={self.names[i]: why for i, why in reasons.items()},
             seconds=self.laps,
             parameters=self.setup_notes,
-            keys_ahead=ahead,
+            keys_ahead=ahead is not None,
+            shares_ahead=ahead is not None and ahead.bundles is not None,
         )
 
 

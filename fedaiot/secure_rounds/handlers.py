@@ -1,10 +1,17 @@
 """The node's side of a securely aggregated round, one function per message.
 
-A round on the node: :func:`advertise` makes fresh keys (in a message of its own, or in the
-previous round's unmask answer, see :func:`unmask`), :func:`share_keys` shares them, then one
-message brings the round's request with the shares addressed to this node: the node checks it
-can mask (:func:`ready_to_mask`) before it trains or computes anything, computes, and
+A round on the node: :func:`advertise` makes fresh keys, :func:`share_keys` shares them, then
+one message brings the round's request with the shares addressed to this node: the node checks
+it can mask (:func:`ready_to_mask`) before it trains or computes anything, computes, and
 :func:`mask` sends the result masked. :func:`unmask` ends the round.
+
+In a run's steady state the first two ride on the previous round's messages: a request to
+compute that names the next round's setup is answered with this node's keys for it too
+(:func:`advertise_ahead`), and an unmask request that carries the next round's neighbour keys
+with this node's shares for it (:func:`share_ahead`). The next round's secrets then wait in a
+slot of their own beside the current round's; the first message of the next round (found by
+its round id) makes them the current ones and deletes the round before. The two rounds share
+nothing: fresh key pairs, a fresh self-mask seed, another round id in every key derivation.
 
 What waits between messages, in ``Context.state`` (memory or storage on the node itself, never
 sent): the round's setup and secrets (key pairs, self-mask seed, received shares). The node's
@@ -36,24 +43,36 @@ from fedaiot.secagg import (
     UnmaskRequest,
 )
 from fedaiot.secure_rounds.identity import colluders, node_identity
-from fedaiot.secure_rounds.wire import NEXT, flatten, pack, unpack
+from fedaiot.secure_rounds.wire import NEXT, SHARE_KEYS, flatten, pack, unpack
 
 if TYPE_CHECKING:  # the node module pulls in torch and the tasks: not needed past training
     from fedaiot.wire.replies import NodeReply
 
 _SETUP, _CLIENT, _FLOOR = "secagg-setup", "secagg-client", "secagg-floor"
+# the next round's, made ahead: kept apart until a message of that round arrives
+_NEXT_SETUP, _NEXT_CLIENT = "secagg-next-setup", "secagg-next-client"
 # Kept by the four-stage protocol of earlier versions between stages; never written now, still
 # dropped so that no update of theirs can leave.
 _EARLIER = ("secagg-update", "secagg-charge")
 
 
 def forget_round(context: Context) -> None:
-    """Drop whatever a round left on the node: its keys, secrets and survivor floor.
+    """Drop whatever the current round left on the node: its keys, secrets and survivor floor
+    (the next round's keys, made ahead, stay).
 
-    Called when a round ends, is refused, and before a new round's keys are made: once a
-    round is forgotten nothing of it can be masked or unmasked any more.
+    Called when a round ends, is refused, and when the next round begins: once a round is
+    forgotten nothing of it can be masked or unmasked any more.
     """
-    for name in (_SETUP, _CLIENT, _FLOOR, *_EARLIER):
+    _drop(context, _SETUP, _CLIENT, _FLOOR, *_EARLIER)
+
+
+def forget_rounds(context: Context) -> None:
+    """Drop the current round and any keys made ahead for the next."""
+    _drop(context, _SETUP, _CLIENT, _FLOOR, *_EARLIER, _NEXT_SETUP, _NEXT_CLIENT)
+
+
+def _drop(context: Context, *names: str) -> None:
+    for name in names:
         if name in context.state:
             del context.state[name]
 
@@ -74,21 +93,41 @@ def new_client(setup_record: Mapping[str, Any], context: Context) -> SecAggClien
 def advertise(setup_record: Mapping[str, Any], context: Context) -> dict[str, Any]:
     """Start a round: fresh keys for the round ``setup_record`` describes (with this node's
     protocol id in ``node``), kept on the node; returns the key advert to send, signed when
-    the node has an identity (in a message of its own or ahead, in an unmask answer alike).
-    Whatever an earlier round left is dropped first."""
-    forget_round(context)
+    the node has an identity. Whatever earlier rounds left is dropped first."""
+    forget_rounds(context)
+    return _advertise(setup_record, context, _SETUP, _CLIENT)
+
+
+def advertise_ahead(setup_record: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """Keys for the next round, made while the current one goes on (which keeps its own):
+    the advert rides on this round's masked reply, signed as any advert is."""
+    _drop(context, _NEXT_SETUP, _NEXT_CLIENT)
+    return _advertise(setup_record, context, _NEXT_SETUP, _NEXT_CLIENT)
+
+
+def _advertise(
+    setup_record: Mapping[str, Any], context: Context, setup_slot: str, client_slot: str
+) -> dict[str, Any]:
     client = new_client(setup_record, context)
-    setup = client.setup
     advert = client.advertise()
-    context.state[_SETUP] = ConfigRecord(setup.to_record())  # type: ignore[arg-type]
-    _save(context, client)
+    context.state[setup_slot] = ConfigRecord(client.setup.to_record())  # type: ignore[arg-type]
+    context.state[client_slot] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
     return advert.to_record()
 
 
-def _client(context: Context) -> SecAggClient:
+def _client(context: Context, round_id: int) -> SecAggClient:
+    """The node's side of round ``round_id``. The next round's keys, made ahead, become the
+    current round's when a message of that round arrives, and the round before is forgotten.
+    A message of any other round meets the current round, which refuses it as a replay."""
+    records = context.state.config_records
+    if _NEXT_SETUP in records and records[_NEXT_SETUP]["round_id"] == round_id:
+        made_ahead = records[_NEXT_SETUP], records[_NEXT_CLIENT]
+        forget_rounds(context)
+        context.state[_SETUP], context.state[_CLIENT] = made_ahead
+        records = context.state.config_records
     try:
-        setup = RoundSetup.from_record(dict(context.state.config_records[_SETUP]))
-        state = dict(context.state.config_records[_CLIENT])
+        setup = RoundSetup.from_record(dict(records[_SETUP]))
+        state = dict(records[_CLIENT])
     except KeyError:
         raise SecAggError("no secure-aggregation round in progress on this node") from None
     return SecAggClient.restore(setup, state, node_identity(context.node_config))
@@ -99,18 +138,23 @@ def _save(context: Context, client: SecAggClient) -> None:
 
 
 def share_keys(content: RecordDict, context: Context) -> RecordDict:
-    client = _client(context)
-    bundle = client.share_keys(NeighbourKeys.from_record(unpack(content)))
+    return pack(_share(unpack(content), context))
+
+
+def _share(record: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    keys = NeighbourKeys.from_record(record)
+    client = _client(context, keys.round_id)
+    bundle = client.share_keys(keys)
     _save(context, client)
-    return pack(bundle.to_record())
+    return bundle.to_record()
 
 
 def ready_to_mask(content: RecordDict, context: Context) -> tuple[SecAggClient, ForwardedShares]:
     """The round's client and the shares forwarded to it, once it is certain the node can
     mask them: this round, this stage, enough authentic shares. Raises otherwise, before the
     node trains or computes, so that a request it cannot answer costs it no budget."""
-    client = _client(context)
     forwarded = ForwardedShares.from_record(unpack(content))
+    client = _client(context, forwarded.round_id)
     client.check_masking(forwarded)
     return client, forwarded
 
@@ -162,21 +206,23 @@ def mask(
 
 def confirm(content: RecordDict, context: Context) -> RecordDict:
     """Sign the survivor sets this node was shown (authenticated rounds), before unmasking."""
-    client = _client(context)
-    confirmation = client.confirm(ConfirmRequest.from_record(unpack(content)))
+    request = ConfirmRequest.from_record(unpack(content))
+    client = _client(context, request.round_id)
+    confirmation = client.confirm(request)
     _save(context, client)
     return pack(confirmation.to_record())
 
 
 def unmask(content: RecordDict, context: Context) -> RecordDict:
     """The shares the coordinator asks for, and, when the request carries the next round's
-    setup, this node's fresh keys for it. The round's secrets are deleted before new keys are
-    made, and the node refuses a distributed-DP sum below the floor its share was sized for
-    (then it advertises nothing either)."""
-    client = _client(context)
+    neighbour keys, this node's shares for that round (:func:`share_ahead`). The round's
+    secrets are deleted before the next round's are touched, and the node refuses a
+    distributed-DP sum below the floor its share was sized for."""
+    request = UnmaskRequest.from_record(unpack(content))
+    client = _client(context, request.round_id)
     try:
-        request = UnmaskRequest.from_record(unpack(content))
-        floor = int(context.state.config_records[_FLOOR]["min-survivors"])  # type: ignore[arg-type]
+        kept = context.state.config_records.get(_FLOOR)  # none before masking: refused below
+        floor = int(kept["min-survivors"]) if kept is not None else 0  # type: ignore[arg-type]
         if len(request.survivors) < floor:
             # the noise share was sized for a sum of at least `floor`: a smaller sum could
             # carry too little noise, so this node reveals nothing towards it
@@ -188,6 +234,28 @@ def unmask(content: RecordDict, context: Context) -> RecordDict:
     finally:
         forget_round(context)
     if NEXT in content.config_records:
-        advert = advertise(dict(content.config_records[NEXT]), context)
-        answer[NEXT] = ConfigRecord(advert)
+        answer[NEXT] = ConfigRecord(share_ahead(dict(content.config_records[NEXT]), context))
     return answer
+
+
+def share_ahead(keys_record: Mapping[str, Any], context: Context) -> dict[str, Any]:
+    """This node's shares for the next round, for its neighbours' keys in ``keys_record``, or
+    the reason code of its refusal (a key not signed by its institution, too few neighbours):
+    that refusal is the next round's and never costs this round its answer. Logged as a
+    refused share stage is."""
+    from fedaiot.node.guard import report_failure
+
+    try:
+        return _share(keys_record, context)
+    except Exception as exc:  # whatever it was, this round's answer still goes out
+        forget_rounds(context)
+        return {"failed": report_failure(SHARE_KEYS, exc, context)}
+
+
+def with_keys_ahead(request: RecordDict, reply: RecordDict, context: Context) -> RecordDict:
+    """``reply`` to a request to compute, with this node's keys for the next round
+    (:func:`advertise_ahead`) when the request names that round's setup."""
+    if NEXT in request.config_records:
+        advert = advertise_ahead(dict(request.config_records[NEXT]), context)
+        reply[NEXT] = ConfigRecord(advert)
+    return reply

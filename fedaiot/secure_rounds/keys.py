@@ -1,12 +1,17 @@
-"""Keys advertised one round ahead: what lets a secure round skip its advertising exchange.
+"""Keys advertised and shared one round ahead: what lets a secure round skip its first two
+exchanges.
 
-A round's unmask request carries the setup of the run's next aggregation, and each node answers
-with its shares *and* its fresh public keys for that next round (``secure_rounds.handlers``).
-The coordinator keeps them here until the next aggregation starts. That aggregation uses them
-only if it is the one they were made for: the same nodes, the same vector length, the same
-kind of input. Anything else (another node set, a study's evaluation vector between two
-training rounds, a restarted coordinator) starts from a fresh advertising exchange, and the
-nodes drop the keys they advertised ahead.
+A round's request to compute (train, or a release's vector) carries the setup of the run's next
+aggregation, and each node answers with its masked input *and* its fresh public keys for that
+next round; the round's unmask request carries the next round's neighbour keys, and each node
+answers with its shares *and* its encrypted key shares for the next round
+(``secure_rounds.handlers``). The coordinator keeps both here until the next aggregation
+starts, which then begins with the request to compute. It uses them only if it is the one they
+were made for: the same nodes, the same vector length, the same kind of input. Anything else
+(another node set, a study's evaluation vector between two training rounds, a restarted
+coordinator) starts from a fresh advertising exchange, and the nodes drop the keys they made
+ahead. Adverts without shares (the round before failed ahead of its unmasking) still save the
+advertising exchange.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fedaiot.secagg import KeyAdvert, RoundSetup
+from fedaiot.secagg import KeyAdvert, RoundSetup, ShareBundle
 
 
 @dataclass(frozen=True)
@@ -26,15 +31,18 @@ class Upcoming:
     integers: bool
 
 
-@dataclass(frozen=True)
+@dataclass
 class Prepared:
-    """The next round's setup, the protocol id of each Flower node in it, and the adverts that
-    came back with the unmask answers."""
+    """The next round's setup, the protocol id of each Flower node in it, the adverts that came
+    back with the masked inputs, and the share bundles that came back with the unmask answers
+    (None until that exchange ran), with why a node that was asked made none (by Flower id)."""
 
     setup: RoundSetup
     ids: dict[int, int]
     integers: bool
     adverts: list[KeyAdvert] = field(default_factory=list)
+    bundles: list[ShareBundle] | None = None
+    problems: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -22,18 +22,21 @@ from fedaiot.secagg import (
     ForwardedShares,
     KeyAdvert,
     MaskedInput,
+    NeighbourKeys,
     RoundSetup,
     SecAggError,
+    SecAggServer,
     ShareBundle,
     UnmaskRequest,
     UnmaskShares,
 )
 from fedaiot.secure_rounds.keys import KeyChain, Prepared, Upcoming
-from fedaiot.secure_rounds.wire import ADVERTISE, NEXT, SECAGG, UNMASK, pack, unpack
+from fedaiot.secure_rounds.wire import ADVERTISE, NEXT, SECAGG, SHARE_KEYS, UNMASK, pack, unpack
 from fedaiot.wire.records import NODE, ReceivedReply, identity, read_reply, refuse_duplicates
 from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
 
 M = TypeVar("M", KeyAdvert, ShareBundle, MaskedInput, Confirmation, UnmaskShares)
+A = TypeVar("A", KeyAdvert, ShareBundle)  # what comes ahead for the next round
 
 
 class Stages:
@@ -95,6 +98,15 @@ class Stages:
         parsed = (self._parse(reply, kind, setup, ids) for reply in replies)
         return [p for p in parsed if p is not None]
 
+    def following(self, nodes: Sequence[int]) -> Prepared | None:
+        """The setup of the run's next aggregation, over ``nodes`` (None when none follows):
+        its keys and shares ride on this round's messages."""
+        upcoming = self.chain.upcoming
+        if upcoming is None:
+            return None
+        ids = {fid: index + 1 for index, fid in enumerate(nodes)}
+        return Prepared(self._setup(nodes, upcoming), ids, upcoming.integers)
+
     def compute_and_mask(
         self,
         first: list[tuple[int, RecordDict]],
@@ -102,24 +114,39 @@ class Stages:
         forwarded: dict[int, ForwardedShares],
         setup: RoundSetup,
         replies: list[ReceivedReply],
+        following: Prepared | None = None,
     ) -> list[MaskedInput]:
         """Each node that shared its keys gets its request (the global model and the round's
         config, or a release's) with the shares addressed to it; it computes its input (trains)
         and sends it masked in the same reply. Every reply is journalled in ``replies``; the
-        masked inputs that parse are the round's survivors."""
+        masked inputs that parse are the round's survivors. With a ``following`` round, each
+        request names its setup and each node advertises its keys for it in the reply (a node
+        left out of this round gets an advertising message instead)."""
         ids = {fid: i for i, fid in self.flower_of.items()}
         outgoing = []
         for fid, base in first:
             protocol_id = ids[fid]
             if protocol_id not in forwarded:
-                continue  # left out before this stage: it never computes, it is never charged
+                # left out before this stage: it never computes, it is never charged
+                if following is not None:
+                    outgoing.append(_advertising(following, fid))
+                continue
             content = pack(forwarded[protocol_id].to_record(), **dict(base.items()))
+            if following is not None:
+                content[NEXT] = _setup_record(following, fid)
             outgoing.append(Message(content, dst_node_id=fid, message_type=message_type))
         timeout = self.cfg.round_timeout
         raw = list(self.grid.send_and_receive(outgoing, timeout=timeout))
-        received = [replace(read_reply(m, self.roster), message=None) for m in raw]
+        if following is not None:
+            for advertised in raw:
+                if advertised.metadata.message_type == ADVERTISE:
+                    self._learn_name(advertised)
+            following.adverts.extend(self._ahead(raw, following, KeyAdvert))
+            self.chain.prepared = following
+        computed = [m for m in raw if m.metadata.message_type == message_type]
+        received = [replace(read_reply(m, self.roster), message=None) for m in computed]
         masked = []
-        for message, reply in zip(raw, refuse_duplicates(received), strict=True):
+        for message, reply in zip(computed, refuse_duplicates(received), strict=True):
             sender = ids.get(message.metadata.src_node_id)
             if sender is not None:
                 self.names[sender] = reply.node
@@ -134,32 +161,44 @@ class Stages:
             replies.append(reply)
         return masked
 
+    def keys_ahead(self, following: Prepared | None) -> dict[int, NeighbourKeys]:
+        """The next round's neighbour keys for each of its nodes that advertised (by protocol
+        id of that round), to send with this round's unmask requests; none when too few
+        advertised for that round to start (it will advertise afresh)."""
+        if following is None or not following.adverts:
+            return {}
+        try:
+            return SecAggServer(following.setup).collect_adverts(following.adverts)
+        except SecAggError:
+            following.adverts.clear()
+            return {}
+
     def unmask_and_prepare(
-        self, requests: dict[int, UnmaskRequest], setup: RoundSetup, nodes: list[int]
+        self,
+        requests: dict[int, UnmaskRequest],
+        setup: RoundSetup,
+        ahead: dict[int, NeighbourKeys] | None = None,
     ) -> list[UnmaskShares]:
-        """Ask the survivors for their shares. When the run has a next aggregation, the same
-        exchange carries its setup: survivors advertise their keys for it in the unmask reply,
-        the round's other nodes (``nodes``) get an advertising message of their own."""
-        upcoming = self.chain.upcoming
+        """Ask the survivors for their shares. With the next round's neighbour keys
+        (``ahead``, from :meth:`keys_ahead`), the same exchange shares that round's keys:
+        survivors answer with their shares for it too, the next round's other nodes get a
+        sharing message of their own."""
         ids = {fid: i for i, fid in self.flower_of.items()}
-        following = None
-        if upcoming is not None:
-            next_ids = {fid: index + 1 for index, fid in enumerate(nodes)}
-            following = Prepared(self._setup(nodes, upcoming), next_ids, upcoming.integers)
+        following = self.chain.prepared if ahead else None
+        protocol_of = following.ids if following is not None else {}
         outgoing = []
         for i, request in requests.items():
             content = pack(request.to_record())
-            if following is not None:
-                node = following.ids[self.flower_of[i]]
-                record = {**following.setup.to_record(), "node": node}
-                content[NEXT] = ConfigRecord(record)  # type: ignore[arg-type]
+            keys = ahead.get(protocol_of.get(self.flower_of[i], 0)) if ahead else None
+            if keys is not None:
+                content[NEXT] = ConfigRecord(keys.to_record())  # type: ignore[arg-type]
             outgoing.append(Message(content, dst_node_id=self.flower_of[i], message_type=UNMASK))
-        if following is not None:
+        if following is not None and ahead:
             asked = {self.flower_of[i] for i in requests}
-            for fid in nodes:
-                if fid not in asked:
-                    record = {**following.setup.to_record(), "node": following.ids[fid]}
-                    outgoing.append(Message(pack(record), dst_node_id=fid, message_type=ADVERTISE))
+            for fid, protocol_id in following.ids.items():
+                if fid not in asked and protocol_id in ahead:
+                    content = pack(ahead[protocol_id].to_record())
+                    outgoing.append(Message(content, dst_node_id=fid, message_type=SHARE_KEYS))
         replies = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.secagg_timeout))
         shares = []
         for reply in replies:
@@ -168,12 +207,39 @@ class Stages:
                 parsed = self._parse(reply, UnmaskShares, setup, ids)
                 if parsed is not None:
                     shares.append(parsed)
-            if following is not None:
-                advert = _next_advert(reply, following)
-                if advert is not None:
-                    following.adverts.append(advert)
-        self.chain.prepared = following
+        if following is not None:
+            following.bundles = self._ahead(replies, following, ShareBundle)
         return shares
+
+    def _ahead(self, replies: Sequence[Message], following: Prepared, kind: type[A]) -> list[A]:
+        """The next round's adverts or share bundles among ``replies``, each from the node it
+        names and of that round. A node whose part is missing, malformed or refused joins that
+        round as a dropout, with the reason kept for that round's journal."""
+        found = []
+        for reply in replies:
+            source = reply.metadata.src_node_id
+            if reply.has_error() or source not in following.ids:
+                continue
+            record, failed = _ahead_record(reply)
+            what = kind.__name__
+            if failed:
+                following.problems[source] = f"{what}: the node failed ({failed})"
+                continue
+            if not record:
+                continue  # the reply's own failure is this round's, journalled with it
+            try:
+                parsed = kind.from_record(record)
+            except (SecAggError, KeyError) as exc:
+                following.problems[source] = f"rejected {what}: {exc}"
+                continue
+            if (parsed.round_id, parsed.node_id) != (
+                following.setup.round_id,
+                following.ids[source],
+            ):
+                following.problems[source] = f"rejected {what}: not this node's for the round"
+                continue
+            found.append(parsed)
+        return found
 
     def _parse(
         self, reply: Message, kind: type[M], setup: RoundSetup, ids: dict[int, int]
@@ -222,20 +288,26 @@ def _claimed(reply: Message) -> str:
     return str(reply.content.config_records[NODE].get("id", ""))
 
 
-def _next_advert(reply: Message, following: Prepared) -> KeyAdvert | None:
-    """The key advert for the next round a reply carries, if it is a valid one from the node
-    it came from; a node without one simply joins the next round as a dropout."""
-    if reply.has_error():
-        return None
-    content = reply.content
-    name = NEXT if reply.metadata.message_type == UNMASK else SECAGG
-    if name not in content.config_records:
-        return None
-    try:
-        advert = KeyAdvert.from_record(dict(content.config_records[name]))
-    except (SecAggError, KeyError):
-        return None
-    expected = following.ids.get(reply.metadata.src_node_id)
-    if advert.round_id != following.setup.round_id or advert.node_id != expected:
-        return None
-    return advert
+def _ahead_record(reply: Message) -> tuple[dict[str, Any], str]:
+    """The next round's part of a reply (in a message of its own, or riding on this round's
+    reply), or the reason code the node gave for making none."""
+    records = reply.content.config_records
+    if reply.metadata.message_type in (ADVERTISE, SHARE_KEYS):
+        own = read_reply(reply)
+        if own.status == FAILED:
+            return {}, own.problem
+        return (dict(records[SECAGG]) if SECAGG in records else {}), ""
+    record = dict(records[NEXT]) if NEXT in records else {}
+    return record, str(record.get("failed", ""))
+
+
+def _setup_record(following: Prepared, fid: int) -> ConfigRecord:
+    """The next round's setup as node ``fid`` gets it: with its protocol id in that round."""
+    record: dict[str, Any] = {**following.setup.to_record(), "node": following.ids[fid]}
+    return ConfigRecord(record)
+
+
+def _advertising(following: Prepared, fid: int) -> Message:
+    """A message asking node ``fid`` for its keys for the next round, on their own."""
+    record = {**following.setup.to_record(), "node": following.ids[fid]}
+    return Message(pack(record), dst_node_id=fid, message_type=ADVERTISE)

@@ -11,14 +11,14 @@ from fedaiot.node.guard import guarded
 from fedaiot.node.memory import returns_freed_heap
 from fedaiot.secure_rounds import handlers
 from fedaiot.secure_rounds.wire import pack, survivor_floor, unpack
-from fedaiot.wire.packing import packed_arrays
+from fedaiot.wire.packing import packed_messages
 
 if TYPE_CHECKING:
     from fedaiot.config.run import RunConfig
     from fedaiot.wire.replies import NodeReply
 
-# Tensors come packed from a coordinator that packs them, and go back so (fewer requests).
-app = ClientApp(mods=[packed_arrays])
+# Contents come packed from a coordinator that packs them, and go back so (fewer requests).
+app = ClientApp(mods=[packed_messages])
 
 
 # Under Flower's own SuperExec a fresh ClientApp process starts for every message. Training

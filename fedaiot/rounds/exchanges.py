@@ -15,18 +15,19 @@ from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, Message
 from flwr.proto.node_pb2 import NodeInfo
+from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
 from fedaiot.config.polling import Polling
-from fedaiot.wire.packing import pack_content, unpack_content
+from fedaiot.wire.packing import pack_content, read_packed_reply
 
 
 class CountingGrid(Grid):
     """``inner`` as it is, with its exchanges and messages counted. With ``pack``, each
-    message's tensors travel as one blob each way (``fedaiot.wire.packing``): packed once for
-    every node an exchange; a reply's blob that cannot be read stays as it came, for the
-    reply's checks to reject."""
+    message's content travels as one record each way (``fedaiot.wire.packing``), the global
+    model encoded once for every node an exchange; a reply whose packed content cannot be read
+    keeps only the reason, for the reply's checks to reject."""
 
     def __init__(self, inner: Grid, *, pack: bool = False) -> None:
         self.inner = inner
@@ -42,14 +43,14 @@ class CountingGrid(Grid):
         self.messages += len(outgoing)
         if not self.pack:
             return self._exchange(outgoing, timeout)
-        done: dict[int, tuple[ArrayRecord, ArrayRecord]] = {}
+        done: dict[int, tuple[ArrayRecord, ProtoArrayRecord]] = {}
         for message in outgoing:
             if message.has_content():
                 message.content = pack_content(message.content, done)
         replies = list(self._exchange(outgoing, timeout))
         for reply in replies:
             if reply.has_content():
-                reply.content = unpack_content(reply.content, strict=False)
+                reply.content = read_packed_reply(reply.content)
         return replies
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> Iterable[Message]:
@@ -83,7 +84,7 @@ class ReplyLoop(CountingGrid):
     """A Flower Grid whose exchanges look for replies every ``polling.results`` seconds, or,
     given ``first``, after ``first`` seconds, then twice as long each time up to
     ``polling.results``: quick replies are seen at once, slow ones cost few looks. Packs
-    tensors unless told not to (Flower's stock behaviour is the plain CountingGrid)."""
+    contents unless told not to (Flower's stock behaviour is the plain CountingGrid)."""
 
     def __init__(
         self, inner: Grid, polling: Polling, first: float | None = None, *, pack: bool = True

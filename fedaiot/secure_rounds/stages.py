@@ -32,6 +32,7 @@ from fedaiot.secagg import (
 )
 from fedaiot.secure_rounds.keys import KeyChain, Prepared, Upcoming
 from fedaiot.secure_rounds.wire import ADVERTISE, NEXT, SECAGG, SHARE_KEYS, UNMASK, pack, unpack
+from fedaiot.wire.packing import unreadable
 from fedaiot.wire.records import NODE, ReceivedReply, identity, read_reply, refuse_duplicates
 from fedaiot.wire.replies import CONTRIBUTED, FAILED, TRAINED
 
@@ -257,6 +258,10 @@ class Stages:
         failed = read_reply(reply)
         if failed.status == FAILED:  # a guarded node: a reason code, never its error text
             self.problems[sender] = f"{what}: the node failed ({failed.problem})"
+            return None
+        why = unreadable(reply.content)
+        if why:
+            self.problems[sender] = f"rejected {what}: {why}"
             return None
         try:
             parsed = kind.from_record(unpack(reply.content))

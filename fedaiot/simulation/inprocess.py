@@ -16,7 +16,7 @@ from flwr.supercore.run import Run
 
 from clients import client_app
 from fedaiot.config.run import RunConfig
-from fedaiot.wire.packing import packed_arrays
+from fedaiot.wire.packing import packed_messages
 
 Handler = Callable[[Message, Context], Message | None]
 ROUTES: dict[str, Handler] = {
@@ -91,7 +91,7 @@ class InProcessGrid(Grid):
             lost = reply is None
             return reply if reply is not None else Message(RecordDict(), reply_to=msg)
 
-        reply = packed_arrays(message, self.contexts[index], call)
+        reply = packed_messages(message, self.contexts[index], call)
         return None if lost else reply
 
     # the rest of Grid's interface is not used by the coordinator

@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
+from fedaiot.wire.packing import unreadable
 from fedaiot.wire.replies import (
     CONTRIBUTED,
     FAILED,
@@ -95,6 +96,10 @@ def read_reply(message: Message, roster: Mapping[int, str] | None = None) -> Rec
         name = identity(message, "", roster)
         return ReceivedReply(name, FAILED, {}, None, "the node's app raised an error", source)
     content = message.content
+    why = unreadable(content)
+    if why:
+        name = identity(message, "", roster)
+        return ReceivedReply(name, "rejected", {}, None, f"unreadable reply: {why}", source)
     try:
         info = content.config_records[NODE]
         metrics = {k: float(v) for k, v in content.metric_records[METRICS].items()}  # type: ignore[arg-type]

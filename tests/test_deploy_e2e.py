@@ -267,10 +267,10 @@ def test_deployment_tls_node_auth_dp_secagg_restart(tmp_path: Path, processes: P
         assert played["secure_aggregation"]["error"] == "", played
         assert played["secure_aggregation"]["dropped"] == {}, played
         assert [r["status"] for r in played["replies"]] == ["trained"] * 3
-    # after the first round of each coordinator, the keys come ahead: share, train and mask,
-    # confirm the survivor sets, unmask (and advertise the next round's keys)
-    ahead = [r for r in rounds if r["secure_aggregation"]["keys_ahead"]]
-    assert len(ahead) >= ROUNDS - len(resumed) and all(r["exchanges"] == 4 for r in ahead)
+    # after the first round of each coordinator, the keys and shares come ahead: train and mask
+    # (with the next round's keys), confirm the survivor sets, unmask (with its shares)
+    ahead = [r for r in rounds if r["secure_aggregation"]["shares_ahead"]]
+    assert len(ahead) >= ROUNDS - len(resumed) and all(r["exchanges"] == 3 for r in ahead)
     assert all("confirm" in r["stage_seconds"] for r in rounds)
 
     # The registry's new version, signed with the provisioned key.

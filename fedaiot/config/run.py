@@ -53,6 +53,10 @@ class RunConfig(BaseModel):
     # costs about 0.16 of epsilon on its own, less composed with training.
     statistics_noise: float = Field(20.0, gt=0)
     num_rounds: int = Field(30, ge=1, le=10_000)
+    # Rounds of budget held back for rounds trained again after an interruption (a round whose
+    # masked update had left the nodes is charged again when it is run again): every node's
+    # noise is planned for num-rounds + spare-rounds rounds.
+    spare_rounds: int = Field(0, ge=0, le=10_000)
     partitioner: PartitionerName = "dirichlet"
     dirichlet_alpha: float = Field(0.5, gt=0)
     classes_per_node: int = Field(2, ge=1)
@@ -216,6 +220,11 @@ class RunConfig(BaseModel):
         return max(1, math.ceil(round(self.local_epochs / self.sample_rate, 9)))
 
     @property
+    def planned_rounds(self) -> int:
+        """The rounds every node's noise is planned for: the run's and its spares."""
+        return self.num_rounds + self.spare_rounds
+
+    @property
     def output_path(self) -> Path:
         path = Path(self.output_dir).expanduser()
         return path if path.is_absolute() else fedaiot_home() / path
@@ -232,7 +241,7 @@ class RunConfig(BaseModel):
             "ledger_root",
         }
         fields = self.model_dump(exclude=volatile)
-        for key in ("node_data", "init_registry", "init_version"):
+        for key in ("node_data", "init_registry", "init_version", "spare_rounds"):
             if not fields[key]:  # unset: the fingerprint of runs made before these keys existed
                 del fields[key]
         blob = json.dumps(fields, sort_keys=True).encode()

@@ -33,6 +33,7 @@ from fedaiot.launch.superlink import start_superlink
 from fedaiot.rounds.journal import Journal
 
 STATUS_EVERY = 30.0  # seconds between checks that the run is still alive in the SuperLink
+SPARE_ROUNDS = 2  # a deployment's rounds of budget held back for rounds run again
 
 
 def run_config(
@@ -41,7 +42,10 @@ def run_config(
     """The run's config: the file's values, with deployment defaults for what it leaves out.
 
     By default every registered institution must be online before a round starts and takes
-    part in every round; the registry and journal go under the state folder.
+    part in every round, the noise is planned with :data:`SPARE_ROUNDS` spare rounds (a round
+    interrupted after the nodes' masked updates left is charged again when it is run again:
+    each restart of the kit mid-round can cost one), and the registry and journal go under
+    the state folder.
     """
     study = str(overrides.get("study") or "")
     if study:  # the ServerApp runs elsewhere (under the SuperLink): give it an absolute path
@@ -53,6 +57,7 @@ def run_config(
         name = str(overrides.get("task", "run"))
     values: dict[str, Any] = {
         **node_counts(institutions, float(overrides.get("fraction-train", 1.0))),
+        "spare-rounds": SPARE_ROUNDS,
         "output-dir": str((paths.state / "runs" / name).resolve()),
         **overrides,
     }

@@ -76,7 +76,7 @@ class BudgetTerms:
             delta=cfg.delta,
             sample_rate=cfg.sample_rate,
             steps_per_round=cfg.steps_per_round,
-            rounds=cfg.num_rounds,
+            rounds=cfg.planned_rounds,
             count_noise=cfg.count_noise,
             run_epsilon=cfg.epsilon,
             before_training=releases_before_training(cfg),

@@ -203,7 +203,7 @@ class SecureAggregation(Stages):
             epsilon=self.cfg.epsilon,
             delta=self.cfg.delta,
             sample_rate=self.cfg.sample_rate,
-            rounds=self.cfg.num_rounds,
+            rounds=self.cfg.planned_rounds,
             geometry=geometry,
             before=releases_before_training(self.cfg),
         )

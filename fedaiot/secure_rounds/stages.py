@@ -163,15 +163,17 @@ class Stages:
         return masked
 
     def keys_ahead(self, following: Prepared | None) -> dict[int, NeighbourKeys]:
-        """The next round's neighbour keys for each of its nodes that advertised (by protocol
-        id of that round), to send with this round's unmask requests; none when too few
-        advertised for that round to start (it will advertise afresh)."""
-        if following is None or not following.adverts:
+        """The next round's neighbour keys for each of its nodes (by protocol id of that round),
+        to send with this round's unmask requests. Only when every node of the next round
+        advertised: a node that did not (it failed this round, its reply was lost) gets an
+        advertising message in the unmask exchange instead, and the next round shares its keys
+        in an exchange of its own, so a node's failure costs the next round an exchange, not
+        the node its place in it."""
+        if following is None or len(following.adverts) < len(following.ids):
             return {}
         try:
             return SecAggServer(following.setup).collect_adverts(following.adverts)
         except SecAggError:
-            following.adverts.clear()
             return {}
 
     def unmask_and_prepare(
@@ -183,9 +185,10 @@ class Stages:
         """Ask the survivors for their shares. With the next round's neighbour keys
         (``ahead``, from :meth:`keys_ahead`), the same exchange shares that round's keys:
         survivors answer with their shares for it too, the next round's other nodes get a
-        sharing message of their own."""
+        sharing message of their own. Without them, the next round's nodes that have not
+        advertised get an advertising message."""
         ids = {fid: i for i, fid in self.flower_of.items()}
-        following = self.chain.prepared if ahead else None
+        following = self.chain.prepared
         protocol_of = following.ids if following is not None else {}
         outgoing = []
         for i, request in requests.items():
@@ -200,6 +203,11 @@ class Stages:
                 if fid not in asked and protocol_id in ahead:
                     content = pack(ahead[protocol_id].to_record())
                     outgoing.append(Message(content, dst_node_id=fid, message_type=SHARE_KEYS))
+        elif following is not None:
+            advertised = {a.node_id for a in following.adverts}
+            for fid, protocol_id in following.ids.items():
+                if protocol_id not in advertised:
+                    outgoing.append(_advertising(following, fid))
         replies = list(self.grid.send_and_receive(outgoing, timeout=self.cfg.secagg_timeout))
         shares = []
         for reply in replies:
@@ -208,8 +216,10 @@ class Stages:
                 parsed = self._parse(reply, UnmaskShares, setup, ids)
                 if parsed is not None:
                     shares.append(parsed)
-        if following is not None:
+        if following is not None and ahead:
             following.bundles = self._ahead(replies, following, ShareBundle)
+        elif following is not None:
+            following.adverts.extend(self._ahead(replies, following, KeyAdvert))
         return shares
 
     def _ahead(self, replies: Sequence[Message], following: Prepared, kind: type[A]) -> list[A]:

@@ -121,3 +121,30 @@ def test_ledger_show_lists_a_node_folders_cohorts(tmp_path: Path) -> None:
     ]
     refused = CliRunner().invoke(app, ["ledger", "show", str(tmp_path / "..")])
     assert refused.exit_code == 1 and "not a node's ledger folder" in refused.output
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--engine", "deployed"], "--engine deployed needs the coordinator's kit: --pki, --state"),
+        (["--pki", "pki"], "--pki, --state, --bundle and --approval are for --engine deployed"),
+        (
+            ["--engine", "deployed", "--nodes", "3", "--pki", "p", "--state", "s", "--bundle",
+             "b", "--approval", "a"],
+            "--nodes and node-data are for simulated campaigns",
+        ),
+    ],
+)  # fmt: skip
+def test_a_deployed_campaign_needs_the_kit_and_only_its_nodes(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "fedaiot", "coordinator", "campaign", "--registry",
+         str(tmp_path / "registry"), "--base", "fresh", "--task", "breast-cancer", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2 and says in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1

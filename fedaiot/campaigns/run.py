@@ -1,18 +1,20 @@
 """Run a campaign and register its candidate: signed, in the service's registry, not served.
 
 The campaign trains as any simulated run (``fedaiot simulate``'s engine, the same coordinator
-and nodes): each node trains on the records of its cohorts that can still pay (records it has
-never used bring a fresh budget, the ones it trained on before keep their spend), and a node
-with nothing left to spend refuses. The run's own registry keeps every round; the service's
-registry receives one version, the last round's (no choice on the test set, which is the
-gate's), with its lineage. A campaign in which no round aggregated an update registers nothing
-and fails: ``PrivacyBudgetError`` when every node refused on its budget, else
-``NothingLearnedError``. Both outcomes go to the service's audit log.
+and nodes) or, deployed, as a run of the coordinator's kit on the institutions' own nodes
+(``fedaiot.deploy.coordinator_kit``): each node trains on the records of its cohorts that can
+still pay (records it has never used bring a fresh budget, the ones it trained on before keep
+their spend), and a node with nothing left to spend refuses. The run's own registry keeps
+every round; the service's registry receives one version, the last round's (no choice on the
+test set, which is the gate's), with its lineage. A campaign in which no round aggregated an
+update registers nothing and fails: ``PrivacyBudgetError`` when every node refused on its
+budget, else ``NothingLearnedError``. Both outcomes go to the service's audit log.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -77,10 +79,11 @@ def run_campaign(
         raise ConfigError(f"campaign {name} has a version in {spec.registry} already")
     audit = _Audit(audit_db or spec.registry / "audit.sqlite3", name)
     try:
-        preflight(cfg, nodes)
+        if spec.deployment is None:
+            preflight(cfg, nodes)
         _reuse_study_statistics(cfg, base)
-        summary = _train(cfg, nodes, spec.engine, on_event)
-        views = node_views(cfg, summary, nodes)
+        summary = _train(cfg, nodes, spec, on_event)
+        views = node_views(cfg, summary, nodes, deployed=spec.deployment is not None)
         if int(summary.get("aggregated_rounds", 0)) == 0:
             raise _nothing_learned(name, summary, views)
         candidate = _register(registry, cfg, name, base, spec)
@@ -99,15 +102,27 @@ def run_campaign(
 
 
 def _train(
-    cfg: RunConfig, nodes: int, engine: str, on_event: Callable[[dict[str, Any]], None]
+    cfg: RunConfig, nodes: int, spec: CampaignSpec, on_event: Callable[[dict[str, Any]], None]
 ) -> dict[str, Any]:
-    if engine == "inprocess":  # the same coordinator and node code, without Ray (tests, demos)
+    if spec.deployment is not None:
+        from fedaiot.deploy.coordinator_kit import run_deployed
+
+        def say(line: str) -> None:  # the kit's progress; stdout is the campaign's result
+            print(f"coordinator: {line}", file=sys.stderr, flush=True)
+
+        target = spec.deployment
+        outcome = run_deployed(
+            target.pki, target.state, cfg, bundle=target.bundle, approvals=target.approvals,
+            host=target.host, port=target.port, say=say, on_event=on_event,
+        )  # fmt: skip
+    elif spec.engine == "inprocess":  # the same coordinator and node code, without Ray
         from fedaiot.simulation.inprocess import run_inprocess
 
         return dict(run_inprocess(cfg, nodes))
-    from fedaiot.simulation.engine import simulate
+    else:
+        from fedaiot.simulation.engine import simulate
 
-    outcome = simulate(cfg, nodes, on_event=on_event)
+        outcome = simulate(cfg, nodes, on_event=on_event)
     if outcome.status == "failed":
         raise FlowerRuntimeError(f"the campaign's run failed: {outcome.error} ({outcome.log})")
     return dict(outcome.summary)
@@ -156,20 +171,32 @@ def _register(
     return candidate
 
 
-def node_views(cfg: RunConfig, summary: dict[str, Any], nodes: int) -> list[dict[str, Any]]:
-    """Each node's part in the campaign (rounds trained, refused) and its cohorts' spends."""
+def node_views(
+    cfg: RunConfig, summary: dict[str, Any], nodes: int, *, deployed: bool = False
+) -> list[dict[str, Any]]:
+    """Each node's part in the campaign (rounds trained, refused) and its cohorts' spends (a
+    deployed institution's cohorts are in its own ledger, on its own machine)."""
     from fedaiot.node.deployed import default_ledger_dir, simulated_node_file
     from fedaiot.node.round import simulated_ledger_dir
     from fedaiot.privacy.cohorts import cohort_spends
     from fedaiot.rounds.journal import Journal
 
     events, _ = Journal(cfg.output_path).events()
+    replied = [r for e in events if e["event"] == "round" for r in e["replies"]]
+    if deployed:
+        return [
+            {
+                "node": node,
+                "trained": sum(r["status"] == "trained" for r in replied if r["node"] == node),
+                "refused": sum(r["status"] == "refused" for r in replied if r["node"] == node),
+                "cohorts": [],
+            }
+            for node in sorted({r["node"] for r in replied})
+        ]
     views = []
     for index in range(nodes):
         node = f"node-{index}"
-        replies = [
-            r for e in events if e["event"] == "round" for r in e["replies"] if r["node"] == node
-        ]
+        replies = [r for r in replied if r["node"] == node]
         folder = simulated_ledger_dir(cfg, index)
         if cfg.node_data and not cfg.ledger_root:
             folder = default_ledger_dir(simulated_node_file(Path(cfg.node_data), index))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from fedaiot.config.run import ConfigError, RunConfig, node_counts
 from fedaiot.registry.store import Manifest, ModelRegistry
@@ -37,6 +37,20 @@ NOT_INHERITED = {
 LOCKED = ("task", "study")  # what the candidate must share with its base
 
 
+class Deployment(BaseModel):
+    """Where a deployed campaign trains: the coordinator's kit (``fedaiot coordinator start``'s
+    folders and bundle), whose SuperLink the institutions' nodes connect to."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pki: Path
+    state: Path
+    bundle: Path
+    approvals: list[Path]  # approval files, or folders of them
+    host: str = "127.0.0.1"
+    port: int = Field(9093, ge=1, le=65535)
+
+
 class CampaignSpec(BaseModel):
     """One campaign, as the coordinator asks for it."""
 
@@ -47,8 +61,23 @@ class CampaignSpec(BaseModel):
     name: str = ""  # the campaign's run name (its versions are <name>-r<round>); default below
     workdir: Path | None = None  # campaign runs and shared ledgers: default <registry>/../campaigns
     nodes: int | None = Field(default=None, ge=1)
-    engine: Literal["flower", "inprocess"] = "flower"
+    engine: Literal["flower", "inprocess", "deployed"] = "flower"
+    deployment: Deployment | None = None  # the deployed engine's coordinator kit
     values: dict[str, Any] = Field(default_factory=dict)  # run-config keys (kebab-case)
+
+    @model_validator(mode="after")
+    def _deployment_for_the_deployed_engine(self) -> CampaignSpec:
+        if (self.engine == "deployed") != (self.deployment is not None):
+            raise ValueError(
+                "the deployed engine needs the coordinator's kit (--pki, --state, --bundle, "
+                "--approval), and only it does"
+            )
+        if self.deployment is not None and (self.nodes is not None or "node-data" in self.values):
+            raise ValueError(
+                "a deployed campaign trains on the institutions registered in the coordinator's "
+                "kit, each on its own data: --nodes and node-data are for simulated campaigns"
+            )
+        return self
 
     @field_validator("name")
     @classmethod
@@ -102,7 +131,12 @@ def campaign_name(spec: CampaignSpec, values: dict[str, Any]) -> str:
 
 
 def federation(spec: CampaignSpec, values: dict[str, Any], base: Manifest | None) -> int:
-    """The campaign's node count: as given, else one per node file, else the base's."""
+    """The campaign's node count: as given, else one per node file, else the base's; deployed,
+    the institutions registered in the coordinator's kit."""
+    if spec.deployment is not None:
+        from fedaiot.deploy.provision import registered_keys
+
+        return len(registered_keys(spec.deployment.pki))
     if spec.nodes is not None:
         return spec.nodes
     if values.get("node-data"):
@@ -141,7 +175,12 @@ def campaign_config(spec: CampaignSpec, base: Manifest | None) -> tuple[RunConfi
             values[key] = str(Path(str(values[key])).expanduser().resolve())
     name = campaign_name(spec, values)
     values["output-dir"] = str(spec.folder / name)
-    if not values.get("node-data"):  # node files keep their ledgers next to them
+    if spec.deployment is not None:  # each institution's ledger is its own node's
+        from fedaiot.deploy.coordinator_kit import SPARE_ROUNDS
+
+        values.setdefault("spare-rounds", SPARE_ROUNDS)
+        values.pop("node-data", None)  # a simulated base's files: never the institutions'
+    elif not values.get("node-data"):  # node files keep their ledgers next to them
         values["ledger-root"] = str(spec.folder / "ledgers")
     nodes = federation(spec, values, base)
     fraction = float(values.get("fraction-train", 1.0))

@@ -3,6 +3,8 @@
 On demand by default; ``--every 7d`` runs one campaign after another on a schedule (each named
 ``<task>-c<k>``), where a failed campaign (nobody could train) is reported and the next one
 still comes. The candidate is promoted by the service's gate or an admin, never here.
+``--engine deployed`` trains on the institutions' own nodes through the coordinator's kit (the
+options of ``fedaiot coordinator start``) and signs with the kit's key unless told otherwise.
 """
 
 from __future__ import annotations
@@ -57,8 +59,22 @@ def campaign(
         list[str] | None, typer.Option("--set", help="any run-config key, as key=value")
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="flower (Flower's simulation engine) or inprocess (no Ray)")
+        str,
+        typer.Option(
+            help="flower (Flower's simulation engine), inprocess (no Ray), or deployed (the "
+            "institutions' nodes, through the coordinator's kit)"
+        ),
     ] = "flower",
+    pki: Annotated[Path | None, typer.Option(help="deployed: the kit's pki folder")] = None,
+    state: Annotated[Path | None, typer.Option(help="deployed: the kit's state folder")] = None,
+    bundle: Annotated[
+        Path | None, typer.Option(help="deployed: the app bundle the institutions approved")
+    ] = None,
+    approval: Annotated[
+        list[Path] | None, typer.Option(help="deployed: an approval (a file or a folder of them)")
+    ] = None,
+    host: Annotated[str, typer.Option(help="deployed: the SuperLink's address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="deployed: the SuperLink's one port")] = 9093,
     signing_key: Annotated[
         Path | None, typer.Option(help=f"signs the candidate [${SIGNING_KEY_ENV}]")
     ] = None,
@@ -84,14 +100,30 @@ def campaign(
     values: dict[str, Any] = {KEYS[k]: str(v) if isinstance(v, Path) else v
                               for k, v in given.items() if v is not None}  # fmt: skip
     values |= _settings(settings or [])
+    kit = {"pki": pki, "state": state, "bundle": bundle, "approvals": approval}
+    deployment = None
+    if engine == "deployed":
+        missing = [f"--{k.removesuffix('s')}" for k, v in kit.items() if not v]
+        if missing:
+            needed = ", ".join(missing)
+            raise BadInputError(f"--engine deployed needs the coordinator's kit: {needed}")
+        deployment = {**kit, "host": host, "port": port}
+    elif any(kit.values()):
+        raise BadInputError("--pki, --state, --bundle and --approval are for --engine deployed")
     try:
         spec = CampaignSpec(
             registry=registry, base=base, name=name, workdir=workdir, nodes=nodes,
-            engine=engine, values=values,
+            engine=engine, deployment=deployment, values=values,
         )  # fmt: skip
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise ConfigError(f"campaign {first['loc'][0]}: {first['msg']}") from None
+        where = f" {first['loc'][0]}" if first["loc"] else ""
+        why = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"campaign{where}: {why}") from None
+    if signing_key is None and pki is not None and not os.environ.get(SIGNING_KEY_ENV):
+        from fedaiot.deploy.superlink import CoordinatorPaths
+
+        signing_key = CoordinatorPaths(pki, state or Path(".")).signing_key
     key = _signing_key(signing_key)
     if not every:
         _one(spec, key, audit_db, as_json)

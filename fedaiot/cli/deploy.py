@@ -121,28 +121,18 @@ def coordinator_start(
     """Start the SuperLink, register the institutions, run the approved bundle to its end."""
     from fedaiot.config.run import read_run_config
     from fedaiot.deploy import provision as prov
-    from fedaiot.deploy.bundle import Approval, read_bundle
-    from fedaiot.deploy.coordinator_kit import check_approvals, coordinate
     from fedaiot.deploy.coordinator_kit import run_config as make_config
-    from fedaiot.deploy.superlink import CoordinatorPaths, KitError
-    from fedaiot.launch.processes import port_free
+    from fedaiot.deploy.coordinator_kit import run_deployed
+    from fedaiot.deploy.superlink import CoordinatorPaths
     from fedaiot.rounds.journal import jsonable
 
     paths = CoordinatorPaths(pki.resolve(), state.resolve())
     paths.check()
     institutions = len(prov.registered_keys(paths.pki))
     cfg = make_config(paths, read_run_config(run_config), institutions)
-    if not port_free(host, port):
-        raise KitError(f"port {port} on {host} is already in use")
-    app = read_bundle(bundle)
-    files = [f for a in approval for f in (sorted(a.glob("*.json")) if a.is_dir() else [a])]
-    approvals = [Approval.load(f) for f in files]
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
-
-    for note in check_approvals(paths, app, approvals):
-        say(note)
 
     def progress(event: dict[str, object]) -> None:
         if event["event"] == "round":
@@ -154,17 +144,10 @@ def coordinator_start(
             pace += f", {event['exchanges']} exchanges" if "exchanges" in event else ""
             say(f"round {event['round']}/{cfg.num_rounds}: accuracy {shown}{pace}")
 
-    outcome = coordinate(
-        paths,
-        cfg,
-        host=host,
-        port=port,
-        bundle=app,
-        approvals=approvals,
-        say=say,
-        on_event=progress,
-        polling=_polling(None, stock_flower),
-    )
+    outcome = run_deployed(
+        pki, state, cfg, bundle=bundle, approvals=approval, host=host, port=port, say=say,
+        on_event=progress, polling=_polling(None, stock_flower),
+    )  # fmt: skip
     summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}
     if outcome.status == "failed":
         raise FlowerRuntimeError(f"the run failed: {outcome.error} (log: {outcome.log})")

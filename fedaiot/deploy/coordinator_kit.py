@@ -179,3 +179,38 @@ def coordinate(
         finally:
             stop_tree(process)
     return outcome(events, journal, time.perf_counter() - started, paths.log)
+
+
+def run_deployed(
+    pki: Path,
+    state: Path,
+    cfg: RunConfig,
+    *,
+    bundle: Path,
+    approvals: list[Path],
+    host: str,
+    port: int,
+    say: Callable[[str], None] = print,
+    on_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    polling: Polling | None = None,
+) -> Outcome:
+    """``cfg`` run on the kit's federation, as ``fedaiot coordinator start`` runs it: the
+    deployment's defaults for what ``cfg`` leaves out, the bundle's approvals checked (each
+    institution's verdict said), the port checked free, then :func:`coordinate`."""
+    from fedaiot.deploy.bundle import Approval, read_bundle
+    from fedaiot.launch.processes import port_free
+
+    paths = superlink.CoordinatorPaths(pki.resolve(), state.resolve())
+    paths.check()
+    cfg = run_config(paths, cfg.to_run_config(), len(provision.registered_keys(paths.pki)))
+    if not port_free(host, port):
+        raise KitError(f"port {port} on {host} is already in use")
+    app = read_bundle(bundle)
+    files = [f for a in approvals for f in (sorted(a.glob("*.json")) if a.is_dir() else [a])]
+    loaded = [Approval.load(f) for f in files]
+    for note in check_approvals(paths, app, loaded):
+        say(note)
+    return coordinate(
+        paths, cfg, host=host, port=port, bundle=app, approvals=loaded, say=say,
+        on_event=on_event, polling=polling,
+    )  # fmt: skip

@@ -232,6 +232,8 @@ def test_keys_ahead_are_used_only_by_the_aggregation_they_were_made_for() -> Non
     assert chain().take([7, 8], 10, integers=False) is None  # another node set
     assert chain().take([7, 8, 9], 11, integers=False) is None  # a vector of another length
     assert chain().take([7, 8, 9], 10, integers=True) is None  # integers instead of reals
+    partial = KeyChain(prepared=Prepared(setup, {7: 1, 8: 2, 9: 3}, False, adverts[:2]))
+    assert partial.take([7, 8, 9], 10, integers=False) is None  # a node missed: afresh
     used = chain()
     assert used.take([7, 8, 9], 10, integers=False) is not None
     assert used.take([7, 8, 9], 10, integers=False) is None  # at most once

@@ -11,7 +11,7 @@ were made for: the same nodes, the same vector length, the same kind of input. A
 (another node set, a study's evaluation vector between two training rounds, a restarted
 coordinator) starts from a fresh advertising exchange, and the nodes drop the keys they made
 ahead. Adverts without shares (the round before failed ahead of its unmasking) still save the
-advertising exchange.
+advertising exchange, when every node advertised.
 """
 
 from __future__ import annotations
@@ -55,10 +55,12 @@ class KeyChain:
     names: dict[int, str] = field(default_factory=dict)
 
     def take(self, flower_ids: Sequence[int], length: int, integers: bool) -> Prepared | None:
-        """The keys advertised for this aggregation, or None (then it advertises afresh).
-        Either way they are used at most once."""
+        """The keys advertised for this aggregation, or None (then it advertises afresh):
+        None too unless every node advertised (a round that failed before its unmasking gave
+        a node that missed its advert no second chance; afresh, it takes part). Either way
+        they are used at most once."""
         prepared, self.prepared = self.prepared, None
-        if prepared is None or not prepared.adverts:
+        if prepared is None or len(prepared.adverts) < len(prepared.ids):
             return None
         fits = (
             set(prepared.ids) == set(flower_ids)

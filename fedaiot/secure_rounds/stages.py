@@ -216,8 +216,9 @@ class Stages:
                 parsed = self._parse(reply, UnmaskShares, setup, ids)
                 if parsed is not None:
                     shares.append(parsed)
-        if following is not None and ahead:
-            following.bundles = self._ahead(replies, following, ShareBundle)
+        if following is not None and ahead:  # only from nodes that were sent keys to share
+            bundles = self._ahead(replies, following, ShareBundle)
+            following.bundles = [b for b in bundles if b.node_id in ahead]
         elif following is not None:
             following.adverts.extend(self._ahead(replies, following, KeyAdvert))
         return shares

@@ -142,6 +142,35 @@ def test_the_supernode_loop_waits_as_configured(monkeypatch: pytest.MonkeyPatch)
     assert loop.time.monotonic is time.monotonic  # the rest of `time` is the real module
 
 
+@pytest.mark.usefixtures("flower_identity")
+def test_a_reply_left_over_is_pushed_without_waiting_for_the_next_message(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reply stored while the SuperLink was down: Flower's loop would push it only after the
+    next message, and every later reply would then leave one message late."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode import start_client_internal as loop
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    monkeypatch.setattr(loop, "time", loop.time)
+    pulled: list[int | None] = [None, None, 7]
+    monkeypatch.setattr(loop, "_pull_and_store_message", lambda **kw: pulled.pop(0))
+    woken: list[int] = []
+    assert flower_patches.patch_supernode(Polling(), on_message=lambda: woken.append(1))
+    state = InMemoryNodeState(ObjectStoreFactory().store())
+    assert loop._pull_and_store_message(state=state) is None  # nothing pulled, nothing waiting
+    ask = Message(RecordDict({"c": ConfigRecord({"a": 1})}), dst_node_id=5, message_type="query")
+    ask.metadata.__dict__["_message_id"] = ask.object_id
+    reply = Message(RecordDict({"c": ConfigRecord({"b": 2})}), reply_to=ask)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    for message in (ask, reply):
+        state.store_message(message)
+    assert loop._pull_and_store_message(state=state) == 0  # push the reply now
+    assert [m.object_id for m in state.get_messages_legacy(is_reply=True)] == [reply.object_id]
+    assert loop._pull_and_store_message(state=state) == 7 and woken == [1]  # a message pulled
+
+
 def test_object_pulls_retry_first_after_the_configured_wait(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

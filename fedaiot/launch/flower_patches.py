@@ -85,7 +85,14 @@ class PacedTime(types.ModuleType):
 def patch_supernode(polling: Polling, on_message: Callable[[], None] | None = None) -> bool:
     """The SuperNode's idle wait (3 s) and reply waits (0.5 s) become ``polling``'s; with
     ``on_message``, it is called each time a message has been pulled and stored (the kit's
-    runner is woken by it instead of polling for tasks)."""
+    runner is woken by it instead of polling for tasks).
+
+    And a reply left over is pushed without waiting for the next message. Flower's loop pushes
+    replies only after it pulled a message, one at a time: a reply the ClientApp stored while
+    the SuperLink was down (a crash mid-round) is pushed after the next message instead of that
+    message's own reply, and from then on every reply leaves one message late, after the
+    coordinator stopped waiting for it (seen in the deployment end-to-end test: every round
+    after the restart failed at its first exchange)."""
     if why := unverified():
         return _refuse(why)
     from flwr.supernode import start_client_internal as loop
@@ -95,17 +102,33 @@ def patch_supernode(polling: Polling, on_message: Callable[[], None] | None = No
     if loop.time is not time or not all(wait in source for wait in expected):
         return _refuse("Flower's SuperNode loop is not the one verified: its waits stay")
     loop.time = PacedTime(polling)
-    if on_message is not None:
-        pull = loop._pull_and_store_message
+    pull = loop._pull_and_store_message
 
-        def pull_and_tell(*args: Any, **kwargs: Any) -> int | None:
-            run_id: int | None = pull(*args, **kwargs)
-            if run_id is not None:
+    def pull_or_push(*args: Any, **kwargs: Any) -> int | None:
+        run_id: int | None = pull(*args, **kwargs)
+        if run_id is not None:
+            if on_message is not None:
                 on_message()
             return run_id
+        if reply_waiting(kwargs.get("state")):
+            return 0  # not None: the loop pushes the replies waiting, then pulls again
+        return None
 
-        loop._pull_and_store_message = pull_and_tell
+    loop._pull_and_store_message = pull_or_push
     return True
+
+
+def reply_waiting(state: Any) -> bool:
+    """Whether the SuperNode's state holds a reply no push has taken yet (Flower 1.41's
+    in-memory node state; any other state: False, Flower's own behaviour)."""
+    lock, store = getattr(state, "lock_msg_store", None), getattr(state, "msg_store", None)
+    if lock is None or not isinstance(store, dict):
+        return False
+    with lock:
+        return any(
+            not entry.is_retrieved and entry.message.metadata.reply_to_message_id
+            for entry in store.values()
+        )
 
 
 def patch_object_pulls(polling: Polling) -> bool:

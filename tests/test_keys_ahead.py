@@ -212,6 +212,7 @@ def test_the_next_rounds_first_message_ends_the_round_before() -> None:
     late = UnmaskRequest(setups[0].round_id, [1, 2, 3], [], {})
     with pytest.raises(SecAggError, match="unmask out of order"):
         handlers.unmask(pack(late.to_record()), contexts[1])
+    assert not set(contexts[1].state.keys())  # a refused unmask request ends the round too
     # keys of a round this node never made keys for: refused, with the reason code only
     stray = RoundSetup.create([1, 2, 3], vector_length=4, degree=2, threshold=2)
     refused = handlers.share_ahead(NeighbourKeys(stray.round_id, {}).to_record(), contexts[2])

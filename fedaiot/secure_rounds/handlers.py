@@ -218,9 +218,9 @@ def unmask(content: RecordDict, context: Context) -> RecordDict:
     neighbour keys, this node's shares for that round (:func:`share_ahead`). The round's
     secrets are deleted before the next round's are touched, and the node refuses a
     distributed-DP sum below the floor its share was sized for."""
-    request = UnmaskRequest.from_record(unpack(content))
-    client = _client(context, request.round_id)
-    try:
+    try:  # whatever fails, the round is forgotten: nothing of it can be unmasked later
+        request = UnmaskRequest.from_record(unpack(content))
+        client = _client(context, request.round_id)
         kept = context.state.config_records.get(_FLOOR)  # none before masking: refused below
         floor = int(kept["min-survivors"]) if kept is not None else 0  # type: ignore[arg-type]
         if len(request.survivors) < floor:

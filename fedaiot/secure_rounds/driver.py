@@ -251,7 +251,6 @@ class SecureAggregation(Stages):
         server = SecAggServer(setup)
         replies: list[ReceivedReply] = []
         self.laps, self.problems = {}, {}
-        shared_ahead = ahead is not None and ahead.bundles is not None
         if ahead is not None:  # why a node made no keys or shares for this round, back then
             self.problems.update({ids[fid]: why for fid, why in ahead.problems.items()})
         self.restart_clock()
@@ -260,9 +259,9 @@ class SecureAggregation(Stages):
             if ahead is None:
                 self._lap("advertise")
             keys = server.collect_adverts(adverts)
-            if ahead is not None and ahead.bundles is not None:
-                bundles = ahead.bundles
-            else:
+            bundles = ahead.bundles if ahead is not None else None
+            shared_ahead = bundles is not None
+            if bundles is None:
                 bundles = self.exchange(SHARE_KEYS, keys, ShareBundle, setup)
             forwarded = server.collect_shares(bundles)
             if not shared_ahead:

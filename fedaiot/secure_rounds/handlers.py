@@ -111,7 +111,7 @@ def _advertise(
     client = new_client(setup_record, context)
     advert = client.advertise()
     context.state[setup_slot] = ConfigRecord(client.setup.to_record())  # type: ignore[arg-type]
-    context.state[client_slot] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
+    _save(context, client, client_slot)
     return advert.to_record()
 
 
@@ -133,8 +133,8 @@ def _client(context: Context, round_id: int) -> SecAggClient:
     return SecAggClient.restore(setup, state, node_identity(context.node_config))
 
 
-def _save(context: Context, client: SecAggClient) -> None:
-    context.state[_CLIENT] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
+def _save(context: Context, client: SecAggClient, slot: str = _CLIENT) -> None:
+    context.state[slot] = ConfigRecord(client.export_state())  # type: ignore[arg-type]
 
 
 def share_keys(content: RecordDict, context: Context) -> RecordDict:

@@ -8,6 +8,7 @@ original with ``monkeypatch`` first, so it is restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import subprocess
@@ -123,6 +124,57 @@ def test_the_superlink_runs_through_the_kits_launcher_unless_stock() -> None:
     assert link.command()[:3] == [sys.executable, "-m", "fedaiot.launch.fast_superlink"]
     assert link.command(fast=False)[0] == "flower-superlink"
     assert link.command()[4:] == link.command(fast=False)[1:]  # the same Flower arguments
+    assert link.command(parent=7)[3:6] == ["--parent-pid", "7", "--"]
+
+
+STARTS_A_SUPERLINK = """
+import sys, time
+from pathlib import Path
+from fedaiot.launch.processes import flower_env, free_port
+from fedaiot.launch.superlink import SuperLink, start_superlink
+home = Path(sys.argv[1])
+link = SuperLink(free_port(), home / "state.db")
+with (home / "superlink.log").open("wb") as log:
+    process = start_superlink(link, flower_env(home), log)
+print(process.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_superlink_and_its_children_stop_when_their_starter_is_killed_outright(
+    tmp_path: Path,
+) -> None:
+    """The coordinator's kit killed with SIGKILL (no clean-up runs) must not leave its
+    SuperLink serving, nor the SuperExec the SuperLink started."""
+    import psutil
+
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTS_A_SUPERLINK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    tree: list[psutil.Process] = []
+    try:
+        assert starter.stdout is not None
+        superlink = psutil.Process(int(starter.stdout.readline()))
+        tree = [superlink]
+        wait_until(
+            lambda: superlink.children(recursive=True), "the SuperLink's SuperExec", process=starter
+        )
+        tree += superlink.children(recursive=True)
+        starter.kill()
+        starter.wait()
+
+        def alive(member: psutil.Process) -> bool:
+            try:
+                return member.status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        wait_until(lambda: not any(alive(m) for m in tree), "the SuperLink's tree to stop")
+    finally:
+        starter.kill()
+        for member in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.kill()
 
 
 def test_the_supernode_loop_waits_as_configured(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 
 from fedaiot.config.polling import Polling
 from fedaiot.launch import flower_patches
+from fedaiot.launch.signals import follow_parent
 
 
 def waker(fd: int) -> Callable[[], None]:
@@ -32,20 +30,6 @@ def waker(fd: int) -> Callable[[], None]:
             os.write(fd, b"m")
 
     return wake
-
-
-def follow_parent(parent: int) -> None:
-    """Stop (Flower's own Ctrl-C path) once the kit that started this process is gone. Not
-    Flower's monitor, which asks whether the parent's pid exists: a killed kit stays a
-    zombie until its own parent reaps it, and the SuperNode would run on meanwhile; this
-    process is re-parented the moment the kit dies."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        signal.raise_signal(signal.SIGINT)
-
-    threading.Thread(target=watch, daemon=True, name="kit-watch").start()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ start, an interrupt while it starts included.
 
 from __future__ import annotations
 
+import os
 import ssl
 import subprocess
 import sys
@@ -39,13 +40,16 @@ class SuperLink:
     node_auth: bool = False
     simulation: bool = False
 
-    def command(self, *, fast: bool = True) -> list[str]:
+    def command(self, *, fast: bool = True, parent: int | None = None) -> list[str]:
         """``fast``: through :mod:`fedaiot.launch.fast_superlink` (Flower's SuperLink, its token
-        sweep and pass-through middlewares out of each request's way); else Flower's
-        ``flower-superlink``."""
+        sweep and pass-through middlewares out of each request's way), which stops when the
+        process ``parent`` is gone; else Flower's ``flower-superlink``."""
         command = ["flower-superlink"]
         if fast:
-            command = [sys.executable, "-m", "fedaiot.launch.fast_superlink", "--"]
+            command = [sys.executable, "-m", "fedaiot.launch.fast_superlink"]
+            if parent is not None:
+                command += ["--parent-pid", str(parent)]
+            command.append("--")
         if self.tls is None:
             command.append("--insecure")
         else:
@@ -84,7 +88,8 @@ def start_superlink(
 ) -> subprocess.Popen[bytes]:
     """Start the SuperLink and return once ``/health`` answers; LaunchError if it does not.
     Stock polling in ``env`` (``FEDAIOT_POLLING``) starts Flower's SuperLink as shipped."""
-    process = spawn(link.command(fast=not Polling.from_env(env).stock), env, log)
+    fast = not Polling.from_env(env).stock
+    process = spawn(link.command(fast=fast, parent=os.getpid()), env, log)
     url, verify = link.health()
     try:
         deadline = time.monotonic() + timeout

@@ -32,21 +32,40 @@ def _encode(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
     return np.asarray([lookup[str(label)] for label in labels], dtype=np.int64)
 
 
-def _conv1d_classifier(in_channels: int, num_classes: int, stride: int = 1) -> nn.Module:
+Widths = tuple[int, int]
+
+
+def _conv1d_classifier(
+    in_channels: int, num_classes: int, widths: Widths, stride: int = 1
+) -> nn.Module:
     """Small 1-D CNN: two conv blocks with GroupNorm, global average pooling, linear head."""
     from torch import nn
 
+    first, second = widths
     return nn.Sequential(
-        nn.Conv1d(in_channels, 16, kernel_size=5, stride=stride, padding=2),
-        nn.GroupNorm(4, 16),
+        nn.Conv1d(in_channels, first, kernel_size=5, stride=stride, padding=2),
+        nn.GroupNorm(4, first),
         nn.ReLU(),
-        nn.Conv1d(16, 32, kernel_size=5, stride=stride, padding=2),
-        nn.GroupNorm(4, 32),
+        nn.Conv1d(first, second, kernel_size=5, stride=stride, padding=2),
+        nn.GroupNorm(4, second),
         nn.ReLU(),
         nn.AdaptiveAvgPool1d(1),
         nn.Flatten(),
-        nn.Linear(32, num_classes),
+        nn.Linear(second, num_classes),
     )
+
+
+# The conv blocks' channels, picked on validation accuracy with simulations/sensor_widths.py
+# (docs/operations.md, "Edge models"); at 16 and 32 the graph outweighed the int8 weights.
+WIDTHS: Widths = (64, 128)
+
+
+def sensor_model(task_name: str, widths: Widths) -> nn.Module:
+    """A sensor task's CNN at other widths than the task's own: for comparing widths."""
+    builders = {"basic-motions": _basic_motions_model, "acsf1": _acsf1_model}
+    if task_name not in builders:
+        raise ValueError(f"{task_name!r} is not a sensor task ({', '.join(builders)})")
+    return builders[task_name](widths)
 
 
 # --- basic-motions ----------------------------------------------------------------------------
@@ -58,8 +77,12 @@ def _load_basic_motions() -> tuple[ArrayData, ArrayData | None]:
     return data, None
 
 
+def _basic_motions_model(widths: Widths) -> nn.Module:
+    return _conv1d_classifier(len(BASIC_MOTIONS_CHANNELS), len(BASIC_MOTIONS_CLASSES), widths)
+
+
 def _build_basic_motions_model() -> nn.Module:
-    return _conv1d_classifier(len(BASIC_MOTIONS_CHANNELS), len(BASIC_MOTIONS_CLASSES))
+    return _basic_motions_model(WIDTHS)
 
 
 BASIC_MOTIONS = Task(
@@ -72,7 +95,7 @@ BASIC_MOTIONS = Task(
     class_names=list(BASIC_MOTIONS_CLASSES),
     input_shape=(len(BASIC_MOTIONS_CHANNELS), 100),
     feature_names=None,
-    architecture="cnn1d-c16k5-gn-c32k5-gn-gap-4",
+    architecture=f"cnn1d-c{WIDTHS[0]}k5-gn-c{WIDTHS[1]}k5-gn-gap-4",
     load=_load_basic_motions,
     build_model=_build_basic_motions_model,
     normalize=True,
@@ -91,15 +114,20 @@ def _load_acsf1() -> tuple[ArrayData, ArrayData | None]:
     return ArrayData(x=x.astype(np.float32), y=_encode(y, ACSF1_CLASSES)), None
 
 
-def _build_acsf1_model() -> nn.Module:
+def _acsf1_model(widths: Widths) -> nn.Module:
     from torch import nn
 
+    stem = widths[0] // 2
     return nn.Sequential(
-        nn.Conv1d(1, 8, kernel_size=8, stride=4, padding=2),  # 1460 -> 365
-        nn.GroupNorm(2, 8),
+        nn.Conv1d(1, stem, kernel_size=8, stride=4, padding=2),  # 1460 -> 365
+        nn.GroupNorm(2, stem),
         nn.ReLU(),
-        _conv1d_classifier(8, len(ACSF1_CLASSES), stride=2),
+        _conv1d_classifier(stem, len(ACSF1_CLASSES), widths, stride=2),
     )
+
+
+def _build_acsf1_model() -> nn.Module:
+    return _acsf1_model(WIDTHS)
 
 
 ACSF1 = Task(
@@ -112,7 +140,7 @@ ACSF1 = Task(
     class_names=list(ACSF1_CLASSES),
     input_shape=(1, ACSF1_LENGTH),
     feature_names=None,
-    architecture="cnn1d-c8k8s4-gn-c16k5s2-gn-c32k5s2-gn-gap-10",
+    architecture=(f"cnn1d-c{WIDTHS[0] // 2}k8s4-gn-c{WIDTHS[0]}k5s2-gn-c{WIDTHS[1]}k5s2-gn-gap-10"),
     load=_load_acsf1,
     build_model=_build_acsf1_model,
     normalize=True,

@@ -3,7 +3,8 @@
 Layout::
 
     registry/
-      refs.json                     {"latest": "<version>", "best": "<version>"}
+      refs.json                     {"latest": "<version>", "best": "<version>", ...}
+      .refs.lock                    held while refs.json is rewritten
       versions/<version>/model.safetensors
       versions/<version>/manifest.json
       versions/<version>/manifest.sig   (when registered with a signing key)
@@ -18,16 +19,23 @@ Signing: a registry given an Ed25519 private key (or, when none is given, the PE
 signature over the exact ``manifest.json`` bytes (see ``fedaiot.registry.signing``). The
 manifest holds the weights' SHA-256, so the signature covers the weights too. ``verify`` and
 ``load(version, public_key)`` refuse an unsigned or wrongly signed version.
+
+Refs are rewritten by several processes: the coordinator's rounds (``latest``, ``best``), a
+campaign (``candidate``) and the service (``served``, on a promotion or a rollback). Each
+rewrite reads, merges and replaces the file under an exclusive lock (``flock`` on
+``.refs.lock``), so no writer drops another's ref.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -221,9 +229,20 @@ class ModelRegistry:
         return refs
 
     def set_refs(self, **refs: str) -> None:
+        """Point each named ref at its version, keeping the other refs."""
         for version in refs.values():
             self.manifest(version)  # refuse a ref to a missing or corrupt version
-        merged = {**self.refs(), **refs}
-        tmp = self.root / f".refs.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
-        os.replace(tmp, self.root / "refs.json")
+        with self._refs_locked():
+            merged = {**self.refs(), **refs}
+            tmp = self.root / f".refs.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
+            os.replace(tmp, self.root / "refs.json")
+
+    @contextlib.contextmanager
+    def _refs_locked(self) -> Iterator[None]:
+        """One writer of refs.json at a time, across processes (and threads: each call opens
+        the lock file anew, and flock locks belong to an open file)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".refs.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield

@@ -155,6 +155,16 @@ def test_light_commands_load_no_torch_and_no_data_set(tmp_path: Path) -> None:
         ],
         ["node", "check", "--task", "breast-cancer", "--data", str(data)],
         ["ledger", "show", str(ledger.path)],
+        [
+            "token",
+            "revoke",
+            "--list",
+            str(tmp_path / "revoked.json"),
+            "--subject",
+            "dr-a",
+            "--key",
+            str(keys / "coordinator.key"),
+        ],
     ]
     for args in commands:
         loaded, done = _imported(args, tmp_path)

@@ -1,4 +1,5 @@
-"""``fedaiot keys``, ``fedaiot token issue`` and ``fedaiot serve``: the inference service's CLI.
+"""``fedaiot keys``, ``fedaiot token issue|revoke`` and ``fedaiot serve``: the inference service's
+CLI.
 
 Startup problems (no model in the registry, a missing key, a port in use, bad settings) are
 ``BadInputError``: reported on one line, exit status 2.
@@ -26,7 +27,7 @@ _TTL = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TTL_SECONDS = 366 * 86400
 
-token_app = typer.Typer(no_args_is_help=True, help="Issue bearer tokens for the service.")
+token_app = typer.Typer(no_args_is_help=True, help="Issue and revoke the service's bearer tokens.")
 
 
 def parse_ttl(text: str) -> int:
@@ -73,7 +74,7 @@ def token_issue(
     from fedaiot.registry.signing import load_private_key
     from fedaiot.serving.auth import issue_token
 
-    key = key or Path(os.environ.get(SIGNING_KEY_ENV) or Path("keys") / PRIVATE_KEY_FILE)
+    key = _private_key_path(key)
     seconds = parse_ttl(ttl)
     token = issue_token(
         load_private_key(key),
@@ -86,6 +87,51 @@ def token_issue(
     expires = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(time.time() + seconds))
     print(f"token for {subject} as {role}, expires {expires}", file=sys.stderr)
     print(token)
+
+
+def _private_key_path(key: Path | None) -> Path:
+    return key or Path(os.environ.get(SIGNING_KEY_ENV) or Path("keys") / PRIVATE_KEY_FILE)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    revocation_list: Annotated[
+        Path, typer.Option("--list", help="the revocation list the service follows (JSON)")
+    ],
+    jti: Annotated[
+        str | None, typer.Option(help="one token, by its id (the audit log's jti)")
+    ] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="every token of this subject issued up to now")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="why, kept in the list")] = "",
+    key: Annotated[
+        Path | None,
+        typer.Option(
+            help=f"private key (default ${SIGNING_KEY_ENV}, else keys/{PRIVATE_KEY_FILE})"
+        ),
+    ] = None,
+) -> None:
+    """Revoke a token or a subject's tokens: add it to the signed list `fedaiot serve
+    --revocation-list` follows (created when missing)."""
+    from fedaiot.registry.signing import load_private_key
+    from fedaiot.serving.revocation import revoke
+
+    if (jti is None) == (subject is None):
+        raise BadInputError("give exactly one of --jti or --subject")
+    updated = revoke(
+        revocation_list,
+        load_private_key(_private_key_path(key)),
+        jti=jti,
+        subject=subject,
+        reason=reason,
+    )
+    what = f"token {jti}" if jti is not None else f"every token of {subject} issued up to now"
+    print(
+        f"revoked {what}: {revocation_list} serial {updated.serial}, "
+        f"{len(updated.entries)} entries (the service takes it within seconds)",
+        file=sys.stderr,
+    )
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -143,6 +189,9 @@ def serve(
     alert_rules: Annotated[
         Path | None, typer.Option(help="alert rules (YAML): drift, errors, accuracy, budgets")
     ] = None,
+    revocation_list: Annotated[
+        Path | None, typer.Option(help="revoked tokens (fedaiot token revoke), followed while up")
+    ] = None,
     docs: Annotated[
         bool | None,
         typer.Option("--docs/--no-docs", help="serve /docs, /redoc and /openapi.json"),
@@ -172,6 +221,7 @@ def serve(
             runtime=runtime,
             onnx_artifact=artifact,
             alert_rules=alert_rules,
+            revocation_list=revocation_list,
             docs=docs,
         )
     except ValidationError as exc:
@@ -195,7 +245,7 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``keys``, ``token issue`` and ``serve`` to the ``fedaiot`` command."""
+    """Add ``keys``, ``token issue|revoke`` and ``serve`` to the ``fedaiot`` command."""
     app.command("keys")(keys)
     app.add_typer(token_app, name="token")
     app.command("serve")(serve)

@@ -46,6 +46,7 @@ from fedaiot.serving.models import LoadedModel, ModelLoadError, Runtime
 from fedaiot.serving.monitor import Monitor
 from fedaiot.serving.observe import Observe, audit_fields
 from fedaiot.serving.redact import redact_paths
+from fedaiot.serving.revocation import RevocationError
 from fedaiot.serving.routes_edge import add_edge_routes
 from fedaiot.serving.routes_ops import add_ops_routes
 from fedaiot.serving.schemas import (
@@ -85,7 +86,7 @@ def _load(settings: ServingSettings) -> tuple[ModelHolder, Ed25519PublicKey, Tok
     try:
         model_key = load_public_key(settings.model_key_path)
         verifier = TokenVerifier(settings)
-    except SigningError as exc:
+    except (SigningError, RevocationError) as exc:
         raise ServingStartupError(str(exc)) from None
     runtime = Runtime(settings.runtime, settings.onnx_artifact, settings.torch_threads)
     holder = ModelHolder(

@@ -8,7 +8,8 @@ OpenID Connect issuer instead, fetching its keys with ``jwt.PyJWKClient`` (``jwk
 Whatever goes wrong, ``TokenVerifier.verify`` raises ``TokenError`` with one of the fixed reason
 codes of ``fedaiot.serving.reasons``: never another exception, never the library's own text.
 A token that verified is remembered (by its exact text, at most 5 minutes and never past its
-``exp``), so a caller's next requests skip the signature check.
+``exp``), so a caller's next requests skip the signature check; the revocation list
+(``fedaiot.serving.revocation``) is checked on every request, remembered or not.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fedaiot.errors import BadInputError, SecurityError
 from fedaiot.registry.signing import key_id, load_public_key
 from fedaiot.serving.reasons import TOKEN_REASONS
 from fedaiot.serving.redact import label
+from fedaiot.serving.revocation import RevocationWatch
 from fedaiot.serving.settings import ROLES, Role, ServingSettings
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class Principal:
     subject: str
     role: str  # one of ROLES, or "none" when the token names no known role
     jti: str | None = None
+    issued_at: int = 0  # the token's iat
 
     def can(self, permission: str) -> bool:
         return self.role in PERMISSIONS[permission]
@@ -77,12 +80,14 @@ class Principal:
 
 class TokenError(SecurityError):
     """A token that authenticates no one. ``str()`` is the fixed public text of ``code``;
-    ``detail`` (the library's words) is for the server's log only."""
+    ``detail`` (the library's words) is for the server's log only. ``principal``: who a token
+    that verified but was refused anyway (revoked) belongs to, for the audit log."""
 
-    def __init__(self, code: str, detail: str = "") -> None:
+    def __init__(self, code: str, detail: str = "", principal: Principal | None = None) -> None:
         super().__init__(TOKEN_REASONS[code])
         self.code = code
         self.detail = detail
+        self.principal = principal
 
 
 def issue_token(
@@ -175,6 +180,11 @@ class TokenVerifier:
             assert settings.jwks_url is not None
             self._jwks = jwt.PyJWKClient(settings.jwks_url, cache_keys=True, lifespan=300)
             self._algorithms = list(settings.jwks_algorithms)
+        self._revocations: RevocationWatch | None = None
+        if settings.revocation_list is not None:
+            self._revocations = RevocationWatch(
+                settings.revocation_list, load_public_key(settings.model_key_path)
+            )
         # token text -> (principal, valid from, valid until), in unix seconds
         self._verified: OrderedDict[str, tuple[Principal, float, float]] = OrderedDict()
         self._lock = threading.Lock()
@@ -185,6 +195,16 @@ class TokenVerifier:
         return self._jwks is not None
 
     def verify(self, token: str) -> Principal:
+        principal = self._verified_principal(token)
+        revocations = self._revocations
+        if revocations is not None and revocations.refuses(
+            principal.jti, principal.subject, principal.issued_at
+        ):
+            detail = f"revocation list serial {revocations.serial}"
+            raise TokenError("revoked", detail, principal)
+        return principal
+
+    def _verified_principal(self, token: str) -> Principal:
         now = time.time()
         with self._lock:
             known = self._verified.get(token)
@@ -241,6 +261,7 @@ class TokenVerifier:
             subject=claims["sub"],
             role=role if isinstance(role, str) and role in ROLES else "none",
             jti=jti if isinstance(jti, str) and 0 < len(jti) <= 128 else None,
+            issued_at=claims["iat"],
         )
         return principal, claims
 

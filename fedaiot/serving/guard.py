@@ -90,14 +90,20 @@ class Guard:
     def _refuse(self, scope: Scope, exc: TokenError, token: str) -> HTTPException:
         address = client_address(scope)
         log.debug("token refused from %s (%s): %s", address, exc.code, exc.detail)
-        claimed = unverified_claims(token) if token else {}
-        note = " ".join(f"{k}={v}" for k, v in claimed.items() if k != "jti")
-        audit_fields(
-            scope,
-            reason=exc.code,
-            jti=claimed.get("jti"),
-            note=f"unverified claims: {note}" if note else None,
-        )
+        if exc.principal is not None:  # it verified (then was revoked): who it is is known
+            known = exc.principal
+            audit_fields(
+                scope, reason=exc.code, subject=known.subject, role=known.role, jti=known.jti
+            )
+        else:
+            claimed = unverified_claims(token) if token else {}
+            note = " ".join(f"{k}={v}" for k, v in claimed.items() if k != "jti")
+            audit_fields(
+                scope,
+                reason=exc.code,
+                jti=claimed.get("jti"),
+                note=f"unverified claims: {note}" if note else None,
+            )
         wait = self.addresses.take(address)
         if wait > 0:
             audit_fields(scope, reason=reasons.UNAUTHENTICATED_RATE_LIMITED)

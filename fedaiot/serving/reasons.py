@@ -22,6 +22,7 @@ TOKEN_REASONS: dict[str, str] = {
     "missing_claim": "token lacks a required claim (exp, iat, sub, iss, aud)",
     "bad_claim": "token claims invalid: exp, iat and nbf must be integers, sub a string",
     "lifetime_too_long": "token lifetime exceeds the server's maximum",
+    "revoked": "token revoked",
     "invalid_token": "invalid token",
 }
 

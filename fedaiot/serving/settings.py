@@ -79,6 +79,8 @@ class ServingSettings(BaseModel):
     max_token_lifetime_seconds: int = Field(default=366 * DAY, ge=1)
     # Model signatures are always checked with this key; default: ``public_key``.
     model_public_key: Path | None = None
+    # Revoked tokens (``fedaiot token revoke``), signed with the model key; followed while up.
+    revocation_list: Path | None = None
     # SQLite audit log: a path or a sqlite:/// URL; default: <registry>/audit.sqlite3.
     audit_db: str | None = None
     # Refused calls (status >= 400) under a flood: per (who, status, reason, endpoint) this many

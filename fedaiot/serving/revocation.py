@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -63,12 +64,30 @@ class RevocationList(BaseModel):
     entries: list[Revocation] = Field(default_factory=list)
 
     def refuses(self, jti: str | None, subject: str, issued_at: int) -> bool:
+        return self.index().refuses(jti, subject, issued_at)
+
+    def index(self) -> Revoked:
+        subjects: dict[str, int] = {}
         for entry in self.entries:
-            if entry.jti is not None and entry.jti == jti:
-                return True
-            if entry.subject == subject and issued_at <= entry.revoked:
-                return True
-        return False
+            if entry.subject is not None:
+                subjects[entry.subject] = max(entry.revoked, subjects.get(entry.subject, 0))
+        jtis = frozenset(e.jti for e in self.entries if e.jti is not None)
+        return Revoked(self.serial, len(self.entries), jtis, subjects)
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """A list as the service asks it, once a request: a set and a map, not a scan."""
+
+    serial: int
+    entries: int
+    jtis: frozenset[str]
+    subjects: dict[str, int]  # subject -> the latest revocation's time
+
+    def refuses(self, jti: str | None, subject: str, issued_at: int) -> bool:
+        if jti is not None and jti in self.jtis:
+            return True
+        return issued_at <= self.subjects.get(subject, -1)
 
 
 def signature_path(path: Path) -> Path:
@@ -135,7 +154,7 @@ class RevocationWatch:
 
     def __init__(self, path: Path, key: Ed25519PublicKey) -> None:
         self._path, self._key = Path(path), key
-        self._list = load_list(self._path, key)
+        self._list = load_list(self._path, key).index()
         self._seen = self._stamp()
         self._looked = time.monotonic()
         self._lock = threading.Lock()
@@ -173,7 +192,7 @@ class RevocationWatch:
             except RevocationError as exc:
                 log.error("%s: kept serial %d (%d entries)", exc, *self._counts())
                 return
-            if fresh.serial < self._list.serial:
+            if fresh.serial < self._list.serial:  # a signed list from before: a rollback
                 log.error(
                     "revocation list %s: serial %d is older than the loaded %d: kept the loaded",
                     self._path,
@@ -181,8 +200,8 @@ class RevocationWatch:
                     self._list.serial,
                 )
                 return
-            self._list = fresh
+            self._list = fresh.index()
             log.info("revocation list %s: serial %d, %d entries", self._path, *self._counts())
 
     def _counts(self) -> tuple[int, int]:
-        return self._list.serial, len(self._list.entries)
+        return self._list.serial, self._list.entries

@@ -95,8 +95,8 @@ def test_the_running_service_refuses_revoked_tokens(
         _cli_revoke(keys, listed, "--subject", "dr-alice", "--reason", "left the hospital")
         wait_until(lambda: _revoked(server.url, second), "the subject's tokens to be refused")
         assert _predict(server.url, device).status_code == 200
-        later = _issue(keys, "dr-alice", now=load_list(listed, keys.private.public_key())
-                       .entries[-1].revoked + 1)  # fmt: skip
+        revoked_at = load_list(listed, keys.private.public_key()).entries[-1].revoked
+        later = _issue(keys, "dr-alice", now=revoked_at + 1)
         assert _predict(server.url, later).status_code == 200  # issued after: valid again
 
         admin = _issue(keys, "ops", role="admin")

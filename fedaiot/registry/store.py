@@ -28,14 +28,12 @@ rewrite reads, merges and replaces the file under an exclusive lock (``flock`` o
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +46,7 @@ from safetensors.torch import save_file
 
 from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
+from fedaiot.registry.lock import exclusive
 
 MANIFEST_FORMAT = "fedaiot-model/1"
 WEIGHTS = "model.safetensors"
@@ -232,17 +231,8 @@ class ModelRegistry:
         """Point each named ref at its version, keeping the other refs."""
         for version in refs.values():
             self.manifest(version)  # refuse a ref to a missing or corrupt version
-        with self._refs_locked():
+        with exclusive(self.root / ".refs.lock"):
             merged = {**self.refs(), **refs}
             tmp = self.root / f".refs.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
             os.replace(tmp, self.root / "refs.json")
-
-    @contextlib.contextmanager
-    def _refs_locked(self) -> Iterator[None]:
-        """One writer of refs.json at a time, across processes (and threads: each call opens
-        the lock file anew, and flock locks belong to an open file)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".refs.lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
+from fedaiot.registry.lock import exclusive
 
 log = logging.getLogger(__name__)
 
@@ -127,18 +128,19 @@ def revoke(
 ) -> RevocationList:
     """Add an entry to the list at ``path`` (created when missing) and sign it again."""
     path = Path(path)
-    current = load_list(path, key.public_key()) if path.exists() else RevocationList()
     revoked = int(time.time() if now is None else now)
     try:
         entry = Revocation(jti=jti, subject=subject, revoked=revoked, reason=reason)
     except ValidationError as exc:
         raise BadInputError(f"revocation: {exc.errors()[0]['msg']}") from None
-    updated = RevocationList(serial=current.serial + 1, entries=[*current.entries, entry])
-    data = json.dumps(updated.model_dump(exclude_none=True), indent=2).encode()
-    # The list first, then its signature: a reader in between sees a mismatch and keeps the
-    # list it has (fail closed), then takes the new one at its next look.
-    _replace(path, data)
-    _replace(signature_path(path), signing.sign(key, data).encode())
+    with exclusive(path.with_name(f".{path.name}.lock")):  # two revokes at once keep both
+        current = load_list(path, key.public_key()) if path.exists() else RevocationList()
+        updated = RevocationList(serial=current.serial + 1, entries=[*current.entries, entry])
+        data = json.dumps(updated.model_dump(exclude_none=True), indent=2).encode()
+        # The list first, then its signature: a reader in between sees a mismatch and keeps
+        # the list it has (fail closed), then takes the new one at its next look.
+        _replace(path, data)
+        _replace(signature_path(path), signing.sign(key, data).encode())
     return updated
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedaiot.registry.store import Manifest, ModelRegistry, RegistryError, version_name
-from tests.waiting import CEILING, wait_until
+from tests.waiting import run_together
 
 
 def _manifest(version: str, accuracy: float = 0.9) -> Manifest:
@@ -86,40 +86,19 @@ def test_refs_mark_versions_and_refuse_missing_ones(tmp_path: Path) -> None:
 
 
 SETS_REFS = """
-import sys, time
-from pathlib import Path
 from fedaiot.registry.store import ModelRegistry
-root, name = Path(sys.argv[1]), sys.argv[2]
-registry = ModelRegistry(root)
-(root / f"ready-{name}").touch()
-while not (root / "go").exists():  # all writers start together
-    time.sleep(0.01)
+registry = ModelRegistry(folder)
 for i in range(100):
-    registry.set_refs(**{f"{name}-{i}": "run-r0001"})
+    registry.set_refs(**{f"{me}-{i}": "run-r0001"})
 """
 
 
 def test_writers_in_other_processes_never_drop_each_others_refs(tmp_path: Path) -> None:
     """The coordinator (latest, best), a campaign (candidate) and the service (served) each
     rewrite refs.json: an unlocked read-merge-replace loses refs when two overlap."""
-    import subprocess
-    import sys
-
     registry = ModelRegistry(tmp_path)
     registry.register(_state(), _manifest("run-r0001"))
-    writers = [
-        subprocess.Popen([sys.executable, "-c", SETS_REFS, str(tmp_path), f"w{n}"])
-        for n in range(4)
-    ]
-    try:
-        for n, writer in enumerate(writers):
-            ready = tmp_path / f"ready-w{n}"
-            wait_until(ready.exists, f"writer {n} to start", process=writer)
-        (tmp_path / "go").touch()
-        assert [w.wait(timeout=CEILING) for w in writers] == [0] * 4
-    finally:
-        for writer in writers:
-            writer.kill()
+    run_together(SETS_REFS, tmp_path, 4)
     expected = sorted(f"w{n}-{i}" for n in range(4) for i in range(100))
     assert sorted(registry.refs()) == expected
 

@@ -30,7 +30,7 @@ from tests.serving_support import (
     make_registry,
     settings_for,
 )
-from tests.waiting import CEILING, wait_until
+from tests.waiting import run_together, wait_until
 
 runner = CliRunner()
 
@@ -218,36 +218,17 @@ def test_entries_name_one_target_and_serials_rise(tmp_path: Path, keys: Keys) ->
 
 
 REVOKES = """
-import sys, time
-from pathlib import Path
 from fedaiot.registry.signing import load_private_key
 from fedaiot.serving.revocation import revoke
-listed, key, name = Path(sys.argv[1]), load_private_key(Path(sys.argv[2])), sys.argv[3]
-(listed.parent / f"ready-{name}").touch()
-while not (listed.parent / "go").exists():  # all writers start together
-    time.sleep(0.01)
+key = load_private_key(Path(sys.argv[3]))
 for i in range(25):
-    revoke(listed, key, jti=f"{name}-{i}")
+    revoke(folder / "revoked.json", key, jti=f"{me}-{i}")
 """
 
 
 def test_revocations_made_at_the_same_time_are_all_kept(tmp_path: Path, keys: Keys) -> None:
-    import subprocess
-    import sys
-
-    listed = tmp_path / "revoked.json"
-    command = [sys.executable, "-c", REVOKES, str(listed), str(keys.private_path)]
-    writers = [subprocess.Popen([*command, f"w{n}"]) for n in range(4)]
-    try:
-        for n, writer in enumerate(writers):
-            ready = tmp_path / f"ready-w{n}"
-            wait_until(ready.exists, f"writer {n} to start", process=writer)
-        (tmp_path / "go").touch()
-        assert [w.wait(timeout=CEILING) for w in writers] == [0] * 4
-    finally:
-        for writer in writers:
-            writer.kill()
-    revocations = load_list(listed, keys.private.public_key())
+    run_together(REVOKES, tmp_path, 4, str(keys.private_path))
+    revocations = load_list(tmp_path / "revoked.json", keys.private.public_key())
     assert revocations.serial == 100
     assert sorted(e.jti or "" for e in revocations.entries) == sorted(
         f"w{n}-{i}" for n in range(4) for i in range(25)

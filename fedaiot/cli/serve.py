@@ -27,6 +27,10 @@ _TTL = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 MAX_TTL_SECONDS = 366 * 86400
 
+PrivateKey = Annotated[
+    Path | None,
+    typer.Option(help=f"private key (default ${SIGNING_KEY_ENV}, else keys/{PRIVATE_KEY_FILE})"),
+]
 token_app = typer.Typer(no_args_is_help=True, help="Issue and revoke the service's bearer tokens.")
 
 
@@ -61,12 +65,7 @@ def token_issue(
     role: Annotated[str, typer.Option(help="clinician, device, auditor or admin")],
     subject: Annotated[str, typer.Option(help="who the token is for (the audit log's 'who')")],
     ttl: Annotated[str, typer.Option(help="lifetime: seconds, or e.g. 15m, 8h, 30d")] = "1h",
-    key: Annotated[
-        Path | None,
-        typer.Option(
-            help=f"private key (default ${SIGNING_KEY_ENV}, else keys/{PRIVATE_KEY_FILE})"
-        ),
-    ] = None,
+    key: PrivateKey = None,
     issuer: Annotated[str, typer.Option()] = "fedaiot",
     audience: Annotated[str, typer.Option()] = "fedaiot-serving",
 ) -> None:
@@ -105,12 +104,7 @@ def token_revoke(
         str | None, typer.Option(help="every token of this subject issued up to now")
     ] = None,
     reason: Annotated[str, typer.Option(help="why, kept in the list")] = "",
-    key: Annotated[
-        Path | None,
-        typer.Option(
-            help=f"private key (default ${SIGNING_KEY_ENV}, else keys/{PRIVATE_KEY_FILE})"
-        ),
-    ] = None,
+    key: PrivateKey = None,
 ) -> None:
     """Revoke a token or a subject's tokens: add it to the signed list `fedaiot serve
     --revocation-list` follows (created when missing)."""

@@ -279,3 +279,57 @@ def test_deployed_round_refuses_another_task_or_missing_statistics(
     with pytest.raises(NodeConfigError, match="mean has 3 values"):
         deployed_round(CFG, _settings(files[2], tmp_path), short, state)
     assert not math.isnan(len(raw_partitions(CFG, 3)[0]))
+
+
+def test_a_node_holds_its_reply_to_the_next_multiple_of_reply_every(
+    files: list[Path], tmp_path: Path
+) -> None:
+    """What the coordinator can time is how many multiples a round took, not how long: a
+    reply that took 0.5 s and one that took 4 s both come at 5 s."""
+    import time
+
+    from fedaiot.node import requests
+
+    settings = NodeSettings(files[1], "beta", "breast-cancer", tmp_path, reply_every=5.0)
+    assert NodeSettings.from_node_config(settings.to_node_config()) == settings
+    state = BC.build_model().state_dict()
+    started = time.monotonic()
+    reply = requests.train(
+        CFG, settings.to_node_config(), _round_config(1), state, released_on_return=True
+    )
+    assert reply.status == "trained"
+    assert time.monotonic() - started >= 5.0  # a lower bound: a loaded machine only adds
+
+
+@pytest.mark.parametrize(
+    ("took", "every", "sleeps"),
+    [(0.5, 5.0, 4.5), (4.0, 5.0, 1.0), (7.5, 5.0, 2.5), (10.0, 5.0, 0.0)],
+)
+def test_the_hold_reaches_the_next_multiple(
+    monkeypatch: pytest.MonkeyPatch, took: float, every: float, sleeps: float
+) -> None:
+    from fedaiot.node import requests
+    from fedaiot.wire.replies import NodeReply
+
+    clock = iter([100.0, 100.0 + took])
+    slept: list[float] = []
+    monkeypatch.setattr(requests.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(requests.time, "sleep", slept.append)
+    held = NodeReply(status="refused", node="", weight=0.0, metrics={})
+    settings = NodeSettings(Path("d"), "n", "breast-cancer", Path("l"), reply_every=every)
+    source = requests.Source("", Path("l"), settings=settings)
+    assert requests.held(source, lambda: held) is held
+    assert slept == [pytest.approx(sleeps)]
+
+
+@pytest.mark.parametrize("every", [0, -1, 3601])
+def test_reply_every_out_of_range_is_refused_before_the_node_starts(
+    files: list[Path], tmp_path: Path, every: float
+) -> None:
+    from fedaiot.deploy.supernode import prepare
+
+    with pytest.raises(NodeConfigError, match="reply-every must be more than 0 and at most 3600"):
+        prepare(task="breast-cancer", data=files[0], name="alpha", reply_every=every)
+    config = {"data-path": str(files[0]), "node-name": "a", "task": "breast-cancer"}
+    with pytest.raises(NodeConfigError, match="reply-every"):
+        NodeSettings.from_node_config({**config, "reply-every": every})

@@ -247,6 +247,13 @@ def node_start(
     max_epsilon: Annotated[
         float | None, typer.Option(help="this institution's own lifetime epsilon cap")
     ] = None,
+    reply_every: Annotated[
+        float | None,
+        typer.Option(
+            help="hold each reply to a multiple of this many seconds after its request, so "
+            "the coordinator cannot time your training (keep it under its timeouts)"
+        ),
+    ] = None,
     port: Annotated[int, typer.Option(help="local port of the node's app runtime")] = 9094,
     task: Task = "",
     study: StudyFile = None,
@@ -275,6 +282,7 @@ def node_start(
         max_epsilon=max_epsilon,
         study=study,
         kit=node_kit,
+        reply_every=reply_every,
     )
     log = prepared.settings.ledger_dir / f"supernode-{prepared.settings.node_name}.log"
     offset = log.stat().st_size if log.exists() else 0
@@ -295,6 +303,12 @@ def node_start(
         f"runs app bundles signed by {', '.join(trusted)} only",
         flush=True,
     )
+    if settings.reply_every is not None:
+        print(
+            f"node {settings.node_name}: replies held to multiples of {settings.reply_every:g} s "
+            "after each request",
+            flush=True,
+        )
 
     def show_rounds() -> None:
         for event in rounds.new_events():

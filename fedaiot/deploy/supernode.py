@@ -22,7 +22,7 @@ from fedaiot.deploy.superlink import KitError
 from fedaiot.launch.processes import flower_env, port_free
 from fedaiot.launch.supernode import NodeProcesses, SuperNode
 from fedaiot.launch.supernode import start_supernode as launch_supernode
-from fedaiot.node.deployed import NodeSettings, default_ledger_dir
+from fedaiot.node.deployed import NodeSettings, check_reply_every, default_ledger_dir
 from fedaiot.node.local_data import load_local
 from fedaiot.secagg import NodeIdentity
 from fedaiot.secure_rounds.identity import IDENTITY_KEY, ROSTER, identity_from
@@ -106,6 +106,7 @@ def prepare(
     max_epsilon: float | None = None,
     study: Path | None = None,
     kit: NodeKit | None = None,
+    reply_every: float | None = None,
 ) -> PreparedNode:
     """Check the data against the task's schema (or the study) and write the SuperNode's node
     config; a file that does not fit is refused here, before the node ever connects."""
@@ -128,6 +129,7 @@ def prepare(
         or default_ledger_dir(data),
         max_epsilon=max_epsilon,
         study=study,
+        reply_every=check_reply_every(reply_every) if reply_every is not None else None,
     )
     settings.ledger_dir.mkdir(parents=True, exist_ok=True)
     config = settings.ledger_dir / f"node-config-{settings.node_name}.toml"

@@ -31,6 +31,8 @@ DATA_PATH, NODE_NAME, TASK, LEDGER_DIR, MAX_EPSILON = (
     "max-epsilon",
 )
 STUDY = "study"
+REPLY_EVERY = "reply-every"
+MAX_REPLY_EVERY = 3600.0
 
 
 LOG = logging.getLogger("fedaiot.node.round")
@@ -56,6 +58,10 @@ class NodeSettings:
     ledger_dir: Path
     max_epsilon: float | None = None  # the institution's own lifetime cap (None: the run's)
     study: Path | None = None  # the study file the institution holds (its own copy)
+    # Replies held to a multiple of this many seconds after the request (None: sent at once):
+    # how long training took grows with the record count, and the coordinator sees when a
+    # reply comes (docs/privacy.md).
+    reply_every: float | None = None
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> NodeSettings:
@@ -66,6 +72,7 @@ class NodeSettings:
         ledger = node_config.get(LEDGER_DIR)
         cap = node_config.get(MAX_EPSILON)
         study = node_config.get(STUDY)
+        every = node_config.get(REPLY_EVERY)
         return cls(
             data_path=data,
             node_name=str(node_config[NODE_NAME]),
@@ -73,6 +80,7 @@ class NodeSettings:
             ledger_dir=Path(str(ledger)).expanduser() if ledger else default_ledger_dir(data),
             max_epsilon=float(cap) if cap is not None and float(cap) > 0 else None,
             study=Path(str(study)).expanduser() if study else None,
+            reply_every=check_reply_every(float(every)) if every is not None else None,
         )
 
     def to_node_config(self) -> dict[str, str | float]:
@@ -86,7 +94,18 @@ class NodeSettings:
             config[MAX_EPSILON] = self.max_epsilon
         if self.study is not None:
             config[STUDY] = str(self.study)
+        if self.reply_every is not None:
+            config[REPLY_EVERY] = self.reply_every
         return config
+
+
+def check_reply_every(seconds: float) -> float:
+    if not 0 < seconds <= MAX_REPLY_EVERY:
+        raise NodeConfigError(
+            f"reply-every must be more than 0 and at most {MAX_REPLY_EVERY:.0f} seconds, "
+            f"got {seconds}"
+        )
+    return seconds
 
 
 DATA_NAMES = ("data.csv", "data.parquet", "data.npz", "data")

@@ -96,6 +96,24 @@ def study_records(study: Study, path: Path, holdout: str = "test") -> StudyData:
     )
 
 
+def held(source: Source, answer: Callable[[], NodeReply]) -> NodeReply:
+    """``answer()``, returned at the next multiple of the institution's ``reply_every`` seconds
+    after the call began (at once without one): a coordinator timing replies learns how many
+    multiples training took, not how long."""
+    started = time.monotonic()
+    reply = answer()
+    every = source.settings.reply_every if source.settings is not None else None
+    if every is not None:
+        time.sleep(hold_for(time.monotonic() - started, every))
+    return reply
+
+
+def hold_for(elapsed: float, every: float) -> float:
+    """Seconds from ``elapsed`` to the next multiple of ``every`` (the first one at least)."""
+    multiples = max(1, math.ceil(elapsed / every))
+    return max(0.0, multiples * every - elapsed)
+
+
 def logged(
     cfg: RunConfig, source: Source, config: Mapping[str, Any], answer: Callable[[], NodeReply]
 ) -> NodeReply:
@@ -133,12 +151,11 @@ def train(
     """A training round's reply: a (local-DP) update, or in a distributed-DP run this node's
     noisy gradient share, sized for the round's fewest ``survivors``."""
     source = Source.of(cfg, node_config)
-    return logged(
-        cfg,
-        source,
-        config,
-        lambda: _train(cfg, source, config, global_state, released_on_return, survivors),
-    )
+
+    def answer() -> NodeReply:
+        return _train(cfg, source, config, global_state, released_on_return, survivors)
+
+    return held(source, lambda: logged(cfg, source, config, answer))
 
 
 def _train(
@@ -214,7 +231,11 @@ def release(
 ) -> NodeReply:
     """A study's statistics or evaluation vector, as ``config["purpose"]`` asks."""
     source = Source.of(cfg, node_config)
-    return logged(cfg, source, config, lambda: _release(cfg, source, config, global_state))
+
+    def answer() -> NodeReply:
+        return _release(cfg, source, config, global_state)
+
+    return held(source, lambda: logged(cfg, source, config, answer))
 
 
 def _release(

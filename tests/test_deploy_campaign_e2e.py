@@ -33,6 +33,7 @@ pytestmark = pytest.mark.slow
 FEDAIOT = [sys.executable, "-m", "fedaiot"]
 INSTITUTIONS = ["alpha", "beta", "gamma"]
 TIMEOUT = 900
+HOLD = 3  # seconds: gamma's --reply-every
 
 
 @pytest.fixture
@@ -80,15 +81,22 @@ def test_campaigns_train_on_the_institutions_nodes(tmp_path: Path, processes: Pr
     for name in INSTITUTIONS:
         log = tmp_path / f"node-{name}.log"
         logs.append(log)
+        # gamma holds its replies in time (its size must not show in when they come)
+        held = ["--reply-every", str(HOLD)] if name == "gamma" else []
         processes.start(
             [
                 "node", "start", "--task", "breast-cancer", "--superlink", f"127.0.0.1:{port}",
                 "--data", str(files[name]), "--kit", str(fed.kits[name]),
-                "--port", str(free_port()),
+                "--port", str(free_port()), *held,
             ],
             log,
         )  # fmt: skip
     one = result(first, first_log)
+    assert f"replies held to multiples of {HOLD} s" in (tmp_path / "node-gamma.log").read_text()
+    journal = registry.parent / "campaigns" / "breast-cancer-c1" / "journal.jsonl"
+    events = [json.loads(line) for line in journal.read_text().splitlines()]
+    seconds = [e["seconds"] for e in events if e["event"] == "round"]
+    assert len(seconds) == 3 and min(seconds) >= HOLD, seconds  # each round waited for gamma
     assert one["status"] == "registered" and one["version"] == "breast-cancer-c1-r0003"
     assert one["accuracy"] > 0.8
     assert {n["node"]: n["trained"] for n in one["nodes"]} == dict.fromkeys(INSTITUTIONS, 3)

@@ -4,6 +4,7 @@ it, a promotion's reason in the audit log, and the gate promoting or refusing a 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,53 @@ def test_who_may_read_and_steer_shadowing(
         url = f"{server.url}/v1/models/{V1}/shadow"
         assert httpx.request(method, url, headers=auth(keys, role)).status_code == status
         assert httpx.request(method, url).status_code == 401
+    finally:
+        server.stop()
+
+
+def test_a_restarted_service_keeps_the_shadow_reports_and_goes_on_counting(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """A shadow gathers evidence for days; a restart of the service must not throw it away."""
+    server = serve(tmp_path, keys)
+    admin = auth(keys, "admin")
+    try:
+        assert httpx.post(f"{server.url}/v1/models/{V1}/shadow", headers=admin).is_success
+        predict(server, keys, real_rows(200))
+        before = wait_until(
+            lambda: (r := report(server, keys, V1).json())["rows"] == 200 and r,
+            "the shadow thread to score every row",
+        )
+    finally:
+        server.stop()
+    saved = json.loads((tmp_path / "registry" / "shadow.json").read_text())
+    assert "instances" not in json.dumps(saved)  # counts only
+    again = LiveServer(settings_for(tmp_path / "registry", keys, rate_limits=LIMITS))
+    try:
+        after = report(again, keys, V1).json()
+        assert after == before  # the same counts, still active
+        predict(again, keys, real_rows(100))
+        wait_until(lambda: report(again, keys, V1).json()["rows"] == 300, "counting to go on")
+        assert httpx.delete(f"{again.url}/v1/models/{V1}/shadow", headers=admin).is_success
+    finally:
+        again.stop()
+    third = LiveServer(settings_for(tmp_path / "registry", keys, rate_limits=LIMITS))
+    try:
+        stopped = report(third, keys, V1).json()
+        assert not stopped["active"] and stopped["rows"] == 300
+    finally:
+        third.stop()
+
+
+def test_unreadable_shadow_reports_do_not_stop_the_service(
+    tmp_path: Path, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = drift_registry(tmp_path / "registry", keys)
+    (registry.root / "shadow.json").write_text('{"format": "fedaiot-shadow/1", "candidates": 7}')
+    server = LiveServer(settings_for(registry.root, keys, rate_limits=LIMITS))
+    try:
+        assert "shadow reports" in caplog.text and "unreadable" in caplog.text
+        assert report(server, keys, V1).status_code == 404
     finally:
         server.stop()
 

@@ -64,6 +64,7 @@ from fedaiot.serving.schemas import (
 )
 from fedaiot.serving.settings import ServingSettings
 from fedaiot.serving.shadow import Shadow
+from fedaiot.serving.shadow_state import SHADOW_FILE
 
 log = logging.getLogger(__name__)
 # The body is read by hand, after the token check, so FastAPI does not parse it: the schema is
@@ -143,7 +144,7 @@ def create_app(settings: ServingSettings) -> FastAPI:
         metrics.registry, settings.monitor_slot_seconds, settings.monitor_horizon_seconds
     )
     monitor.track(holder.current)
-    shadow = Shadow(holder.load, lambda: holder.current)
+    shadow = Shadow(holder.load, lambda: holder.current, settings.registry / SHADOW_FILE)
 
     def observed(model: LoadedModel, x: np.ndarray, labels: np.ndarray) -> None:
         monitor.predicted(model, x, labels)

@@ -6,6 +6,12 @@ answered them; one shadow thread runs each active candidate on it and counts agr
 served version, and both models' class mix. The batch is dropped once scored: no input is
 kept, only counts. The queue is bounded: when the shadow thread falls behind, batches are
 dropped and counted (``dropped_rows``), so a slow candidate never slows callers.
+
+With a state file (``<registry>/shadow.json``, :mod:`fedaiot.serving.shadow_state`) the reports
+outlive the process: saved when a candidate starts, stops or is decided, every few seconds
+while it counts, and at shutdown; a restarted service loads them, verifies and loads each
+candidate that was active again (one that no longer verifies is stopped, and logged), and goes
+on counting.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +30,12 @@ from pydantic import BaseModel, Field
 
 from fedaiot.monitoring.gate import Counts, wilson
 from fedaiot.serving.models import LoadedModel
+from fedaiot.serving.shadow_state import SavedCandidate, read_saved, write_saved
 
 log = logging.getLogger(__name__)
 MAX_CANDIDATES = 4
 _QUEUE = 256  # batches waiting for the shadow thread
+_SAVE_EVERY = 5.0  # seconds between saves while candidates count
 
 
 class ShadowError(LookupError):
@@ -61,7 +70,9 @@ class ShadowReport(BaseModel):
 
 @dataclass(slots=True)
 class _Candidate:
-    model: LoadedModel
+    version: str
+    class_names: list[str]
+    model: LoadedModel | None  # None once stopped and restored from disk (nothing to run)
     started: float
     stopped: float | None = None
     by_served: dict[str, list[int]] = field(default_factory=dict)  # served -> [agreed, rows]
@@ -73,10 +84,19 @@ class _Candidate:
 
 
 class Shadow:
-    def __init__(self, load: Callable[[str], LoadedModel], current: Callable[[], LoadedModel]):
-        self._load, self._current = load, current
+    def __init__(
+        self,
+        load: Callable[[str], LoadedModel],
+        current: Callable[[], LoadedModel],
+        state: Path | None = None,
+    ):
+        self._load, self._current, self._state = load, current, state
         self._candidates: dict[str, _Candidate] = {}  # active and stopped, by version
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
+        self._saved_at = 0.0
+        if state is not None:
+            self._restore(read_saved(state))
         self._queue: queue.Queue[tuple[np.ndarray, str, np.ndarray] | None] = queue.Queue(_QUEUE)
         self._thread = threading.Thread(target=self._run, name="fedaiot-shadow", daemon=True)
         self._thread.start()
@@ -96,9 +116,11 @@ class Shadow:
                 raise ShadowError(f"{MAX_CANDIDATES} candidates are shadowed already")
             classes = len(model.class_names)
             self._candidates[version] = _Candidate(
-                model, time.time(), candidate_mix=np.zeros(classes, dtype=np.int64),
+                version, list(model.class_names), model, time.time(),
+                candidate_mix=np.zeros(classes, dtype=np.int64),
                 served_mix=np.zeros(classes, dtype=np.int64),
             )  # fmt: skip
+        self._save()
         report = self.report(version)
         assert report is not None  # just added
         return report
@@ -108,6 +130,7 @@ class Shadow:
             candidate = self._candidates.get(version)
             if candidate is not None and candidate.stopped is None:
                 candidate.stopped = time.time()
+        self._save()
         return self.report(version)
 
     def active(self) -> list[str]:
@@ -121,6 +144,7 @@ class Shadow:
             if candidate is not None:
                 candidate.decision = decision
                 candidate.stopped = candidate.stopped or time.time()
+        self._save()
 
     def agreement(self, version: str, served: str) -> Counts:
         with self._lock:
@@ -145,8 +169,10 @@ class Shadow:
         try:
             self._queue.put(None, timeout=5)
         except queue.Full:
+            self._save()
             return
         self._thread.join(5)
+        self._save()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -154,14 +180,16 @@ class Shadow:
             with self._lock:
                 active = [c for c in self._candidates.values() if c.stopped is None]
             for candidate in active:
-                if candidate.model.version == served:
+                if candidate.version == served or candidate.model is None:
                     continue  # promoted meanwhile: it would agree with itself
                 try:
                     probabilities = candidate.model.predict_proba(x)
                 except Exception:  # a candidate's failure must never touch the service
-                    log.exception("shadow: %s failed on a batch", candidate.model.version)
+                    log.exception("shadow: %s failed on a batch", candidate.version)
                     probabilities = np.full((len(labels), 1), np.nan)
                 self._count(candidate, served, labels, probabilities)
+            if time.monotonic() - self._saved_at >= _SAVE_EVERY:
+                self._save()
 
     def _count(
         self, candidate: _Candidate, served: str, labels: np.ndarray, probabilities: np.ndarray
@@ -185,7 +213,7 @@ class Shadow:
             if c is None:
                 return None
             assert c.candidate_mix is not None and c.served_mix is not None
-            names = c.model.class_names
+            names = c.class_names
             agreed, rows = c.by_served.get(served, [0, 0])
             return ShadowReport(
                 version=version,
@@ -207,3 +235,63 @@ class Shadow:
                 served_class_mix=dict(zip(names, c.served_mix.tolist(), strict=True)),
                 decision=c.decision,
             )
+
+    def _save(self) -> None:
+        if self._state is None:
+            return
+        with self._save_lock:  # the newest counts are the last written
+            with self._lock:
+                saved = [_saved(c) for c in self._candidates.values()]
+            self._saved_at = time.monotonic()
+            write_saved(self._state, saved)
+
+    def _restore(self, saved: list[SavedCandidate]) -> None:
+        for entry in saved:
+            model = None
+            stopped = entry.stopped
+            if stopped is None:  # it was active: verify and load it again, as at its start
+                try:
+                    model = self._load(entry.version)
+                except Exception as exc:
+                    log.error("shadow: %s not resumed, stopped: %s", entry.version, exc)
+                    stopped = time.time()
+            self._candidates[entry.version] = _restored(entry, model, stopped)
+
+
+def _saved(c: _Candidate) -> SavedCandidate:
+    assert c.candidate_mix is not None and c.served_mix is not None
+    return SavedCandidate(
+        version=c.version,
+        started=c.started,
+        stopped=c.stopped,
+        by_served={served: (agreed, rows) for served, (agreed, rows) in c.by_served.items()},
+        dropped=c.dropped,
+        failed=c.failed,
+        class_names=c.class_names,
+        candidate_mix=c.candidate_mix.tolist(),
+        served_mix=c.served_mix.tolist(),
+        decision=c.decision,
+    )
+
+
+def _restored(
+    entry: SavedCandidate, model: LoadedModel | None, stopped: float | None
+) -> _Candidate:
+    classes = len(entry.class_names)
+
+    def mix(counts: list[int]) -> np.ndarray:
+        return np.asarray(counts if len(counts) == classes else [0] * classes, dtype=np.int64)
+
+    return _Candidate(
+        version=entry.version,
+        class_names=entry.class_names,
+        model=model,
+        started=entry.started,
+        stopped=stopped,
+        by_served={served: [agreed, rows] for served, (agreed, rows) in entry.by_served.items()},
+        dropped=entry.dropped,
+        failed=entry.failed,
+        candidate_mix=mix(entry.candidate_mix),
+        served_mix=mix(entry.served_mix),
+        decision=entry.decision,
+    )

@@ -15,6 +15,7 @@ none leaves a process.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -46,12 +47,17 @@ INSTITUTIONS = ["alpha", "beta", "gamma"]
 EPSILON = 1.0
 ROUNDS = 20
 TIMEOUT = 900.0
+PR_SET_PDEATHSIG = 1  # <sys/prctl.h>
 
 
 def _interruptible() -> None:
     """Ctrl-C as an operator's terminal delivers it, even when the suite itself runs in the
-    background (a shell starts background jobs with SIGINT ignored, and children inherit it)."""
+    background (a shell starts background jobs with SIGINT ignored, and children inherit it).
+    And SIGTERM once the test's process is gone (Linux's parent-death signal): a suite killed
+    from outside, whose clean-up never runs, must not leave kits running; each stops its
+    whole tree on SIGTERM."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Processes:

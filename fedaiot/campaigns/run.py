@@ -112,7 +112,8 @@ def _train(
 
         target = spec.deployment
         outcome = run_deployed(
-            target.pki, target.state, cfg, bundle=target.bundle, approvals=target.approvals,
+            target.pki, target.state, cfg.to_run_config(), bundle=target.bundle,
+            approvals=target.approvals,
             host=target.host, port=target.port, say=say, on_event=on_event,
         )  # fmt: skip
     elif spec.engine == "inprocess":  # the same coordinator and node code, without Ray

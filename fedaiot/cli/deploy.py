@@ -120,21 +120,18 @@ def coordinator_start(
 ) -> None:
     """Start the SuperLink, register the institutions, run the approved bundle to its end."""
     from fedaiot.config.run import read_run_config
-    from fedaiot.deploy import provision as prov
-    from fedaiot.deploy.coordinator_kit import run_config as make_config
     from fedaiot.deploy.coordinator_kit import run_deployed
-    from fedaiot.deploy.superlink import CoordinatorPaths
     from fedaiot.rounds.journal import jsonable
 
-    paths = CoordinatorPaths(pki.resolve(), state.resolve())
-    paths.check()
-    institutions = len(prov.registered_keys(paths.pki))
-    cfg = make_config(paths, read_run_config(run_config), institutions)
+    values = read_run_config(run_config)
+    rounds: dict[str, object] = {"planned": "?"}  # the coordinator's start event says
 
     def say(line: str) -> None:
         print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
 
     def progress(event: dict[str, object]) -> None:
+        if event["event"] == "start":
+            rounds["planned"] = event.get("rounds", "?")
         if event["event"] == "round":
             metrics = event.get("metrics") or {}
             accuracy = metrics.get("accuracy") if isinstance(metrics, dict) else None
@@ -142,10 +139,10 @@ def coordinator_start(
             took = event.get("seconds")
             pace = f", {took:.2f} s" if isinstance(took, float) else ""
             pace += f", {event['exchanges']} exchanges" if "exchanges" in event else ""
-            say(f"round {event['round']}/{cfg.num_rounds}: accuracy {shown}{pace}")
+            say(f"round {event['round']}/{rounds['planned']}: accuracy {shown}{pace}")
 
     outcome = run_deployed(
-        pki, state, cfg, bundle=bundle, approvals=approval, host=host, port=port, say=say,
+        pki, state, values, bundle=bundle, approvals=approval, host=host, port=port, say=say,
         on_event=progress, polling=_polling(None, stock_flower),
     )  # fmt: skip
     summary = {**outcome.summary, "wall_seconds": outcome.wall_seconds}

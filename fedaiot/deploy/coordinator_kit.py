@@ -184,7 +184,7 @@ def coordinate(
 def run_deployed(
     pki: Path,
     state: Path,
-    cfg: RunConfig,
+    values: Mapping[str, Any],
     *,
     bundle: Path,
     approvals: list[Path],
@@ -194,15 +194,16 @@ def run_deployed(
     on_event: Callable[[dict[str, Any]], None] = lambda event: None,
     polling: Polling | None = None,
 ) -> Outcome:
-    """``cfg`` run on the kit's federation, as ``fedaiot coordinator start`` runs it: the
-    deployment's defaults for what ``cfg`` leaves out, the bundle's approvals checked (each
-    institution's verdict said), the port checked free, then :func:`coordinate`."""
+    """A run of the run-config ``values`` on the kit's federation, as ``fedaiot coordinator
+    start`` runs it: the deployment's defaults for what ``values`` leave out
+    (:func:`run_config`), the bundle's approvals checked (each institution's verdict said), the
+    port checked free, then :func:`coordinate`."""
     from fedaiot.deploy.bundle import Approval, read_bundle
     from fedaiot.launch.processes import port_free
 
     paths = superlink.CoordinatorPaths(pki.resolve(), state.resolve())
     paths.check()
-    cfg = run_config(paths, cfg.to_run_config(), len(provision.registered_keys(paths.pki)))
+    cfg = run_config(paths, values, len(provision.registered_keys(paths.pki)))
     if not port_free(host, port):
         raise KitError(f"port {port} on {host} is already in use")
     app = read_bundle(bundle)

@@ -15,7 +15,6 @@ it asked for, and the file's SHA-256 and size; only then does it load the bytes 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fedaiot.errors import BadInputError, SecurityError
 from fedaiot.registry import signing
+from fedaiot.registry.files import replace
 
 ARTIFACT_FORMAT: Literal["fedaiot-edge/1"] = "fedaiot-edge/1"
 EDGE_DIR = "edge"
@@ -114,9 +114,7 @@ def write_artifact(
         (manifest_path, manifest_bytes),
         (signature_path, signing.sign(key, manifest_bytes).encode()),
     ):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+        replace(path, content)
     return model_path
 
 

@@ -1,11 +1,22 @@
-"""One writer at a time of a file several processes rewrite (read, merge, replace)."""
+"""Files that other processes read while they are rewritten: replaced at once, and, where
+several processes rewrite one (read, merge, replace), one writer at a time."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file renamed over it: a reader sees the
+    old content or the new, never half of either."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

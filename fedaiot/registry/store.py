@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 
 from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
-from fedaiot.registry.lock import exclusive
+from fedaiot.registry.files import exclusive, replace
 
 MANIFEST_FORMAT = "fedaiot-model/1"
 WEIGHTS = "model.safetensors"
@@ -233,6 +233,4 @@ class ModelRegistry:
             self.manifest(version)  # refuse a ref to a missing or corrupt version
         with exclusive(self.root / ".refs.lock"):
             merged = {**self.refs(), **refs}
-            tmp = self.root / f".refs.{os.getpid()}.tmp"
-            tmp.write_text(json.dumps(merged, indent=2, sort_keys=True))
-            os.replace(tmp, self.root / "refs.json")
+            replace(self.root / "refs.json", json.dumps(merged, indent=2, sort_keys=True).encode())

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fedaiot.registry.files import replace
 from fedaiot.registry.store import ModelRegistry
 from fedaiot.serving.models import TORCH, LoadedModel, ModelLoadError, Runtime, load_model
 
@@ -112,7 +111,6 @@ class ModelHolder:
     def _record(self, history: list[str]) -> None:
         history = history[-self._history_size :]
         self.registry.set_refs(served=history[-1])
-        path: Path = self.registry.root / HISTORY_FILE
-        tmp = path.with_name(f".{HISTORY_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"history": history}, indent=2))
-        os.replace(tmp, path)
+        replace(
+            self.registry.root / HISTORY_FILE, json.dumps({"history": history}, indent=2).encode()
+        )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedaiot.errors import BadInputError
 from fedaiot.registry import signing
-from fedaiot.registry.lock import exclusive
+from fedaiot.registry.files import exclusive, replace
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +138,9 @@ def revoke(
         data = json.dumps(updated.model_dump(exclude_none=True), indent=2).encode()
         # The list first, then its signature: a reader in between sees a mismatch and keeps
         # the list it has (fail closed), then takes the new one at its next look.
-        _replace(path, data)
-        _replace(signature_path(path), signing.sign(key, data).encode())
+        replace(path, data)
+        replace(signature_path(path), signing.sign(key, data).encode())
     return updated
-
-
-def _replace(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class RevocationWatch:

@@ -11,11 +11,12 @@ ref at any signed version; forged agreement buys nothing more than that (docs/op
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedaiot.registry.files import replace
 
 log = logging.getLogger(__name__)
 FORMAT = "fedaiot-shadow/1"
@@ -61,9 +62,7 @@ def read_saved(path: Path) -> list[SavedCandidate]:
 
 def write_saved(path: Path, candidates: list[SavedCandidate]) -> None:
     """Replace the file at once (a reader never sees half of it); a failure is logged."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(SavedShadow(candidates=candidates).model_dump_json())
-        os.replace(tmp, path)
+        replace(path, SavedShadow(candidates=candidates).model_dump_json().encode())
     except OSError as exc:
         log.error("shadow reports not saved to %s: %s", path, exc)

@@ -211,10 +211,11 @@ def test_entries_name_one_target_and_serials_rise(tmp_path: Path, keys: Keys) ->
         serials.append(revoke(listed, keys.private, now=time.time(), **target).serial)
     assert serials == [1, 2, 3]
     revocations = load_list(listed, keys.private.public_key())
-    assert revocations.refuses("t2", "anyone", 0)
-    assert revocations.refuses(None, "s1", revocations.entries[1].revoked)
-    assert not revocations.refuses(None, "s1", revocations.entries[1].revoked + 1)
-    assert not revocations.refuses("t3", "s2", 0)
+    revoked = revocations.index()
+    assert revoked.refuses("t2", "anyone", 0)
+    assert revoked.refuses(None, "s1", revocations.entries[1].revoked)
+    assert not revoked.refuses(None, "s1", revocations.entries[1].revoked + 1)
+    assert not revoked.refuses("t3", "s2", 0)
 
 
 REVOKES = """

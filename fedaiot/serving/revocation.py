@@ -63,9 +63,6 @@ class RevocationList(BaseModel):
     serial: int = Field(default=0, ge=0)
     entries: list[Revocation] = Field(default_factory=list)
 
-    def refuses(self, jti: str | None, subject: str, issued_at: int) -> bool:
-        return self.index().refuses(jti, subject, issued_at)
-
     def index(self) -> Revoked:
         subjects: dict[str, int] = {}
         for entry in self.entries:
@@ -149,18 +146,18 @@ class RevocationWatch:
 
     def __init__(self, path: Path, key: Ed25519PublicKey) -> None:
         self._path, self._key = Path(path), key
-        self._list = load_list(self._path, key).index()
+        self._revoked = load_list(self._path, key).index()
         self._seen = self._stamp()
         self._looked = time.monotonic()
         self._lock = threading.Lock()
 
     @property
     def serial(self) -> int:
-        return self._list.serial
+        return self._revoked.serial
 
     def refuses(self, jti: str | None, subject: str, issued_at: int) -> bool:
         self._look()
-        return self._list.refuses(jti, subject, issued_at)
+        return self._revoked.refuses(jti, subject, issued_at)
 
     def _stamp(self) -> tuple[tuple[int, int] | None, ...]:
         def stat(path: Path) -> tuple[int, int] | None:
@@ -187,16 +184,16 @@ class RevocationWatch:
             except RevocationError as exc:
                 log.error("%s: kept serial %d (%d entries)", exc, *self._counts())
                 return
-            if fresh.serial < self._list.serial:  # a signed list from before: a rollback
+            if fresh.serial < self._revoked.serial:  # a signed list from before: a rollback
                 log.error(
                     "revocation list %s: serial %d is older than the loaded %d: kept the loaded",
                     self._path,
                     fresh.serial,
-                    self._list.serial,
+                    self._revoked.serial,
                 )
                 return
-            self._list = fresh.index()
+            self._revoked = fresh.index()
             log.info("revocation list %s: serial %d, %d entries", self._path, *self._counts())
 
     def _counts(self) -> tuple[int, int]:
-        return self._list.serial, self._list.entries
+        return self._revoked.serial, self._revoked.entries
